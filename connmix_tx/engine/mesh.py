@@ -1,0 +1,97 @@
+"""The mesh point (SPEC 8.4): where other engines deliver operations for this engine's clients.
+
+Peers log in with their node id and the cluster secret and call ``batch`` with one opaque
+msgpack blob of operations; the reply is one blob of results, in the same order.  The wire format
+is SPEC 8.4's; ``apply_batch`` is plain and runs the operations through ``LocalOps``.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import msgpack
+from twisted.cred import portal
+from twisted.logger import Logger
+from twisted.spread import pb
+from zope.interface import implementer
+
+from connmix_tx.center.pb import GuardedPBServerFactory, SecretChecker
+from connmix_tx.engine.connections import CLIENT_NOT_FOUND, ENCODE_FAILED, SLOW_CONSUMER
+from connmix_tx.engine.router import CALL_FUNCS, LocalOps
+
+STATUS_OK, STATUS_NOT_FOUND, STATUS_SLOW, STATUS_ENCODE, STATUS_BAD = 0, 1, 2, 3, 4
+_SEND_STATUS = {CLIENT_NOT_FOUND: STATUS_NOT_FOUND, SLOW_CONSUMER: STATUS_SLOW, ENCODE_FAILED: STATUS_ENCODE}
+
+log = Logger(namespace="connmix.mesh")
+
+
+def _binary(kind: Any) -> bool:
+    return kind in ("binary", b"binary")
+
+
+def apply_op(local: LocalOps, op: list) -> list:
+    """Run one operation; return ``[seq, status, a, b]``."""
+    name, seq = op[0], op[1]
+    if name == "send":
+        error = local.send(int(op[2]), bytes(op[3]), _binary(op[4]))
+        if error is None:
+            return [seq, STATUS_OK, None, None]
+        return [seq, _SEND_STATUS.get(error, STATUS_BAD), error, None]
+    if name == "publish":
+        success, fail = local.publish(str(op[2]), bytes(op[3]), _binary(op[4]))
+        return [seq, STATUS_OK, success, fail]
+    if name == "call":
+        func = str(op[3])
+        if func not in CALL_FUNCS:
+            return [seq, STATUS_BAD, f"unknown func {func}", None]
+        error = local.call(int(op[2]), func, json.loads(op[4]))
+        if error is None:
+            return [seq, STATUS_OK, None, None]
+        status = STATUS_NOT_FOUND if local.connections.get(int(op[2])) is None else STATUS_BAD
+        return [seq, status, error, None]
+    if name == "ping":
+        return [seq, STATUS_OK, None, None]
+    return [seq, STATUS_BAD, f"unknown op {name!r}", None]
+
+
+def apply_batch(local: LocalOps, blob: bytes) -> bytes:
+    """Run every operation of a batch blob; return the reply blob."""
+    ops = msgpack.unpackb(blob, raw=False)
+    replies = []
+    for op in ops:
+        try:
+            replies.append(apply_op(local, op))
+        except Exception as e:  # one malformed op must not fail the others
+            seq = op[1] if isinstance(op, list) and len(op) > 1 else None
+            log.debug("mesh op {op!r} failed: {error}", op=op[:1] if isinstance(op, list) else op, error=e)
+            replies.append([seq, STATUS_BAD, f"bad request: {e}", None])
+    return msgpack.packb(replies, use_bin_type=True)
+
+
+class MeshPeerAvatar(pb.Avatar):
+    """One engine logged in to this mesh point."""
+
+    def __init__(self, local: LocalOps, peer_node_id: str) -> None:
+        self.local = local
+        self.peer_node_id = peer_node_id
+
+    def perspective_batch(self, blob: bytes) -> bytes:
+        return apply_batch(self.local, blob)
+
+
+@implementer(portal.IRealm)
+class MeshRealm:
+    def __init__(self, local: LocalOps) -> None:
+        self.local = local
+
+    def requestAvatar(self, avatar_id: Any, mind: Any, *interfaces: Any) -> tuple:
+        if pb.IPerspective not in interfaces:
+            raise NotImplementedError("PB only")
+        peer = avatar_id.decode() if isinstance(avatar_id, bytes) else str(avatar_id)
+        return pb.IPerspective, MeshPeerAvatar(self.local, peer), lambda: None
+
+
+def mesh_factory(local: LocalOps, secret: str) -> pb.PBServerFactory:
+    """The PB factory served on ``engine.meshPoint``."""
+    return GuardedPBServerFactory(portal.Portal(MeshRealm(local), [SecretChecker(secret)]), secret, "mesh")

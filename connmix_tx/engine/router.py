@@ -1,0 +1,132 @@
+"""Routing of send / publish / call to connections anywhere in the cluster (SPEC 8.5).
+
+The node number inside a client id names the engine that holds it.  Own number: the operation runs
+here, synchronously.  Another number: it goes to that engine's mesh link, and the result comes back
+as a Deferred.  ``LocalOps`` is the part that runs on the owning engine, for local callers and for
+requests arriving over the mesh alike.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol, Union
+
+from twisted.internet.defer import Deferred, gatherResults
+
+from connmix_tx.engine.connections import (
+    CLIENT_NOT_FOUND,
+    ClientConnection,
+    ConnectionRegistry,
+)
+from connmix_tx.ids import node_number_of
+
+NODE_UNAVAILABLE = "node unavailable"
+
+#: An error text (None on success), now or later.
+SendResult = Union[str, None, Deferred]
+#: (success count, fail count), now or later.
+PublishResult = Union[tuple[int, int], Deferred]
+
+CALL_FUNCS = ("set_context_value", "set_context", "subscribe", "unsubscribe", "close")
+
+
+class CallError(Exception):
+    """A ``conn.call`` could not be executed on the connection."""
+
+
+class MeshPeers(Protocol):
+    """The mesh side of routing: links to the other engines (cluster issue)."""
+
+    def link_for(self, number: int) -> Any | None:
+        """The live link to engine ``number``, or None."""
+
+    def links(self) -> list[Any]:
+        """Every live link."""
+
+
+class LocalOps:
+    """Operations on connections of this engine."""
+
+    def __init__(self, connections: ConnectionRegistry) -> None:
+        self.connections = connections
+
+    def send(self, client_id: int, data: bytes, binary: bool) -> str | None:
+        conn = self.connections.get(client_id)
+        if conn is None:
+            return CLIENT_NOT_FOUND
+        return conn.transport.deliver(data, binary, {})
+
+    def publish(self, channel: str, data: bytes, binary: bool) -> tuple[int, int]:
+        shared: dict[str, Any] = {}
+        success = fail = 0
+        for conn in self.connections.subscribers(channel):
+            if conn.transport.deliver(data, binary, shared) is None:
+                success += 1
+            else:
+                fail += 1
+        return success, fail
+
+    def call(self, client_id: int, func: str, args: list[Any]) -> str | None:
+        """Apply a validated ``conn.call``; return an error text or None."""
+        conn = self.connections.get(client_id)
+        if conn is None:
+            return f"client {client_id} not found"
+        return apply_call(self.connections, conn, func, args)
+
+
+def apply_call(
+    connections: ConnectionRegistry, conn: ClientConnection, func: str, args: list[Any]
+) -> str | None:
+    """Run one connection method with JSON-decoded arguments (shape already validated)."""
+    if func == "set_context_value":
+        conn.set_context_value(str(args[0]), args[1])
+    elif func == "set_context":
+        conn.set_context({str(k): v for k, v in args[0].items()})
+    elif func == "subscribe":
+        return connections.subscribe(conn, list(args))
+    elif func == "unsubscribe":
+        connections.unsubscribe(conn, list(args))
+    elif func == "close":
+        conn.transport.close_connection()
+    else:
+        return f"unknown func {func}"
+    return None
+
+
+class Router:
+    """Routes by the node bits of a client id: local operations or the mesh."""
+
+    def __init__(self, node_number: int, local: LocalOps, peers: MeshPeers | None = None) -> None:
+        self.node_number = node_number
+        self.local = local
+        self.peers = peers
+
+    def send(self, client_id: int, data: bytes, binary: bool) -> SendResult:
+        number = node_number_of(client_id)
+        if number == self.node_number:
+            return self.local.send(client_id, data, binary)
+        link = self.peers.link_for(number) if self.peers else None
+        if link is None:
+            return NODE_UNAVAILABLE
+        return link.send(client_id, data, binary)
+
+    def call(self, client_id: int, func: str, args: list[Any]) -> SendResult:
+        number = node_number_of(client_id)
+        if number == self.node_number:
+            return self.local.call(client_id, func, args)
+        link = self.peers.link_for(number) if self.peers else None
+        if link is None:
+            return NODE_UNAVAILABLE
+        return link.call(client_id, func, args)
+
+    def publish(self, channel: str, data: bytes, binary: bool) -> PublishResult:
+        local = self.local.publish(channel, data, binary)
+        links = self.peers.links() if self.peers else []
+        if not links:
+            return local
+        def total(results: list[tuple[int, int]]) -> tuple[int, int]:
+            return (
+                local[0] + sum(r[0] for r in results),
+                local[1] + sum(r[1] for r in results),
+            )
+
+        return gatherResults([link.publish(channel, data, binary) for link in links]).addCallback(total)

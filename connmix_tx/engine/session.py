@@ -1,0 +1,145 @@
+"""Per-connection ordering of Lua callbacks (SPEC 5.3, 4.1 pending limit, 5.10 error policy).
+
+A ``CallbackSession`` runs the callbacks of one connection strictly one after another: while one
+is suspended (waiting), decoded messages queue up (at most ``MAX_PENDING``); ``on_close`` runs once,
+after the current callback, and messages that have not started by then are dropped.  It is a plain
+class: the transport tells it what happened, the ``Script`` runs the Lua.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any, Callable
+
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+
+from connmix_tx.engine.connections import ClientConnection
+from connmix_tx.lua.runtime import Script
+
+log = Logger(namespace="connmix.lua")
+
+MAX_PENDING = 256
+
+Job = Callable[[Callable[[bool, Any], None]], None]
+
+
+class CallbackSession:
+    """The Lua side of one connection."""
+
+    def __init__(
+        self,
+        script: Script,
+        conn: ClientConnection,
+        on_overflow: Callable[[], None],
+        on_finished: Callable[[], None],
+        on_error: Callable[[str, str], None] | None = None,
+    ) -> None:
+        self.script = script
+        self.conn = conn
+        self._on_overflow = on_overflow
+        self._on_finished = on_finished
+        self._on_error = on_error
+        self._busy = False
+        self._draining = False
+        self._pending: deque[tuple[str, Job]] = deque()
+        self._closing = False
+        self._close_err: str | None = None
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    def start(self, callback: str, *args: Any) -> Deferred:
+        """Run a callback that the transport waits for (``on_handshake`` / ``on_connect``).
+
+        Fires with ``(ok, values)``: ``ok`` False when the callback raised (already logged).
+        """
+        result: Deferred = Deferred()
+
+        def job(done: Callable[[bool, Any], None]) -> None:
+            def finished(ok: bool, values: Any) -> None:
+                done(ok, values)
+                result.callback((ok, values))
+
+            self.script.run(callback, self.conn.cid, args, finished)
+
+        self._submit(callback, job)
+        return result
+
+    def message(self, kind: bytes, data: bytes) -> None:
+        """A decoded message arrived: run ``on_message`` now or after the current callback."""
+        if self._closing:
+            return
+        if len(self._pending) >= MAX_PENDING:
+            log.warn(
+                "client {client_id} has too many pending messages ({count}); closing",
+                client_id=self.conn.client_id,
+                count=len(self._pending),
+            )
+            self._on_overflow()
+            return
+        self._submit("on_message", lambda done: self.script.run_message(self.conn.cid, kind, data, done))
+
+    def call(self, callback: str, *args: Any) -> None:
+        """Queue a fire-and-forget callback (e.g. socket ``on_message`` with a decoded value)."""
+        if not self._closing:
+            self._submit(callback, lambda done: self.script.run(callback, self.conn.cid, args, done))
+
+    def close(self, err: str | None) -> None:
+        """The connection ended: drop queued messages, run ``on_close`` once after the current one."""
+        if self._closing:
+            return
+        self._closing = True
+        self._close_err = err
+        self._pending.clear()
+        self._submit("on_close", self._run_close)
+
+    def close_silently(self) -> None:
+        """The connection ended before it was accepted (refused handshake): no ``on_close``."""
+        self._closing = True
+        self._pending.clear()
+        if not self._busy:
+            self._on_finished()
+        else:
+            self._pending.append(("", lambda done: self._on_finished()))
+
+    def _run_close(self, done: Callable[[bool, Any], None]) -> None:
+        args = (self.conn.cid, None if self._close_err is None else self._close_err.encode())
+
+        def finished(ok: bool, values: Any) -> None:
+            done(ok, values)
+            self._on_finished()
+
+        self.script.run("on_close", self.conn.cid, args, finished)
+
+    def _submit(self, name: str, job: Job) -> None:
+        self._pending.append((name, job))
+        if not self._busy:
+            self._next()
+
+    def _next(self) -> None:
+        if self._draining:
+            return  # the loop below is already running further up the stack
+        self._draining = True
+        try:
+            while self._pending and not self._busy:
+                name, job = self._pending.popleft()
+                self._busy = True
+                job(lambda ok, values, name=name: self._done(name, ok, values))
+        finally:
+            self._draining = False
+
+    def _done(self, name: str, ok: bool, values: Any) -> None:
+        if not ok and name:
+            log.error(
+                "lua error in {callback} ({entry}) client {client_id}: {error}",
+                callback=name,
+                entry=self.script.chunk_name(self.script.entry),
+                client_id=self.conn.client_id,
+                error=values,
+            )
+            if self._on_error is not None:
+                self._on_error(name, values)
+        self._busy = False
+        self._next()

@@ -1,0 +1,250 @@
+"""The ``protocol: websocket`` server (SPEC 4.1, 4.2): Autobahn does the framing, Lua the logic.
+
+``WebSocketServerFactory`` holds what all connections of one configured server share (script,
+id generator, idle wheel, options); ``ClientWebSocketProtocol`` is a thin adapter that turns
+Autobahn's events into calls on the connection's ``CallbackSession`` and implements
+``ClientTransport`` for the engine.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from autobahn.websocket.protocol import PreparedMessage
+from autobahn.websocket.types import ConnectionDeny
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from connmix_tx.config import ServerConfig
+from connmix_tx.engine.connections import (
+    CLOSED,
+    INVALID_UTF8,
+    ClientConnection,
+    ConnectionRegistry,
+)
+from connmix_tx.engine.session import CallbackSession
+from connmix_tx.engine.timeouts import IdleWheel
+from connmix_tx.ids import Snowflake
+from connmix_tx.lua.convert import py_to_lua
+from connmix_tx.lua.runtime import Script
+
+TEXT, BINARY = b"text", b"binary"
+CLOSE_NORMAL, CLOSE_GOING_AWAY, CLOSE_POLICY = 1000, 1001, 1008
+log = Logger(namespace="connmix.server")
+
+CLOSE_TOO_BIG = 1009
+
+
+def peer_address(transport: Any) -> str:
+    """``ip:port`` of the peer (``[::1]:port`` for IPv6)."""
+    peer = transport.getPeer()
+    host = getattr(peer, "host", "")
+    port = getattr(peer, "port", 0)
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _is_utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+class ClientWebSocketProtocol(WebSocketServerProtocol):
+    """One end-user WebSocket connection."""
+
+    factory: "ClientWebSocketFactory"
+    conn: ClientConnection | None = None
+    session: CallbackSession | None = None
+    last_received = 0.0
+    _close_err: str | None = None
+
+    # Twisted / Autobahn events ---------------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self.factory.open_protocols.add(self)
+        self.last_received = self.factory.clock.seconds()
+        self.factory.wheel.watch(self)
+
+    def connectionLost(self, reason: Any) -> None:
+        self.factory.open_protocols.discard(self)
+        super().connectionLost(reason)
+
+    def dataReceived(self, data: bytes) -> None:
+        # Any bytes count as activity (frames, pings, pongs).  Autobahn's own dataReceived only
+        # adds a debug log call per chunk, so go straight to the framing code.
+        self.last_received = self.factory.clock.seconds()
+        self._dataReceived(data)
+
+    def onConnect(self, request: Any) -> Deferred:
+        factory = self.factory
+        path = factory.path
+        if path != "/" and not request.path.startswith(path):
+            raise ConnectionDeny(ConnectionDeny.NOT_FOUND, "Not Found")
+        conn = ClientConnection(factory.ids.next_id(), peer_address(self.transport), self)
+        self.conn = conn
+        factory.connections.add(conn)
+        self.session = CallbackSession(
+            factory.script, conn, on_overflow=self._overflow, on_finished=self._finished
+        )
+        log.debug(
+            "client {client_id} connected from {remote_addr} on {port}",
+            client_id=conn.client_id,
+            remote_addr=conn.remote_addr,
+            port=factory.config.port,
+        )
+        runtime = factory.script.runtime
+        server = {
+            b"Method": b"GET",
+            b"RequestUri": self.http_request_uri.encode(),
+            b"ServerProtocol": b"HTTP/1.1",
+            b"Host": request.headers.get("host", "").encode(),
+            b"RemoteAddr": conn.remote_addr.encode(),
+        }
+        headers = py_to_lua(runtime, dict(request.headers))
+        return self.session.start("on_handshake", conn.cid, headers, runtime.table_from(server)) \
+            .addCallback(self._handshake_done)
+
+    def _handshake_done(self, outcome: tuple[bool, tuple]) -> None:
+        ok, values = outcome
+        if not ok:
+            raise ConnectionDeny(ConnectionDeny.INTERNAL_SERVER_ERROR, "Internal Server Error")
+        if values and values[0] is False:
+            status = values[1] if len(values) > 1 and isinstance(values[1], int) else 403
+            reason = values[2] if len(values) > 2 and isinstance(values[2], bytes) else b"Forbidden"
+            raise ConnectionDeny(status, reason.decode("utf-8", "replace"))
+        return None
+
+    def onOpen(self) -> None:
+        if self.conn is not None:
+            self.conn.ready = True
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        if self.session is not None:
+            self.session.message(BINARY if isBinary else TEXT, payload)
+
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        self.factory.wheel.forget(self)
+        conn, session = self.conn, self.session
+        if conn is None or session is None or conn.closed:
+            return
+        accepted = conn.ready
+        conn.mark_closed()
+        self.factory.connections.unsubscribe(conn, list(conn.channels))
+        err = self._close_reason(wasClean)
+        log.debug("client {client_id} closed: {reason}", client_id=conn.client_id,
+                       reason=err or "normal")
+        if accepted:
+            session.close(err)
+        else:
+            session.close_silently()
+
+    def _close_reason(self, was_clean: bool) -> str | None:
+        if self._close_err is not None:
+            return self._close_err
+        local = self.localCloseCode
+        if local == CLOSE_TOO_BIG:
+            return "message too large"
+        if local is not None and local != CLOSE_NORMAL:
+            return f"protocol error: {self.localCloseReason or local}"
+        if was_clean:
+            return None
+        return "connection lost"
+
+    # Callbacks from the session and the wheel ------------------------------------------------
+
+    def _finished(self) -> None:
+        if self.conn is not None:
+            self.factory.connections.remove(self.conn)
+
+    def _overflow(self) -> None:
+        self._close(CLOSE_POLICY, "too many pending messages", "too many pending messages")
+
+    def idle_timeout(self) -> None:
+        self._close(CLOSE_NORMAL, "read timeout", "read timeout")
+
+    def _close(self, code: int, reason: str, err: str | None = None) -> None:
+        """Start closing; ``err`` is what ``on_close`` will be told (None: a clean close)."""
+        if self._close_err is None:
+            self._close_err = err
+        if self.state == self.STATE_OPEN:
+            self.sendClose(code, reason)
+        elif self.state == self.STATE_CONNECTING:
+            self.dropConnection(abort=True)
+
+    def shutdown(self) -> None:
+        """The server stops: close with 1001 "going away"."""
+        self._close(CLOSE_GOING_AWAY, "server stopping", "server stopping")
+
+    # ClientTransport -------------------------------------------------------------------------
+
+    def send_message(self, data: bytes, binary: bool) -> str | None:
+        if self.conn is None or not self.conn.live or self.state != self.STATE_OPEN:
+            return CLOSED
+        if not binary and not _is_utf8(data):
+            return INVALID_UTF8
+        self.sendMessage(data, binary)
+        return None
+
+    def deliver(self, data: bytes, binary: bool, shared: dict[str, Any]) -> str | None:
+        if self.state != self.STATE_OPEN:
+            return CLOSED
+        prepared = shared.get("websocket")
+        if prepared is None:
+            if not binary and not _is_utf8(data):
+                return INVALID_UTF8
+            prepared = shared["websocket"] = PreparedMessage(data, binary, False, False)
+        self.sendPreparedMessage(prepared)
+        return None
+
+    def close_connection(self) -> None:
+        self._close(CLOSE_NORMAL, "")
+
+    def clear_buffer(self) -> str | None:
+        raise RuntimeError("clear_buffer is only available on socket servers")
+
+
+class ClientWebSocketFactory(WebSocketServerFactory):
+    """Everything the connections of one ``protocol: websocket`` server share."""
+
+    protocol = ClientWebSocketProtocol
+    noisy = False
+
+    def __init__(
+        self,
+        config: ServerConfig,
+        script: Script,
+        connections: ConnectionRegistry,
+        ids: Snowflake,
+        clock: IReactorTime,
+    ) -> None:
+        super().__init__(server="connmix")
+        self.config = config
+        self.script = script
+        self.connections = connections
+        self.ids = ids
+        self.clock = clock
+        self.path = config.option("path") or "/"
+        self.wheel = IdleWheel(clock, config.read_timeout)
+        self.setProtocolOptions(
+            maxFramePayloadSize=config.max_message_size,
+            maxMessagePayloadSize=config.max_message_size,
+            autoPingInterval=0,
+            openHandshakeTimeout=10,
+            closeHandshakeTimeout=1,
+            utf8validateIncoming=True,
+            failByDrop=False,
+            webStatus=False,
+            trustXForwardedFor=0,
+        )
+        self.open_protocols: set[ClientWebSocketProtocol] = set()
+
+    def shutdown(self) -> None:
+        """Close every client with 1001 and stop the idle wheel."""
+        for proto in list(self.open_protocols):
+            proto.shutdown()
+        self.wheel.stop()

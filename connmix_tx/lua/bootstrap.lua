@@ -1,0 +1,320 @@
+-- The engine side of one Lua runtime: sandbox environments, the coroutine driver and the Lua half
+-- of the `mix` library.  This chunk runs once, with the full globals of the runtime, before any
+-- user code; it receives `host`, a table of Python functions (see connmix_tx/lua/runtime.py), and
+-- returns the table of functions the Python side drives.  User code never sees `host`.
+local host = ...
+
+local _G = _G
+local assert, error, pairs, ipairs, select, type, tostring, setmetatable, pcall =
+      assert, error, pairs, ipairs, select, type, tostring, setmetatable, pcall
+local co_create, co_resume, co_status, co_yield, co_running =
+      coroutine.create, coroutine.resume, coroutine.status, coroutine.yield, coroutine.running
+local sethook, traceback = debug.sethook, debug.traceback
+local setfenv, load, concat, unpack = setfenv, load, table.concat, unpack
+
+local engine = {}
+
+-- Marks a yield that waits for the Python side (as opposed to a script's own yield).
+local WAIT = {}
+
+-- The coroutine the driver is running right now, and the client id it runs for.
+local active = nil
+local current_cid = nil
+-- Engine coroutine -> client id (weak keys: a coroutine dropped by Python is collected).
+local coroutine_cid = setmetatable({}, { __mode = "k" })
+-- Set while a framing callback (protocol_*) runs: those may not wait.
+local in_protocol = false
+
+local instruction_limit = 0
+local function limit_hook()
+  -- From now on every instruction fails, so a script cannot swallow the error with pcall and
+  -- carry on looping; the hook is cleared when the run-slice ends.
+  sethook(limit_hook, "", 1)
+  error("instruction limit exceeded", 0)
+end
+
+local function arm_limit()
+  if instruction_limit > 0 then sethook(limit_hook, "", instruction_limit) end
+end
+
+local function disarm_limit()
+  if instruction_limit > 0 then sethook() end
+end
+
+local function copy(t, without)
+  local c = {}
+  for k, v in pairs(t) do
+    if k ~= without then c[k] = v end
+  end
+  return c
+end
+
+-- Sandboxed standard library (SPEC 5.8).  One `string` table per runtime, because the string
+-- metatable is shared by every string of the runtime.
+local sandbox_string = copy(string, "dump")
+getmetatable("").__index = sandbox_string
+local sandbox_table, sandbox_math = copy(table), copy(math)
+local sandbox_coroutine, sandbox_bit = copy(coroutine), copy(bit)
+local sandbox_os = { time = os.time, clock = os.clock, date = os.date, difftime = os.difftime }
+local sandbox_debug = { traceback = traceback }
+
+local function load_text(source, chunkname, env)
+  if type(source) ~= "string" then
+    return nil, "source must be a string"
+  end
+  if source:byte(1) == 27 then
+    return nil, "binary chunks are not allowed"
+  end
+  local fn, err = load(source, chunkname, "t")
+  if not fn then return nil, err end
+  setfenv(fn, env)
+  return fn
+end
+
+-- Waiting ------------------------------------------------------------------------------------
+
+local function can_wait()
+  return active ~= nil and co_running() == active and not in_protocol
+end
+
+-- Suspend the running engine coroutine until the Python side settles `token`.
+local function await(token)
+  if not can_wait() then
+    host.forget(token)
+    if in_protocol then error("cannot wait in protocol_*", 3) end
+    error("cannot wait here", 3)
+  end
+  return co_yield(WAIT, token)
+end
+
+-- Host functions that may wait answer `0, results...` (done) or `1, token` (must wait).
+local function settle(mode, ...)
+  if mode == 1 then return await(...) end
+  return ...
+end
+
+-- The connection object (SPEC 5.5) -----------------------------------------------------------
+
+local Conn = {}
+Conn.__index = Conn
+
+local function conn_object(cid)
+  return setmetatable({ _cid = cid }, Conn)
+end
+
+function Conn:client_id() return self._cid end
+function Conn:remote_addr() return host.conn_remote_addr(self._cid) end
+function Conn:context() return host.conn_context(self._cid) end
+function Conn:context_value(key) return host.conn_context_value(self._cid, key) end
+function Conn:set_context(t)
+  if type(t) ~= "table" then error("bad argument #1 to 'set_context' (table expected)", 2) end
+  return host.conn_set_context(self._cid, t)
+end
+function Conn:set_context_value(key, value) return host.conn_set_context_value(self._cid, key, value) end
+function Conn:wait_context_value(key, timeout)
+  return settle(host.conn_wait_context_value(self._cid, key, timeout))
+end
+function Conn:subscribe(...) return host.conn_subscribe(self._cid, ...) end
+function Conn:unsubscribe(...) return host.conn_unsubscribe(self._cid, ...) end
+function Conn:send(data, kind) return host.conn_send(self._cid, data, kind) end
+function Conn:close() return host.conn_close(self._cid) end
+function Conn:clear_buffer() return host.conn_clear_buffer(self._cid) end
+
+-- The mix library (SPEC 5.4) -----------------------------------------------------------------
+
+local LEVELS = { debug = true, info = true, warn = true, error = true }
+
+local function new_mix()
+  local mix = {
+    DEBUG = "debug", INFO = "info", WARN = "warn", ERROR = "error",
+    server = {}, queue = {}, mesh = {},
+  }
+  function mix.json_encode(v) return host.json_encode(v) end
+  function mix.json_decode(s)
+    if type(s) ~= "string" then error("bad argument #1 to 'json_decode' (string expected)", 2) end
+    return host.json_decode(s)
+  end
+  function mix.log(level, msg)
+    if not LEVELS[level] then error("bad argument #1 to 'log' (unknown level '" .. tostring(level) .. "')", 2) end
+    host.log(level, tostring(msg), current_cid)
+    return true
+  end
+  function mix.websocket()
+    if host.server_kind ~= "websocket" then return nil, "not a websocket server" end
+    if current_cid == nil then return nil, "no current connection" end
+    return conn_object(current_cid)
+  end
+  function mix.socket_tcp()
+    if host.server_kind ~= "socket" then return nil, "not a socket server" end
+    if current_cid == nil then return nil, "no current connection" end
+    return conn_object(current_cid)
+  end
+  mix.socket = { tcp = mix.socket_tcp }
+  mix.socket_tcp = nil
+  function mix.server.option(name) return host.server_option(name) end
+  function mix.queue.push(topic, data) return host.queue_push(current_cid, topic, data) end
+  function mix.mesh.send(client_id, data, kind)
+    return settle(host.mesh_send(current_cid, client_id, data, kind))
+  end
+  function mix.mesh.publish(channel, data, kind)
+    return settle(host.mesh_publish(current_cid, channel, data, kind))
+  end
+  for name, fn in pairs(host.extensions) do
+    -- Further mix functions registered by the Python side (e.g. "base64_encode" or "http.request").
+    local dot = name:find(".", 1, true)
+    if dot then
+      local ns = name:sub(1, dot - 1)
+      mix[ns] = mix[ns] or {}
+      mix[ns][name:sub(dot + 1)] = fn
+    else
+      mix[name] = fn
+    end
+  end
+  return mix
+end
+
+-- Environments ------------------------------------------------------------------------------
+
+local BASE = { "assert", "error", "ipairs", "next", "pairs", "pcall", "xpcall", "select",
+               "tonumber", "tostring", "type", "unpack", "rawget", "rawset", "rawequal",
+               "setmetatable", "getmetatable" }
+
+local function print_(...)
+  local n = select("#", ...)
+  local parts = {}
+  for i = 1, n do parts[i] = tostring((select(i, ...))) end
+  host.log("info", concat(parts, "\t"), current_cid)
+end
+
+local function collectgarbage_(opt)
+  if opt == "count" then return collectgarbage("count") end
+  error("collectgarbage: only \"count\" is allowed", 2)
+end
+
+-- A fresh sandbox environment; `require` loads modules from the entry folder through the host.
+local function new_env()
+  local env = {}
+  for _, name in ipairs(BASE) do env[name] = _G[name] end
+  env._VERSION = _VERSION
+  env.string, env.table, env.math = sandbox_string, sandbox_table, sandbox_math
+  env.coroutine, env.bit, env.os, env.debug = sandbox_coroutine, sandbox_bit, sandbox_os, sandbox_debug
+  env.print, env.collectgarbage = print_, collectgarbage_
+  env.mix = new_mix()
+  env._G = env
+  function env.loadstring(source, chunkname)
+    return load_text(source, chunkname or "=(loadstring)", env)
+  end
+  function env.load(chunk, chunkname, mode, fenv)
+    if type(chunk) == "function" then
+      local parts = {}
+      while true do
+        local piece = chunk()
+        if piece == nil or piece == "" then break end
+        parts[#parts + 1] = piece
+      end
+      chunk = concat(parts)
+    end
+    if mode ~= nil and mode ~= "t" then return nil, "only text chunks can be loaded" end
+    return load_text(chunk, chunkname or "=(load)", fenv or env)
+  end
+  local loaded = { bit = sandbox_bit }
+  function env.require(name)
+    if type(name) ~= "string" then error("bad argument #1 to 'require' (string expected)", 2) end
+    local cached = loaded[name]
+    if cached ~= nil then return cached end
+    local source, chunkname = host.read_module(name)
+    if source == nil then error(chunkname, 2) end
+    local fn, err = load_text(source, "@" .. chunkname, env)
+    if not fn then error(err, 2) end
+    local result = fn(name)
+    if result == nil then result = true end
+    loaded[name] = result
+    return result
+  end
+  return env
+end
+
+-- Driving ------------------------------------------------------------------------------------
+
+-- Compile an entry chunk into a new environment and run it; returns the environment or nil, err.
+function engine.compile(source, chunkname)
+  local env = new_env()
+  local fn, err = load_text(source, "@" .. chunkname, env)
+  if not fn then return nil, err end
+  local ok, run_err = pcall(fn)
+  if not ok then return nil, tostring(run_err) end
+  return env, nil
+end
+
+function engine.set_instruction_limit(n)
+  instruction_limit = n
+end
+
+-- Resume `co` (an engine coroutine) with the given values.  Returns one of
+--   "done", results...          the callback returned
+--   "wait", token               it waits for the Python side to settle `token`
+--   "yield"                     the script yielded on its own; resume it again later
+--   "error", message, traceback it raised
+-- The driver state is saved and restored, so a resume nested in another callback is safe.
+local function finish(co, saved_active, saved_cid, saved_protocol, ok, first, ...)
+  disarm_limit()
+  active, current_cid, in_protocol = saved_active, saved_cid, saved_protocol
+  if active ~= nil or in_protocol then arm_limit() end
+  if not ok then
+    local tb = traceback(co, tostring(first))
+    coroutine_cid[co] = nil
+    return "error", tostring(first), tb
+  end
+  if co_status(co) == "dead" then
+    coroutine_cid[co] = nil
+    return "done", first, ...
+  end
+  if first == WAIT then return "wait", ... end
+  return "yield"
+end
+
+function engine.resume(co, ...)
+  local saved_active, saved_cid, saved_protocol = active, current_cid, in_protocol
+  active, current_cid, in_protocol = co, coroutine_cid[co], false
+  arm_limit()
+  return finish(co, saved_active, saved_cid, saved_protocol, co_resume(co, ...))
+end
+
+-- Start callback `name` of `env` for client `cid` in a new coroutine.  A missing callback is
+-- reported as done with no results, so optional callbacks need no special case.
+function engine.start(env, name, cid, ...)
+  local fn = env[name]
+  if fn == nil then return nil, "done" end
+  local co = co_create(fn)
+  coroutine_cid[co] = cid
+  return co, engine.resume(co, ...)
+end
+
+-- on_message with the message table built here, so the Python side passes only strings.
+function engine.start_message(env, cid, kind, data)
+  return engine.start(env, "on_message", cid, { type = kind, data = data, finish = true })
+end
+
+-- Run a framing callback (protocol_*) synchronously; it may not wait.  Returns ok, results...
+local function after_protocol(saved_active, saved_cid, saved_protocol, ok, ...)
+  disarm_limit()
+  active, current_cid, in_protocol = saved_active, saved_cid, saved_protocol
+  if active ~= nil or in_protocol then arm_limit() end
+  if not ok then return false, tostring((...)) end
+  return true, ...
+end
+
+function engine.call_protocol(env, name, cid, ...)
+  local fn = env[name]
+  if type(fn) ~= "function" then return false, name .. " is not defined" end
+  local saved_active, saved_cid, saved_protocol = active, current_cid, in_protocol
+  active, current_cid, in_protocol = nil, cid, true
+  arm_limit()
+  return after_protocol(saved_active, saved_cid, saved_protocol, pcall(fn, ...))
+end
+
+function engine.type_of(env, name)
+  return type(env[name])
+end
+
+return engine

@@ -1,0 +1,127 @@
+"""Lua values <-> Python values <-> JSON, by the rules of SPEC 5.7.
+
+Lua strings are bytes (the runtime uses ``encoding=None``); Python strings are text.  Going to
+Python, bytes are decoded as UTF-8 with each invalid byte replaced by U+FFFD (as Go does); going to
+Lua, text is encoded as UTF-8.  A Lua table is a JSON array when it is empty or its keys are exactly
+``1..n``; otherwise it is an object whose keys become strings.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+from lupa import luajit21 as lupa
+
+MAX_DEPTH = 128
+MAX_EXACT_INTEGER = 2**53
+
+JsonValue = Any
+
+
+class ConvertError(ValueError):
+    """A Lua value cannot be represented as JSON (function, cycle, NaN, too deep...)."""
+
+
+def _text(value: bytes) -> str:
+    return value.decode("utf-8", "replace")
+
+
+def _number(value: float | int) -> int | float:
+    if isinstance(value, int):
+        return value
+    if math.isnan(value) or math.isinf(value):
+        raise ConvertError("cannot encode NaN or infinity")
+    if value.is_integer() and abs(value) <= MAX_EXACT_INTEGER:
+        return int(value)
+    return value
+
+
+def _key(key: object) -> str:
+    if isinstance(key, bytes):
+        return _text(key)
+    if isinstance(key, bool):
+        return "true" if key else "false"
+    if isinstance(key, (int, float)):
+        return str(_number(key))
+    raise ConvertError(f"cannot use a {lupa.lua_type(key) or type(key).__name__} as an object key")
+
+
+def lua_to_py(value: object, _depth: int = 0, _seen: frozenset[str] = frozenset()) -> JsonValue:
+    """Convert a Lua value to plain JSON-able Python (dict / list / str / int / float / bool / None)."""
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, bytes):
+        return _text(value)
+    if isinstance(value, (int, float)):
+        return _number(value)
+    kind = lupa.lua_type(value)
+    if kind != "table":
+        raise ConvertError(f"cannot encode a {kind or type(value).__name__}")
+    if _depth >= MAX_DEPTH:
+        raise ConvertError(f"nesting deeper than {MAX_DEPTH}")
+    identity = _identity(value)
+    if identity in _seen:
+        raise ConvertError("cyclic table")
+    seen = _seen | {identity}
+    items = list(value.items())  # type: ignore[attr-defined]
+    if not items:
+        return []
+    n = len(items)
+    if all(isinstance(k, int) and not isinstance(k, bool) and 1 <= k <= n for k, _ in items):
+        result: list[Any] = [None] * n
+        for k, v in items:
+            result[k - 1] = lua_to_py(v, _depth + 1, seen)
+        return result
+    return {_key(k): lua_to_py(v, _depth + 1, seen) for k, v in items}
+
+
+def _identity(table: object) -> str:
+    # lupa wraps one Lua table in a new Python object on every access, so Python identity says
+    # nothing; the repr carries the Lua address ("<Lua table at 0x...>").
+    return repr(table)
+
+
+def py_to_lua(runtime: Any, value: JsonValue) -> object:
+    """Convert plain Python (as produced by ``json.loads`` or ``lua_to_py``) to a Lua value.
+
+    ``None`` inside an object drops the key; ``None`` inside an array leaves a hole (nil).
+    """
+    if isinstance(value, str):
+        return value.encode("utf-8")
+    if isinstance(value, dict):
+        return runtime.table_from(
+            {_to_lua_key(k): py_to_lua(runtime, v) for k, v in value.items() if v is not None}
+        )
+    if isinstance(value, (list, tuple)):
+        return runtime.table_from([py_to_lua(runtime, v) for v in value])
+    return value
+
+
+def _to_lua_key(key: object) -> object:
+    return key.encode("utf-8") if isinstance(key, str) else key
+
+
+def dumps(value: JsonValue) -> bytes:
+    """Compact JSON with sorted object keys, UTF-8 (not ``\\u`` escapes), no NaN."""
+    try:
+        return json.dumps(
+            value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+        ).encode("utf-8")
+    except (TypeError, ValueError) as e:
+        raise ConvertError(str(e)) from None
+
+
+def lua_to_json(value: object) -> bytes:
+    """Encode a Lua value as JSON text (``mix.json_encode``, queue data)."""
+    return dumps(lua_to_py(value))
+
+
+def json_to_lua(runtime: Any, text: bytes | str) -> object:
+    """Decode JSON text to a Lua value (``mix.json_decode``); raise ConvertError when invalid."""
+    try:
+        value = json.loads(text)
+    except (ValueError, RecursionError) as e:
+        raise ConvertError(f"invalid json: {e}") from None
+    return py_to_lua(runtime, value)

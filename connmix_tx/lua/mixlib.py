@@ -1,0 +1,274 @@
+"""The Python half of the ``mix`` library: the host functions ``bootstrap.lua`` calls.
+
+``MixLibrary`` binds one server's script to the engine: connections (context, subscriptions,
+sending), the queues, the router (mesh send / publish) and logging.  Arguments arrive as Lua values
+(bytes for strings, ``_LuaTable`` for tables) and results go back as Lua values.  Waiting functions
+return ``(1, token)`` from ``Script.wait``; the others ``(0, results...)``.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from typing import Any, Callable
+
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger, LogLevel
+from twisted.python.failure import Failure
+
+from connmix_tx.engine.connections import CLOSED, ClientConnection, ConnectionRegistry
+from connmix_tx.engine.queue import QueueError, QueueManager
+from connmix_tx.engine.router import Router
+from connmix_tx.ids import InvalidClientId, parse_client_id
+from connmix_tx.lua.convert import ConvertError, lua_to_json, lua_to_py, json_to_lua, py_to_lua
+from connmix_tx.lua.runtime import Script
+
+log = Logger(namespace="connmix.lua")
+
+INVALID_TYPE = "invalid type"
+_LEVELS = {name: LogLevel.levelWithName(name) for name in ("debug", "info", "warn", "error")}
+
+
+def _text(value: object) -> str:
+    """A Lua string or number as Python text (Lua coerces numbers to strings too)."""
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    if isinstance(value, bool) or value is None:
+        raise TypeError("string expected")
+    if isinstance(value, (int, float)):
+        return str(int(value)) if float(value).is_integer() else repr(value)
+    raise TypeError("string expected")
+
+
+def _data(value: object) -> bytes:
+    if isinstance(value, bytes):
+        return value
+    return _text(value).encode()
+
+
+def _binary(kind: object) -> bool | None:
+    """``"text"`` / nil -> False, ``"binary"`` -> True, anything else -> None (invalid)."""
+    if kind is None or kind == b"text":
+        return False
+    if kind == b"binary":
+        return True
+    return None
+
+
+def _err(text: str | None) -> bytes | None:
+    return None if text is None else text.encode()
+
+
+class MixLibrary:
+    """Host functions for one server's script."""
+
+    def __init__(
+        self,
+        connections: ConnectionRegistry,
+        router: Router,
+        queues: QueueManager,
+        clock: IReactorTime,
+        options: dict[str, str],
+    ) -> None:
+        self.connections = connections
+        self.router = router
+        self.queues = queues
+        self.clock = clock
+        self.options = options
+        self.script: Script | None = None  # set by bind()
+        self.entry = ""
+
+    def bind(self, script: Script) -> None:
+        """Attach the script whose runtime converts values and suspends coroutines."""
+        self.script = script
+        self.entry = script.chunk_name(script.entry)
+
+    def extensions(self) -> dict[str, Callable[..., Any]]:
+        """``mix`` members implemented wholly in Python (name or ``"ns.name"``)."""
+        return {"base64_encode": base64_encode, "base64_decode": base64_decode}
+
+    def functions(self) -> dict[str, Callable[..., Any]]:
+        """The host table for ``bootstrap.lua``."""
+        names = [n for n in dir(self) if n.startswith(("conn_", "mesh_", "queue_", "json_"))]
+        table = {name: getattr(self, name) for name in names}
+        table.update(log=self.lua_log, server_option=self.server_option)
+        return table
+
+    # helpers ---------------------------------------------------------------------------------
+
+    def _conn(self, cid: bytes) -> ClientConnection | None:
+        """The connection (also while its on_close runs), or None."""
+        return self.connections.by_id.get(int(cid)) if cid else None
+
+    def _to_lua(self, value: Any) -> Any:
+        assert self.script is not None
+        return py_to_lua(self.script.runtime, value)
+
+    # connection ------------------------------------------------------------------------------
+
+    def conn_remote_addr(self, cid: bytes) -> bytes | None:
+        conn = self._conn(cid)
+        return conn.remote_addr.encode() if conn else None
+
+    def conn_context(self, cid: bytes) -> Any:
+        conn = self._conn(cid)
+        return self._to_lua(conn.context if conn else {})
+
+    def conn_context_value(self, cid: bytes, key: object) -> Any:
+        conn = self._conn(cid)
+        if conn is None:
+            return None
+        return self._to_lua(conn.context.get(_text(key)))
+
+    def conn_set_context(self, cid: bytes, values: Any) -> None:
+        conn = self._conn(cid)
+        converted = lua_to_py(values)
+        if isinstance(converted, list):  # {} (or an array) has no keys to merge
+            converted = {str(i + 1): v for i, v in enumerate(converted)}
+        if conn is not None and not conn.closed:
+            conn.set_context(converted)
+
+    def conn_set_context_value(self, cid: bytes, key: object, value: Any) -> None:
+        conn = self._conn(cid)
+        converted = lua_to_py(value)
+        if conn is not None and not conn.closed:
+            conn.set_context_value(_text(key), converted)
+
+    def conn_wait_context_value(self, cid: bytes, key: object, timeout: object = None) -> tuple:
+        conn = self._conn(cid)
+        name = _text(key)
+        if conn is None or conn.closed:
+            return 0, None, CLOSED.encode()
+        if name in conn.context:
+            return 0, self._to_lua(conn.context[name])
+        if timeout is not None and (not isinstance(timeout, (int, float)) or timeout < 0):
+            raise TypeError("bad argument #2 to 'wait_context_value' (number expected)")
+        waiter = conn.wait_context_value(name)
+        if timeout is not None:
+            timer = self.clock.callLater(float(timeout), waiter.cancel)
+            waiter.addBoth(_stop_timer, timer)
+
+        def failed(failure: Failure) -> tuple:
+            return None, (b"timeout" if failure.check(CancelledError) else CLOSED.encode())
+
+        waiter.addCallbacks(lambda value: (self._to_lua(value),), failed)
+        assert self.script is not None
+        return self.script.wait(waiter)
+
+    def conn_subscribe(self, cid: bytes, *channels: object) -> bytes | None:
+        conn = self._conn(cid)
+        if conn is None or conn.closed:
+            return CLOSED.encode()
+        return _err(self.connections.subscribe(conn, [_text(c) for c in channels]))
+
+    def conn_unsubscribe(self, cid: bytes, *channels: object) -> None:
+        conn = self._conn(cid)
+        if conn is not None:
+            self.connections.unsubscribe(conn, [_text(c) for c in channels])
+
+    def conn_send(self, cid: bytes, data: object, kind: object = None) -> bytes | None:
+        binary = _binary(kind)
+        if binary is None:
+            return INVALID_TYPE.encode()
+        conn = self._conn(cid)
+        if conn is None or conn.closed:
+            return CLOSED.encode()
+        return _err(conn.transport.send_message(_data(data), binary))
+
+    def conn_close(self, cid: bytes) -> None:
+        conn = self._conn(cid)
+        if conn is not None and not conn.closed:
+            conn.transport.close_connection()
+
+    def conn_clear_buffer(self, cid: bytes) -> None:
+        conn = self._conn(cid)
+        if conn is not None:
+            error = conn.transport.clear_buffer()
+            if error:
+                raise RuntimeError(error)
+
+    # json, log, options ----------------------------------------------------------------------
+
+    def json_encode(self, value: Any) -> tuple[bytes | None, bytes | None]:
+        try:
+            return lua_to_json(value), None
+        except ConvertError as e:
+            return None, str(e).encode()
+
+    def json_decode(self, text: bytes) -> tuple[Any, bytes | None]:
+        assert self.script is not None
+        try:
+            return json_to_lua(self.script.runtime, text), None
+        except ConvertError as e:
+            return None, str(e).encode()
+
+    def lua_log(self, level: bytes, message: bytes, cid: bytes | None) -> None:
+        fields: dict[str, Any] = {"entry": self.entry}
+        if cid:
+            fields["client_id"] = cid.decode()
+        log.emit(_LEVELS[level.decode()], "{msg}", msg=message.decode("utf-8", "replace"), **fields)
+
+    def server_option(self, name: object) -> bytes | None:
+        value = self.options.get(_text(name))
+        return None if value is None else value.encode()
+
+    # queue and mesh --------------------------------------------------------------------------
+
+    def queue_push(self, cid: bytes | None, topic: object, data: Any) -> tuple:
+        try:
+            name = _text(topic)
+        except TypeError:
+            return None, b"invalid topic"
+        try:
+            payload = lua_to_json(data)
+        except ConvertError as e:
+            return None, f"json: {e}".encode()
+        try:
+            return self.queues.push(name, cid.decode() if cid else "", payload), None
+        except QueueError as e:
+            return None, str(e).encode()
+
+    def mesh_send(self, cid: bytes | None, client_id: object, data: object, kind: object = None) -> tuple:
+        binary = _binary(kind)
+        if binary is None:
+            return 0, INVALID_TYPE.encode()
+        try:
+            target = parse_client_id(client_id)
+        except InvalidClientId:
+            return 0, b"invalid client id"
+        result = self.router.send(target, _data(data), binary)
+        if isinstance(result, Deferred):
+            assert self.script is not None
+            return self.script.wait(result.addCallback(lambda err: (_err(err),)))
+        return 0, _err(result)
+
+    def mesh_publish(self, cid: bytes | None, channel: object, data: object, kind: object = None) -> tuple:
+        binary = _binary(kind)
+        if binary is None:
+            raise TypeError("bad argument #3 to 'publish' (\"text\" or \"binary\" expected)")
+        result = self.router.publish(_text(channel), _data(data), binary)
+        if isinstance(result, Deferred):
+            assert self.script is not None
+            return self.script.wait(result.addCallback(tuple))
+        return 0, result[0], result[1]
+
+
+def base64_encode(data: object) -> bytes:
+    """``mix.base64_encode``: standard alphabet, padded."""
+    return base64.b64encode(_data(data))
+
+
+def base64_decode(text: object) -> tuple[bytes | None, bytes | None]:
+    """``mix.base64_decode``: padded or unpadded standard base64; ``nil, err`` when invalid."""
+    raw = _data(text).strip()
+    try:
+        return base64.b64decode(raw + b"=" * (-len(raw) % 4), validate=True), None
+    except (binascii.Error, ValueError) as e:
+        return None, f"invalid base64: {e}".encode()
+
+
+def _stop_timer(result: Any, timer: Any) -> Any:
+    if timer.active():
+        timer.cancel()
+    return result

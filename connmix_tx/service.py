@@ -1,0 +1,337 @@
+"""The service tree (SPEC 1.1, 2.4, 2.5): which children run for which role.
+
+``ConnmixService`` is the root.  ``ROLE_PARTS`` maps a role to the parts it runs: the center
+(registry + center API) and the engine (mesh point, engine API, center link, protocol servers).
+Every listening port is a ``Listener`` built from an endpoint string.  Fatal errors at run time
+(a protocol server port that cannot be bound after registration, a registration that never
+succeeds) go through ``Fatal``: one line on stderr, reactor stop, the exit code of SPEC 2.5.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any, Callable
+
+from twisted.application import service
+from twisted.application.internet import StreamServerEndpointService
+from twisted.internet import endpoints
+from twisted.internet.error import CannotListenError
+from twisted.internet.interfaces import IListeningPort
+from twisted.logger import Logger
+
+from connmix_tx import __version__
+from connmix_tx.center.api import center_site
+from connmix_tx.center.pb import registry_factory
+from connmix_tx.center.registry import Registry
+from connmix_tx.config import AnyListener, Config
+from connmix_tx.engine.api import ApiDispatcher
+from connmix_tx.engine.api_server import ApiWebSocketFactory, api_site
+from connmix_tx.engine.center_link import CenterLink
+from connmix_tx.engine.connections import ConnectionRegistry
+from connmix_tx.engine.mesh import mesh_factory
+from connmix_tx.engine.queue import QueueManager
+from connmix_tx.engine.router import LocalOps, Router
+from connmix_tx.engine.websocket import ClientWebSocketFactory
+from connmix_tx.ids import Snowflake, new_node_id
+from connmix_tx.lua.mixlib import MixLibrary
+from connmix_tx.lua.runtime import Script, ScriptError
+
+EXIT_CONFIG, EXIT_LISTEN = 2, 3
+
+log = Logger(namespace="connmix.engine")
+
+
+class FatalError(Exception):
+    """A start-up error that ends the process with ``code`` after one line ``connmix: <message>``."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class Fatal:
+    """Ends the process from inside the running reactor with an exit code (SPEC 2.5)."""
+
+    def __init__(self, reactor: Any, stderr: Any = None) -> None:
+        self.reactor = reactor
+        self.stderr = stderr
+        self.code: int | None = None
+
+    def __call__(self, code: int, message: str) -> None:
+        if self.code is not None:
+            return
+        self.code = code
+        write_fatal_line(message, self.stderr)
+        log.error("{message}", message=message)
+        self.reactor.addSystemEventTrigger("after", "shutdown", _exit_now, code)
+        if self.reactor.running:
+            self.reactor.stop()
+
+
+def write_fatal_line(message: str, stream: Any = None) -> None:
+    """Write the one line of a fatal error to stderr."""
+    out = stream or sys.__stderr__
+    out.write(f"connmix: {message}\n")
+    out.flush()
+
+
+def _exit_now(code: int) -> None:
+    for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
+        try:
+            stream.flush()
+        except Exception:
+            pass
+    os._exit(code)
+
+
+def endpoint_string(listener: AnyListener) -> str:
+    """The server endpoint description of a listener section."""
+    bind = listener.bind.replace(":", "\\:")
+    return f"tcp:{listener.port}:interface={bind}"
+
+
+class Listener(StreamServerEndpointService):
+    """One listening port: opens synchronously, logs its start line, maps bind errors to exit 3."""
+
+    def __init__(
+        self, reactor: Any, key: str, listener: AnyListener, factory: Any, started: Callable[[str], None]
+    ) -> None:
+        super().__init__(endpoints.serverFromString(reactor, endpoint_string(listener)), factory)
+        self._raiseSynchronously = True
+        self.key = key
+        self.listener = listener
+        self.started = started
+        self.port: IListeningPort | None = None
+
+    def privilegedStartService(self) -> None:
+        try:
+            super().privilegedStartService()
+        except CannotListenError as e:
+            raise FatalError(EXIT_LISTEN, self._bind_error(e)) from None
+        self._waitingForPort.addCallback(self._listening)
+
+    def _bind_error(self, error: CannotListenError) -> str:
+        reason = error.socketError
+        text = getattr(reason, "strerror", None) or str(reason)
+        return f"cannot listen on {self.listener.bind}:{self.listener.port} ({self.key}): {text.lower()}"
+
+    def _listening(self, port: IListeningPort) -> IListeningPort:
+        self.port = port
+        self.started(f"{self.listener.bind}:{self.actual_port}")
+        return port
+
+    @property
+    def actual_port(self) -> int:
+        """The bound port (differs from the configured one for port 0)."""
+        return self.port.getHost().port if self.port is not None else self.listener.port
+
+
+class CenterPart(service.MultiService):
+    """Registry (PB) and center HTTP API."""
+
+    def __init__(self, config: Config, reactor: Any) -> None:
+        super().__init__()
+        self.setName("center")
+        cluster = config.cluster
+        self.registry = Registry(reactor, cluster.heartbeat_timeout, cluster.number_reserve)
+        registry_log = Logger(namespace="connmix.registry")
+        center_log = Logger(namespace="connmix.center")
+        self.registry_listener = Listener(
+            reactor, "center.registry", config.center.registry,
+            registry_factory(self.registry, cluster.secret),
+            lambda address: registry_log.info("start the registry server ({address})", address=address),
+        )
+        self.registry_listener.setServiceParent(self)
+        self.api_listener = Listener(
+            reactor, "center.apiServer", config.center.api_server, center_site(self.registry),
+            lambda address: center_log.info("start the center api server ({address})", address=address),
+        )
+        self.api_listener.setServiceParent(self)
+        self._interval = cluster.heartbeat_interval
+
+    def startService(self) -> None:
+        super().startService()
+        self.registry.start(self._interval)
+
+    def stopService(self) -> Any:
+        self.registry.stop()
+        return super().stopService()
+
+
+class EnginePart(service.MultiService):
+    """Mesh point, engine API, registration and, once registered, the protocol servers."""
+
+    def __init__(
+        self,
+        config: Config,
+        reactor: Any,
+        fatal: Callable[[int, str], None],
+        center_address: Callable[[], tuple[str, int]],
+        in_process_center: bool,
+    ) -> None:
+        super().__init__()
+        self.setName("engine")
+        self.config = config
+        self.reactor = reactor
+        self.fatal = fatal
+        self.node_id = new_node_id()
+        engine = config.engine
+        self.connections = ConnectionRegistry()
+        self.queues = QueueManager(reactor, engine.luavm.queue.topic_size, engine.luavm.queue.max_topics)
+        self.local = LocalOps(self.connections)
+        self.router = Router(0, self.local)
+        self.nodes: list[dict[str, Any]] = []
+        self.scripts = [self._script(i, server) for i, server in enumerate(engine.servers)]
+        self.protocol_listeners: list[Listener] = []
+        self.client_factories: list[ClientWebSocketFactory] = []
+
+        mesh_log = Logger(namespace="connmix.mesh")
+        api_log = Logger(namespace="connmix.api")
+        self.mesh_listener = Listener(
+            reactor, "engine.meshPoint", engine.mesh_point, mesh_factory(self.local, config.cluster.secret),
+            lambda address: mesh_log.info("start the mesh node ({address})", address=address),
+        )
+        self.mesh_listener.setServiceParent(self)
+        self.api_factory = ApiWebSocketFactory(
+            engine.api_server, ApiDispatcher(self.router, self.queues), self.queues, self.node_id
+        )
+        self.api_listener = Listener(
+            reactor, "engine.apiServer", engine.api_server, api_site(self.api_factory),
+            lambda address: api_log.info("start the api server ({address})", address=address),
+        )
+        self.api_listener.setServiceParent(self)
+
+        def center_endpoint() -> tuple[Any, str]:
+            host, port = center_address()
+            text = f"tcp:{host.replace(':', chr(92) + ':')}:{port}"
+            return endpoints.clientFromString(reactor, text), f"{host}:{port}"
+
+        self.center_link = CenterLink(
+            center_endpoint,
+            self.node_id,
+            {"version": __version__, "advertise_host": engine.advertise_host,
+             "api_server_port": 0, "mesh_point_port": 0},
+            config.cluster.secret,
+            reactor,
+            config.cluster.heartbeat_interval,
+            stats=lambda: {"clients": len(self.connections), "channels": len(self.connections.channels)},
+            on_nodes=self._nodes,
+            fatal=fatal,
+            register_timeout=None if in_process_center else config.cluster.register_timeout,
+        )
+        self.center_link.registered.addCallback(self._registered)
+
+    def _script(self, index: int, server: Any) -> Script:
+        if server.protocol != "websocket":
+            raise FatalError(
+                EXIT_CONFIG,
+                f"config engine.servers[{index}].protocol: {server.protocol} servers are not available yet",
+            )
+        library = MixLibrary(self.connections, self.router, self.queues, self.reactor, dict(server.options))
+        script = Script(
+            server.entry, server.protocol, library.functions(), self.reactor,
+            max_memory_mib=self.config.engine.luavm.max_memory,
+            max_instructions=self.config.engine.luavm.max_instructions,
+            extensions=library.extensions(),
+        )
+        library.bind(script)
+        try:
+            script.load()
+        except ScriptError as e:
+            raise FatalError(EXIT_CONFIG, f"config engine.servers[{index}].entry: {e}") from None
+        return script
+
+    def startService(self) -> None:
+        # The listeners were opened in privilegedStartService; now the center knows our ports.
+        self.center_link.info.update(
+            api_server_port=self.api_listener.actual_port,
+            mesh_point_port=self.mesh_listener.actual_port,
+        )
+        super().startService()
+        self.center_link.startService()
+
+    def _nodes(self, nodes: list) -> None:
+        self.nodes = nodes
+
+    def _registered(self, number: int) -> None:
+        self.router.node_number = number
+        ids = Snowflake(number)
+        server_log = Logger(namespace="connmix.server")
+        for index, (server, script) in enumerate(zip(self.config.engine.servers, self.scripts)):
+            factory = ClientWebSocketFactory(server, script, self.connections, ids, self.reactor)
+            listener = Listener(
+                self.reactor, f"engine.servers[{index}]", server, factory,
+                lambda address, entry=server.entry: server_log.info(
+                    "start the protocol server {entry} ({address})", entry=entry, address=address
+                ),
+            )
+            try:
+                listener.privilegedStartService()
+            except FatalError as e:
+                self.fatal(e.code, e.message)
+                return
+            listener.startService()
+            self.protocol_listeners.append(listener)
+            self.client_factories.append(factory)
+
+    def stopService(self) -> Any:
+        for factory in self.client_factories:
+            factory.shutdown()
+        self.api_factory.shutdown()
+        self.queues.stop()
+        for listener in self.protocol_listeners:
+            listener.stopService()
+        self.center_link.stopService()
+        return super().stopService()
+
+
+class ConnmixService(service.MultiService):
+    """The root service: the parts of the role, in start order."""
+
+    def __init__(self, config: Config, role: str, reactor: Any, fatal: Callable[[int, str], None]) -> None:
+        super().__init__()
+        self.config = config
+        self.role = role
+        self.center: CenterPart | None = None
+        self.engine: EnginePart | None = None
+        for part in ROLE_PARTS[role]:
+            part(self, config, reactor, fatal)
+
+    def privilegedStartService(self) -> None:
+        try:
+            super().privilegedStartService()
+        except FatalError as e:
+            write_fatal_line(e.message)
+            raise SystemExit(e.code) from None
+
+
+def _add_center(root: ConnmixService, config: Config, reactor: Any, fatal: Callable) -> None:
+    root.center = CenterPart(config, reactor)
+    root.center.setServiceParent(root)
+
+
+def _add_engine(root: ConnmixService, config: Config, reactor: Any, fatal: Callable) -> None:
+    center = root.center
+    if center is not None:
+        # dev / single: dial the in-process registry over loopback (SPEC 2.4).
+        def address() -> tuple[str, int]:
+            return "127.0.0.1", center.registry_listener.actual_port
+    else:
+        target = config.engine.center_registry
+
+        def address() -> tuple[str, int]:
+            return target.host, target.port
+
+    root.engine = EnginePart(config, reactor, fatal, address, in_process_center=center is not None)
+    root.engine.setServiceParent(root)
+
+
+#: Role -> the parts it runs, in start order (STYLE 4: a table, not if-chains).
+ROLE_PARTS: dict[str, tuple[Callable[..., None], ...]] = {
+    "center": (_add_center,),
+    "engine": (_add_engine,),
+    "dev": (_add_center, _add_engine),
+    "single": (_add_center, _add_engine),
+}

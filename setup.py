@@ -1,0 +1,74 @@
+"""Packaging for connmix-tx.
+
+The repository root holds ``lua/`` and ``etc/`` (the *home directory*, SPEC 2.1).  An editable
+install puts the repository root on ``sys.path`` through a static ``.pth`` file (the layout is
+"simple", so setuptools does not use an import hook that Twisted's plugin scan cannot see); a
+regular install copies both folders into ``connmix_tx/_home`` so the installed package carries its
+default configuration and scripts.
+"""
+
+import os
+import shutil
+
+from setuptools import setup
+from setuptools.command.build_py import build_py
+
+HOME_FOLDERS = ("etc", "lua")
+
+
+class BuildWithHome(build_py):
+    """Copy the home folders (etc/, lua/) into the built package as ``connmix_tx/_home``."""
+
+    def run(self) -> None:
+        super().run()
+        target = os.path.join(self.build_lib, "connmix_tx", "_home")
+        for folder in HOME_FOLDERS:
+            dest = os.path.join(target, folder)
+            if os.path.isdir(dest):
+                shutil.rmtree(dest)
+            shutil.copytree(folder, dest, ignore=shutil.ignore_patterns("*.pyc", "__pycache__"))
+
+
+def read_version() -> str:
+    scope: dict = {}
+    with open(os.path.join("connmix_tx", "_version.py"), encoding="utf-8") as f:
+        exec(f.read(), scope)
+    return scope["__version__"]
+
+
+setup(
+    name="connmix-tx",
+    version=read_version(),
+    description="Distributed WebSocket long-connection engine scripted in Lua, on Twisted",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    package_dir={"": "."},
+    packages=[
+        "connmix_tx",
+        "connmix_tx.center",
+        "connmix_tx.engine",
+        "connmix_tx.lua",
+        # No __init__.py here: Twisted's plugin package collects this folder from every
+        # sys.path entry; shipping an __init__.py would overwrite Twisted's own.
+        "twisted.plugins",
+    ],
+    cmdclass={"build_py": BuildWithHome},
+    install_requires=[
+        "Twisted>=24.3",
+        "autobahn>=24.4",
+        "lupa>=2.2",
+        "PyYAML>=6.0",
+        "msgpack>=1.0",
+        "pyOpenSSL>=24.0",
+        "service-identity>=24.1",
+    ],
+    extras_require={
+        "test": [
+            "pytest>=8",
+            "pytest-twisted>=1.14",
+            "websockets>=13",
+        ],
+    },
+    zip_safe=False,
+)
