@@ -53,6 +53,7 @@ setup(
         # sys.path entry; shipping an __init__.py would overwrite Twisted's own.
         "twisted.plugins",
     ],
+    package_data={"connmix_tx.lua": ["*.lua"]},
     cmdclass={"build_py": BuildWithHome},
     install_requires=[
         "Twisted>=24.3",
@@ -68,6 +69,7 @@ setup(
             "pytest>=8",
             "pytest-twisted>=1.14",
             "websockets>=13",
+            "wheel",  # the packaging test builds a wheel without build isolation
         ],
     },
     zip_safe=False,

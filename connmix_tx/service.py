@@ -10,6 +10,7 @@ succeeds) go through ``Fatal``: one line on stderr, reactor stop, the exit code 
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from typing import Any, Callable
 
@@ -305,6 +306,21 @@ class ConnmixService(service.MultiService):
         except FatalError as e:
             write_fatal_line(e.message)
             raise SystemExit(e.code) from None
+
+    def install_signal_handlers(self, reactor: Any) -> None:
+        """SIGTERM / SIGINT stop cleanly with exit 0 (SPEC 2.5, 2.6).
+
+        twistd would otherwise re-raise the signal after the reactor stops, so the process
+        would end "killed by SIGTERM" instead of exiting 0.  Called once the reactor runs,
+        because the reactor installs its own handlers at start.
+        """
+
+        def stop(signum: int, frame: Any) -> None:
+            log.info("received {signal}, stopping", signal=signal.Signals(signum).name)
+            reactor.callFromThread(reactor.stop)
+
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, stop)
 
 
 def _add_center(root: ConnmixService, config: Config, reactor: Any, fatal: Callable) -> None:

@@ -125,7 +125,9 @@ def makeService(options: Options) -> Any:
     for key in config.unused_keys:
         log.warn("config key {path} is not used by connmix-tx", path=key)
     try:
-        return ConnmixService(config, options["role"], reactor, Fatal(reactor))
+        root = ConnmixService(config, options["role"], reactor, Fatal(reactor))
     except FatalError as e:
         write_fatal_line(e.message)
         raise SystemExit(e.code) from None
+    reactor.callWhenRunning(root.install_signal_handlers, reactor)
+    return root

@@ -1,0 +1,71 @@
+"""The twistd plugin and the packaging (SPEC 2.1)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+from twisted.application.service import IServiceMaker
+from twisted.plugin import getPlugins
+
+from conftest import REPO
+
+
+def test_getplugins_finds_connmix() -> None:
+    makers = {maker.tapname: maker for maker in getPlugins(IServiceMaker)}
+    assert "connmix" in makers
+    assert makers["connmix"].module == "connmix_tx.tap"
+
+
+def test_tap_options_roles() -> None:
+    from twisted.python import usage
+
+    from connmix_tx.tap import Options
+
+    for args, role in ((["--dev"], "dev"), (["--role", "single"], "single"), (["--role", "dev"], "dev")):
+        options = Options()
+        options.parseOptions(args)
+        assert options["role"] == role
+    with pytest.raises(usage.UsageError):
+        Options().parseOptions(["--role", "mars"])
+    with pytest.raises(usage.UsageError):
+        Options().parseOptions([])
+
+
+def test_tap_builds_the_tree_of_each_role() -> None:
+    from twisted.internet.task import Clock
+
+    from connmix_tx.config import default_config
+    from connmix_tx.service import ConnmixService
+
+    config = default_config(cwd=str(REPO))
+    children = {
+        role: sorted(s.name for s in ConnmixService(config, role, Clock(), lambda *a: None))
+        for role in ("center", "engine", "dev", "single")
+    }
+    assert children == {
+        "center": ["center"], "engine": ["engine"], "dev": ["center", "engine"], "single": ["center", "engine"],
+    }
+
+
+def build_wheel(folder: Path) -> Path:
+    """Build the project's wheel into ``folder`` (as ``pip install .`` would)."""
+    result = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(folder), str(REPO)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    return next(folder.glob("connmix_tx-*.whl"))
+
+
+def test_wheel_carries_home_and_plugin_without_twisted_init(tmp_path: Path) -> None:
+    wheel = build_wheel(tmp_path)
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert "twisted/plugins/connmix_plugin.py" in names
+    assert "twisted/plugins/__init__.py" not in names and "twisted/__init__.py" not in names
+    assert "connmix_tx/_home/etc/connmix.yaml" in names
+    assert "connmix_tx/_home/lua/entry.websocket.lua" in names
+    assert "connmix_tx/lua/bootstrap.lua" in names
