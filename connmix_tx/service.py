@@ -17,6 +17,7 @@ from typing import Any, Callable
 from twisted.application import service
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet import endpoints
+from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks, maybeDeferred
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
@@ -39,6 +40,8 @@ from connmix_tx.lua.mixlib import MixLibrary
 from connmix_tx.lua.runtime import Script, ScriptError
 
 EXIT_CONFIG, EXIT_LISTEN = 2, 3
+#: How long a clean stop waits for clients to finish their close handshakes (SPEC 2.5: < 5 s).
+STOP_GRACE = 2.0
 
 log = Logger(namespace="connmix.engine")
 
@@ -277,15 +280,32 @@ class EnginePart(service.MultiService):
             self.protocol_listeners.append(listener)
             self.client_factories.append(factory)
 
+    @inlineCallbacks
     def stopService(self) -> Any:
+        """Stop accepting, close clients with 1001 and wait (bounded) for them, unregister."""
+        yield gatherResults([maybeDeferred(listener.stopService) for listener in self.protocol_listeners])
         for factory in self.client_factories:
             factory.shutdown()
         self.api_factory.shutdown()
+        yield self._drained(STOP_GRACE)
         self.queues.stop()
-        for listener in self.protocol_listeners:
-            listener.stopService()
-        self.center_link.stopService()
-        return super().stopService()
+        yield maybeDeferred(self.center_link.stopService)
+        yield super().stopService()
+
+    def _drained(self, timeout: float) -> Deferred:
+        """Fires when every client and API connection has gone, or after ``timeout`` seconds."""
+        done: Deferred = Deferred()
+        deadline = self.reactor.seconds() + timeout
+
+        def check() -> None:
+            left = sum(len(f.open_protocols) for f in [*self.client_factories, self.api_factory])
+            if left == 0 or self.reactor.seconds() >= deadline:
+                done.callback(left)
+            else:
+                self.reactor.callLater(0.05, check)
+
+        check()
+        return done
 
 
 class ConnmixService(service.MultiService):

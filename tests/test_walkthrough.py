@@ -197,3 +197,13 @@ async def test_unknown_path_on_api_port_is_json_404(engine: Any) -> None:
     writer.close()
     assert response.startswith(b"HTTP/1.1 404")
     assert response.endswith(b'{"E":{"c":-32601,"m":"not found"},"r":null}')
+
+
+@in_asyncio
+async def test_clean_stop_closes_clients_with_going_away() -> None:
+    running = await start_engine(loopback_config())
+    async with websockets.connect(running.client_url) as client:
+        await client.send("hello")
+        await running.stop()
+        await asyncio.wait_for(client.wait_closed(), 5)
+    assert client.close_code == 1001

@@ -114,7 +114,7 @@ class ApiWebSocketFactory(WebSocketServerFactory):
     def shutdown(self) -> None:
         for proto in list(self.open_protocols):
             if proto.state == proto.STATE_OPEN:
-                proto.sendClose(1001, "server stopping")
+                proto.sendCloseFrame(1001, b"server stopping", isReply=False)
 
 
 def api_site(factory: ApiWebSocketFactory) -> Site:

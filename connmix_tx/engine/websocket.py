@@ -172,7 +172,8 @@ class ClientWebSocketProtocol(WebSocketServerProtocol):
         if self._close_err is None:
             self._close_err = err
         if self.state == self.STATE_OPEN:
-            self.sendClose(code, reason)
+            # sendClose() only admits 1000 and 3000-4999; the engine also needs 1001 and 1008.
+            self.sendCloseFrame(code, reason.encode()[:123], isReply=False)
         elif self.state == self.STATE_CONNECTING:
             self.dropConnection(abort=True)
 
