@@ -18,7 +18,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from connmix_tx.engine.queue import QueueError, QueueManager, valid_name
-from connmix_tx.engine.router import CALL_FUNCS, Router
+from connmix_tx.engine.router import CALL_FUNCS, Router, valid_call_args
 from connmix_tx.ids import InvalidClientId, parse_client_id
 
 log = Logger(namespace="connmix.api")
@@ -48,7 +48,16 @@ class ApiError(Exception):
 
 
 def _dumps(value: Any) -> bytes:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    text = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    try:
+        return text.encode()
+    except UnicodeEncodeError:
+        # A lone surrogate (valid in JSON input, not in UTF-8): escape everything instead.
+        return json.dumps(value, sort_keys=True, separators=(",", ":")).encode()
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
 
 
 def long_reply(result: Any, request_id: Any) -> bytes:
@@ -106,7 +115,7 @@ class ApiDispatcher:
     def handle(self, session: ApiSession, raw: bytes) -> bytes | Deferred:
         """Answer one request; never raises."""
         try:
-            request = json.loads(raw)
+            request = json.loads(raw, parse_constant=_refuse_constant)
         except (ValueError, RecursionError):
             return long_error(PARSE_ERROR, "parse error: invalid JSON", None)
         if isinstance(request, list):
@@ -183,7 +192,8 @@ class ApiDispatcher:
             raise ApiError(INVALID_PARAMS, f"invalid params: unknown func {func!r}")
         if not isinstance(args, list):
             raise ApiError(INVALID_PARAMS, "invalid params: args must be an array")
-        _check_call_args(func, args)
+        if not valid_call_args(func, args):
+            raise ApiError(INVALID_PARAMS, f"invalid params: wrong args for {func}")
         result = self.router.call(client_id, func, args)
 
         def answer(error: str | None) -> dict:
@@ -257,16 +267,3 @@ def _payload(spec: dict, data_key: str, type_key: str) -> tuple[bytes, bool]:
         except (binascii.Error, ValueError):
             raise ApiError(INVALID_PARAMS, f"invalid params: {data_key} is not valid base64") from None
     raise ApiError(INVALID_PARAMS, f"invalid params: {type_key} must be \"text\" or \"binary\"")
-
-
-def _check_call_args(func: str, args: list) -> None:
-    if func == "set_context_value":
-        ok = len(args) == 2 and isinstance(args[0], (str, int)) and not isinstance(args[0], bool)
-    elif func == "set_context":
-        ok = len(args) == 1 and isinstance(args[0], dict)
-    elif func in ("subscribe", "unsubscribe"):
-        ok = len(args) >= 1 and all(valid_name(a) for a in args)
-    else:  # close
-        ok = not args
-    if not ok:
-        raise ApiError(INVALID_PARAMS, f"invalid params: wrong args for {func}")

@@ -18,7 +18,7 @@ from zope.interface import implementer
 
 from connmix_tx.center.pb import GuardedPBServerFactory, SecretChecker
 from connmix_tx.engine.connections import CLIENT_NOT_FOUND, ENCODE_FAILED, SLOW_CONSUMER
-from connmix_tx.engine.router import CALL_FUNCS, LocalOps
+from connmix_tx.engine.router import CALL_FUNCS, LocalOps, valid_call_args
 
 STATUS_OK, STATUS_NOT_FOUND, STATUS_SLOW, STATUS_ENCODE, STATUS_BAD = 0, 1, 2, 3, 4
 _SEND_STATUS = {CLIENT_NOT_FOUND: STATUS_NOT_FOUND, SLOW_CONSUMER: STATUS_SLOW, ENCODE_FAILED: STATUS_ENCODE}
@@ -30,25 +30,36 @@ def _binary(kind: Any) -> bool:
     return kind in ("binary", b"binary")
 
 
+class BadOp(ValueError):
+    """An operation whose fields have the wrong types."""
+
+
+def _field(value: Any, kind: type | tuple[type, ...]) -> Any:
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise BadOp(f"expected {kind}, got {type(value).__name__}")
+    return value
+
+
 def apply_op(local: LocalOps, op: list) -> list:
     """Run one operation; return ``[seq, status, a, b]``."""
     name, seq = op[0], op[1]
     if name == "send":
-        error = local.send(int(op[2]), bytes(op[3]), _binary(op[4]))
+        error = local.send(_field(op[2], int), _field(op[3], bytes), _binary(op[4]))
         if error is None:
             return [seq, STATUS_OK, None, None]
         return [seq, _SEND_STATUS.get(error, STATUS_BAD), error, None]
     if name == "publish":
-        success, fail = local.publish(str(op[2]), bytes(op[3]), _binary(op[4]))
+        success, fail = local.publish(_field(op[2], str), _field(op[3], bytes), _binary(op[4]))
         return [seq, STATUS_OK, success, fail]
     if name == "call":
-        func = str(op[3])
-        if func not in CALL_FUNCS:
-            return [seq, STATUS_BAD, f"unknown func {func}", None]
-        error = local.call(int(op[2]), func, json.loads(op[4]))
+        client_id, func = _field(op[2], int), _field(op[3], str)
+        args = json.loads(_field(op[4], bytes))
+        if func not in CALL_FUNCS or not valid_call_args(func, args):
+            return [seq, STATUS_BAD, f"bad request: wrong func or args ({func})", None]
+        error = local.call(client_id, func, args)
         if error is None:
             return [seq, STATUS_OK, None, None]
-        status = STATUS_NOT_FOUND if local.connections.get(int(op[2])) is None else STATUS_BAD
+        status = STATUS_NOT_FOUND if local.connections.get(client_id) is None else STATUS_BAD
         return [seq, status, error, None]
     if name == "ping":
         return [seq, STATUS_OK, None, None]

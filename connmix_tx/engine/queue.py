@@ -195,7 +195,7 @@ class QueueManager:
             if entry is None:
                 continue
             sent = 0
-            while entry.messages and sent < DISPATCH_BATCH:
+            while entry.messages and entry.consumers and sent < DISPATCH_BATCH:
                 consumer = entry.next_consumer()
                 if consumer is None:
                     self._retry_later(name)  # every consumer is busy: look again shortly

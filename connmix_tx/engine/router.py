@@ -17,6 +17,7 @@ from connmix_tx.engine.connections import (
     ClientConnection,
     ConnectionRegistry,
 )
+from connmix_tx.engine.queue import valid_name
 from connmix_tx.ids import node_number_of
 
 NODE_UNAVAILABLE = "node unavailable"
@@ -29,8 +30,19 @@ PublishResult = Union[tuple[int, int], Deferred]
 CALL_FUNCS = ("set_context_value", "set_context", "subscribe", "unsubscribe", "close")
 
 
-class CallError(Exception):
-    """A ``conn.call`` could not be executed on the connection."""
+def valid_call_args(func: str, args: Any) -> bool:
+    """Whether ``args`` (JSON-decoded) have the shape ``func`` takes (SPEC 7.2 conn.call)."""
+    if not isinstance(args, list):
+        return False
+    if func == "set_context_value":
+        return len(args) == 2 and isinstance(args[0], (str, int)) and not isinstance(args[0], bool)
+    if func == "set_context":
+        return len(args) == 1 and isinstance(args[0], dict)
+    if func in ("subscribe", "unsubscribe"):
+        return len(args) >= 1 and all(valid_name(a) for a in args)
+    if func == "close":
+        return not args
+    return False
 
 
 class MeshPeers(Protocol):
@@ -129,4 +141,10 @@ class Router:
                 local[1] + sum(r[1] for r in results),
             )
 
-        return gatherResults([link.publish(channel, data, binary) for link in links]).addCallback(total)
+        results = [link.publish(channel, data, binary).addErrback(_no_counts) for link in links]
+        return gatherResults(results).addCallback(total)
+
+
+def _no_counts(failure: Any) -> tuple[int, int]:
+    """A peer that failed to answer a publish counts as 0/0 (SPEC 8.2)."""
+    return 0, 0

@@ -11,6 +11,8 @@ local co_create, co_resume, co_status, co_yield, co_running =
       coroutine.create, coroutine.resume, coroutine.status, coroutine.yield, coroutine.running
 local sethook, traceback = debug.sethook, debug.traceback
 local setfenv, load, concat, unpack = setfenv, load, table.concat, unpack
+-- Scripts may change the shared `string` table; the engine keeps its own references.
+local str_byte, str_find, str_sub = string.byte, string.find, string.sub
 
 local engine = {}
 
@@ -27,8 +29,13 @@ local in_protocol = false
 
 local instruction_limit = 0
 local function limit_hook()
-  -- From now on every instruction fails, so a script cannot swallow the error with pcall and
-  -- carry on looping; the hook is cleared when the run-slice ends.
+  if co_running() == nil then
+    -- Back in the engine's own code (the main thread) after the slice ended: disarm.
+    sethook()
+    return
+  end
+  -- From now on every instruction of the script fails, so it cannot swallow the error with
+  -- pcall and carry on looping; the hook is cleared when the run-slice ends.
   sethook(limit_hook, "", 1)
   error("instruction limit exceeded", 0)
 end
@@ -62,7 +69,7 @@ local function load_text(source, chunkname, env)
   if type(source) ~= "string" then
     return nil, "source must be a string"
   end
-  if source:byte(1) == 27 then
+  if str_byte(source, 1) == 27 then
     return nil, "binary chunks are not allowed"
   end
   local fn, err = load(source, chunkname, "t")
@@ -81,8 +88,8 @@ end
 local function await(token)
   if not can_wait() then
     host.forget(token)
-    if in_protocol then error("cannot wait in protocol_*", 3) end
-    error("cannot wait here", 3)
+    if in_protocol then error("cannot wait in protocol_*", 2) end
+    error("cannot wait here", 2)
   end
   return co_yield(WAIT, token)
 end
@@ -161,11 +168,11 @@ local function new_mix()
   end
   for name, fn in pairs(host.extensions) do
     -- Further mix functions registered by the Python side (e.g. "base64_encode" or "http.request").
-    local dot = name:find(".", 1, true)
+    local dot = str_find(name, ".", 1, true)
     if dot then
-      local ns = name:sub(1, dot - 1)
+      local ns = str_sub(name, 1, dot - 1)
       mix[ns] = mix[ns] or {}
-      mix[ns][name:sub(dot + 1)] = fn
+      mix[ns][str_sub(name, dot + 1)] = fn
     else
       mix[name] = fn
     end
@@ -296,11 +303,14 @@ function engine.start_message(env, cid, kind, data)
 end
 
 -- Run a framing callback (protocol_*) synchronously; it may not wait.  Returns ok, results...
-local function after_protocol(saved_active, saved_cid, saved_protocol, ok, ...)
+-- It runs in a coroutine of its own so that the instruction limit applies to it as to the
+-- other callbacks; a yield there is an error.
+local function after_protocol(co, saved_active, saved_cid, saved_protocol, ok, ...)
   disarm_limit()
   active, current_cid, in_protocol = saved_active, saved_cid, saved_protocol
   if active ~= nil or in_protocol then arm_limit() end
   if not ok then return false, tostring((...)) end
+  if co_status(co) ~= "dead" then return false, "cannot wait in protocol_*" end
   return true, ...
 end
 
@@ -309,8 +319,9 @@ function engine.call_protocol(env, name, cid, ...)
   if type(fn) ~= "function" then return false, name .. " is not defined" end
   local saved_active, saved_cid, saved_protocol = active, current_cid, in_protocol
   active, current_cid, in_protocol = nil, cid, true
+  local co = co_create(fn)
   arm_limit()
-  return after_protocol(saved_active, saved_cid, saved_protocol, pcall(fn, ...))
+  return after_protocol(co, saved_active, saved_cid, saved_protocol, co_resume(co, ...))
 end
 
 function engine.type_of(env, name)

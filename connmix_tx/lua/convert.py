@@ -8,6 +8,7 @@ Lua, text is encoded as UTF-8.  A Lua table is a JSON array when it is empty or 
 
 from __future__ import annotations
 
+import codecs
 import json
 import math
 from typing import Any
@@ -24,8 +25,29 @@ class ConvertError(ValueError):
     """A Lua value cannot be represented as JSON (function, cycle, NaN, too deep...)."""
 
 
-def _text(value: bytes) -> str:
-    return value.decode("utf-8", "replace")
+def _replace_each_byte(error: UnicodeError) -> tuple[str, int]:
+    """Replace every invalid byte by U+FFFD, as Go does (Python's "replace" merges some)."""
+    assert isinstance(error, UnicodeDecodeError)
+    return "\ufffd" * (error.end - error.start), error.end
+
+
+codecs.register_error("connmix.go_replace", _replace_each_byte)
+
+
+def text_of(value: bytes) -> str:
+    """Lua bytes as text: UTF-8 with each invalid byte replaced by U+FFFD."""
+    return value.decode("utf-8", "connmix.go_replace")
+
+
+_text = text_of
+
+
+def utf8_of(value: str) -> bytes:
+    """Text as UTF-8 bytes; lone surrogates (legal in JSON escapes) become U+FFFD."""
+    try:
+        return value.encode("utf-8")
+    except UnicodeEncodeError:
+        return value.encode("utf-16", "surrogatepass").decode("utf-16", "replace").encode("utf-8")
 
 
 def _number(value: float | int) -> int | float:
@@ -89,7 +111,11 @@ def py_to_lua(runtime: Any, value: JsonValue) -> object:
     ``None`` inside an object drops the key; ``None`` inside an array leaves a hole (nil).
     """
     if isinstance(value, str):
-        return value.encode("utf-8")
+        return utf8_of(value)
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and abs(value) > MAX_EXACT_INTEGER:
+        return float(value)  # Lua numbers are doubles: precision is lost, as SPEC 5.7 says
     if isinstance(value, dict):
         return runtime.table_from(
             {_to_lua_key(k): py_to_lua(runtime, v) for k, v in value.items() if v is not None}
@@ -100,7 +126,11 @@ def py_to_lua(runtime: Any, value: JsonValue) -> object:
 
 
 def _to_lua_key(key: object) -> object:
-    return key.encode("utf-8") if isinstance(key, str) else key
+    return utf8_of(key) if isinstance(key, str) else key
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
 
 
 def dumps(value: JsonValue) -> bytes:
@@ -121,7 +151,7 @@ def lua_to_json(value: object) -> bytes:
 def json_to_lua(runtime: Any, text: bytes | str) -> object:
     """Decode JSON text to a Lua value (``mix.json_decode``); raise ConvertError when invalid."""
     try:
-        value = json.loads(text)
+        value = json.loads(text, parse_constant=_refuse_constant)
     except (ValueError, RecursionError) as e:
         raise ConvertError(f"invalid json: {e}") from None
     return py_to_lua(runtime, value)

@@ -21,7 +21,7 @@ from connmix_tx.engine.connections import CLOSED, ClientConnection, ConnectionRe
 from connmix_tx.engine.queue import QueueError, QueueManager
 from connmix_tx.engine.router import Router
 from connmix_tx.ids import InvalidClientId, parse_client_id
-from connmix_tx.lua.convert import ConvertError, lua_to_json, lua_to_py, json_to_lua, py_to_lua
+from connmix_tx.lua.convert import ConvertError, json_to_lua, lua_to_json, lua_to_py, py_to_lua, text_of
 from connmix_tx.lua.runtime import Script
 
 log = Logger(namespace="connmix.lua")
@@ -33,7 +33,7 @@ _LEVELS = {name: LogLevel.levelWithName(name) for name in ("debug", "info", "war
 def _text(value: object) -> str:
     """A Lua string or number as Python text (Lua coerces numbers to strings too)."""
     if isinstance(value, bytes):
-        return value.decode("utf-8", "replace")
+        return text_of(value)
     if isinstance(value, bool) or value is None:
         raise TypeError("string expected")
     if isinstance(value, (int, float)):
@@ -142,7 +142,9 @@ class MixLibrary:
             return 0, None, CLOSED.encode()
         if name in conn.context:
             return 0, self._to_lua(conn.context[name])
-        if timeout is not None and (not isinstance(timeout, (int, float)) or timeout < 0):
+        if timeout is not None and (
+            isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout < 0
+        ):
             raise TypeError("bad argument #2 to 'wait_context_value' (number expected)")
         waiter = conn.wait_context_value(name)
         if timeout is not None:
