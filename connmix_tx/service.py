@@ -46,6 +46,12 @@ STOP_GRACE = 2.0
 log = Logger(namespace="connmix.engine")
 
 
+#: ``servers[].protocol`` -> the factory of its listener.  A factory takes
+#: ``(server_config, script, connections, ids, clock)`` and offers ``open_protocols`` and
+#: ``shutdown()``.
+SERVER_FACTORIES: dict[str, Callable[..., Any]] = {"websocket": ClientWebSocketFactory}
+
+
 class FatalError(Exception):
     """A start-up error that ends the process with ``code`` after one line ``connmix: <message>``."""
 
@@ -189,7 +195,7 @@ class EnginePart(service.MultiService):
         self.nodes: list[dict[str, Any]] = []
         self.scripts = [self._script(i, server) for i, server in enumerate(engine.servers)]
         self.protocol_listeners: list[Listener] = []
-        self.client_factories: list[ClientWebSocketFactory] = []
+        self.client_factories: list[Any] = []
 
         mesh_log = Logger(namespace="connmix.mesh")
         api_log = Logger(namespace="connmix.api")
@@ -228,10 +234,10 @@ class EnginePart(service.MultiService):
         self.center_link.registered.addCallback(self._registered)
 
     def _script(self, index: int, server: Any) -> Script:
-        if server.protocol != "websocket":
+        if server.protocol not in SERVER_FACTORIES:
             raise FatalError(
                 EXIT_CONFIG,
-                f"config engine.servers[{index}].protocol: {server.protocol} servers are not available yet",
+                f"config engine.servers[{index}].protocol: {server.protocol} servers are not available",
             )
         library = MixLibrary(self.connections, self.router, self.queues, self.reactor, dict(server.options))
         script = Script(
@@ -264,7 +270,7 @@ class EnginePart(service.MultiService):
         ids = Snowflake(number)
         server_log = Logger(namespace="connmix.server")
         for index, (server, script) in enumerate(zip(self.config.engine.servers, self.scripts)):
-            factory = ClientWebSocketFactory(server, script, self.connections, ids, self.reactor)
+            factory = SERVER_FACTORIES[server.protocol](server, script, self.connections, ids, self.reactor)
             listener = Listener(
                 self.reactor, f"engine.servers[{index}]", server, factory,
                 lambda address, entry=server.entry: server_log.info(
