@@ -32,6 +32,7 @@ from connmix_tx.engine.api_server import ApiWebSocketFactory, api_site
 from connmix_tx.engine.center_link import CenterLink
 from connmix_tx.engine.connections import ConnectionRegistry
 from connmix_tx.engine.mesh import mesh_factory
+from connmix_tx.engine.mesh_link import MeshLink, MeshPeers
 from connmix_tx.engine.queue import QueueManager
 from connmix_tx.engine.router import LocalOps, Router
 from connmix_tx.engine.websocket import ClientWebSocketFactory
@@ -191,7 +192,15 @@ class EnginePart(service.MultiService):
         self.connections = ConnectionRegistry()
         self.queues = QueueManager(reactor, engine.luavm.queue.topic_size, engine.luavm.queue.max_topics)
         self.local = LocalOps(self.connections)
-        self.router = Router(0, self.local)
+        cluster = config.cluster
+        self.peers = MeshPeers(
+            lambda node: MeshLink(
+                reactor, node, self.node_id, cluster.secret,
+                cluster.mesh_timeout, cluster.heartbeat_interval, cluster.heartbeat_timeout,
+            ),
+            self.node_id,
+        )
+        self.router = Router(0, self.local, self.peers)
         self.nodes: list[dict[str, Any]] = []
         self.scripts = [self._script(i, server) for i, server in enumerate(engine.servers)]
         self.protocol_listeners: list[Listener] = []
@@ -263,7 +272,9 @@ class EnginePart(service.MultiService):
         self.center_link.startService()
 
     def _nodes(self, nodes: list) -> None:
+        """A node list from the center: keep one mesh link per other live engine."""
         self.nodes = nodes
+        self.peers.update(nodes)
 
     def _registered(self, number: int) -> None:
         self.router.node_number = number
@@ -295,6 +306,7 @@ class EnginePart(service.MultiService):
         self.api_factory.shutdown()
         yield self._drained(STOP_GRACE)
         self.queues.stop()
+        self.peers.stop()
         yield maybeDeferred(self.center_link.stopService)
         yield super().stopService()
 

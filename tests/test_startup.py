@@ -5,30 +5,20 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 import pytest
-import yaml
 
 from conftest import REPO
+from procs import TWISTD, Process, free_ports, run, twistd, write_yaml
 from test_plugin import build_wheel
 
-TWISTD = [sys.executable, "-c", "import sys; sys.argv[0] = 'twistd'; from twisted.scripts.twistd import run; run()"]
-START_TIMEOUT = 15.0
-
-
-def twistd(*args: str, cwd: Path) -> list[str]:
-    return [*TWISTD, "-n", "--pidfile=", "connmix", *args]
-
-
 def write_config(path: Path, ports: dict[str, int], **engine_extra: object) -> Path:
-    config = {
+    return write_yaml(path, {
         "center": {
             "registry": {"bind": "127.0.0.1", "port": ports["registry"]},
             "apiServer": {"bind": "127.0.0.1", "port": ports["center_api"]},
@@ -38,55 +28,12 @@ def write_config(path: Path, ports: dict[str, int], **engine_extra: object) -> P
             "apiServer": {"bind": "127.0.0.1", "port": ports["api"]},
             "servers": [{"bind": "127.0.0.1", "port": ports["client"], **engine_extra}],
         },
-    }
-    path.write_text(yaml.safe_dump(config))
-    return path
+    })
 
 
 @pytest.fixture
-def ports(free_port: Callable[[], int]) -> dict[str, int]:
-    names = ("registry", "center_api", "mesh", "api", "client")
-    chosen: set[int] = set()
-    result = {}
-    for name in names:
-        port = free_port()
-        while port in chosen:
-            port = free_port()
-        chosen.add(port)
-        result[name] = port
-    return result
-
-
-class Process:
-    """A twistd process started by a test, always stopped by its pid."""
-
-    def __init__(self, args: list[str], cwd: Path, env: dict[str, str] | None = None) -> None:
-        self.proc = subprocess.Popen(
-            args, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-            env=env or {**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
-        self.lines: list[str] = []
-
-    def wait_for_line(self, pattern: str, timeout: float = START_TIMEOUT) -> str:
-        deadline = time.monotonic() + timeout
-        assert self.proc.stdout is not None
-        while time.monotonic() < deadline:
-            line = self.proc.stdout.readline()
-            if not line:
-                break
-            self.lines.append(line.rstrip("\n"))
-            if re.search(pattern, line):
-                return line
-        raise AssertionError(f"no line matching {pattern!r}; got:\n" + "\n".join(self.lines))
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.kill(self.proc.pid, signal.SIGKILL)
-            return self.proc.wait(timeout=5)
+def ports() -> dict[str, int]:
+    return dict(zip(("registry", "center_api", "mesh", "api", "client"), free_ports(5)))
 
 
 @pytest.fixture
@@ -95,10 +42,6 @@ def processes() -> Iterator[list[Process]]:
     yield started
     for process in started:
         process.stop()
-
-
-def run(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=60)
 
 
 def test_version_line(tmp_path: Path) -> None:
@@ -113,7 +56,7 @@ def test_dev_mode_logs_startup_lines_in_order_and_serves(
     tmp_path: Path, ports: dict[str, int], processes: list[Process]
 ) -> None:
     config = write_config(tmp_path / "dev.yaml", ports)
-    process = Process(twistd("--dev", "-f", str(config), cwd=tmp_path), tmp_path)
+    process = Process(twistd("--dev", "-f", str(config)), tmp_path)
     processes.append(process)
     process.wait_for_line(r"start the protocol server")
     text = "\n".join(process.lines)
@@ -188,7 +131,7 @@ def fatal_line(result: subprocess.CompletedProcess[str]) -> str:
 def test_bad_config_stops_startup_with_one_line_and_exit_2(tmp_path: Path, content: str, expected: str) -> None:
     config = tmp_path / "bad.yaml"
     config.write_text(content)
-    result = run(twistd("--dev", "-f", str(config), cwd=tmp_path), tmp_path)
+    result = run(twistd("--dev", "-f", str(config)), tmp_path)
     assert result.returncode == 2
     assert fatal_line(result).startswith(expected)
 
@@ -197,7 +140,7 @@ def test_broken_entry_script_is_exit_2_with_file_and_line(tmp_path: Path, ports:
     (tmp_path / "lua").mkdir()
     (tmp_path / "lua" / "broken.lua").write_text("function on_handshake()\nend\nthis is not lua\n")
     config = write_config(tmp_path / "c.yaml", ports, entry="lua/broken.lua")
-    result = run(twistd("--dev", "-f", str(config), cwd=tmp_path), tmp_path)
+    result = run(twistd("--dev", "-f", str(config)), tmp_path)
     assert result.returncode == 2
     assert "lua/broken.lua:3:" in fatal_line(result)
 
@@ -207,7 +150,7 @@ def test_busy_port_is_exit_3_naming_the_port(tmp_path: Path, ports: dict[str, in
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", ports["api"]))
         busy.listen()
-        result = run(twistd("--dev", "-f", str(config), cwd=tmp_path), tmp_path)
+        result = run(twistd("--dev", "-f", str(config)), tmp_path)
     assert result.returncode == 3
     assert fatal_line(result) == (
         f"connmix: cannot listen on 127.0.0.1:{ports['api']} (engine.apiServer): address already in use"
@@ -219,7 +162,7 @@ def test_busy_protocol_server_port_is_exit_3_after_registration(tmp_path: Path, 
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", ports["client"]))
         busy.listen()
-        result = run(twistd("--dev", "-f", str(config), cwd=tmp_path), tmp_path)
+        result = run(twistd("--dev", "-f", str(config)), tmp_path)
     assert result.returncode == 3
     assert fatal_line(result) == (
         f"connmix: cannot listen on 127.0.0.1:{ports['client']} (engine.servers[0]): address already in use"
@@ -228,7 +171,7 @@ def test_busy_protocol_server_port_is_exit_3_after_registration(tmp_path: Path, 
 
 @pytest.mark.parametrize("args", [[], ["--dev", "--role", "engine"], ["--role", "mars"]])
 def test_usage_errors_exit_1(tmp_path: Path, args: list[str]) -> None:
-    result = run([*TWISTD, "-n", "--pidfile=", "connmix", *args], tmp_path)
+    result = run(twistd(*args), tmp_path)
     assert result.returncode == 1
 
 
@@ -236,7 +179,7 @@ def test_engine_without_center_exits_4(tmp_path: Path, ports: dict[str, int]) ->
     config = write_config(tmp_path / "c.yaml", ports)
     text = config.read_text() + "cluster:\n  registerTimeout: 1\n"
     config.write_text(text.replace("engine:\n", f"engine:\n  centerRegistry: 127.0.0.1:{ports['registry']}\n", 1))
-    result = run(twistd("--role", "engine", "-f", str(config), cwd=tmp_path), tmp_path)
+    result = run(twistd("--role", "engine", "-f", str(config)), tmp_path)
     assert result.returncode == 4
     assert fatal_line(result) == (
         f"connmix: cannot reach center registry 127.0.0.1:{ports['registry']}: connection refused"
@@ -257,7 +200,7 @@ def test_regular_install_runs_from_another_folder(
     workdir.mkdir()
     config = write_config(workdir / "c.yaml", ports)
     env = {**os.environ, "PYTHONPATH": str(target), "PYTHONUNBUFFERED": "1"}
-    process = Process(twistd("--dev", "-f", str(config), cwd=workdir), workdir, env)
+    process = Process(twistd("--dev", "-f", str(config)), workdir, env)
     processes.append(process)
     line = process.wait_for_line(r"start the protocol server")
     assert f"{target / 'connmix_tx' / '_home' / 'lua' / 'entry.websocket.lua'} (127.0.0.1:" in line

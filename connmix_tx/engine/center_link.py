@@ -12,8 +12,6 @@ from typing import Any, Callable
 
 from twisted.application import service
 from twisted.application.internet import ClientService
-from twisted.cred.credentials import UsernamePassword
-from twisted.internet import protocol
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
 from twisted.internet.task import LoopingCall
@@ -22,40 +20,13 @@ from twisted.python.failure import Failure
 from twisted.spread import pb
 
 from connmix_tx.center.pb import ENGINE_USER
+from connmix_tx.pbclient import BrokerFactory, is_refusal, login, reason_text, retry_delay
 
-#: Exit code when the engine cannot register (SPEC 2.5).
 log = Logger(namespace="connmix.engine")
 
+#: Exit code when the engine cannot register (SPEC 2.5).
 EXIT_REGISTER = 4
 WARN_EVERY = 30.0
-
-
-def retry_delay(failed_attempts: int) -> float:
-    """Back-off 1 s -> 30 s between connection attempts (SPEC 8.2)."""
-    return min(30.0, 2.0 ** max(0, failed_attempts - 1))
-
-
-class _ReadyBroker(pb.Broker):
-    """A client broker whose ``ready`` Deferred fires once Banana has negotiated its dialect.
-
-    Remote calls made before that point are garbage to the server, so login waits for it.
-    """
-
-    def __init__(self) -> None:
-        super().__init__(isClient=1)
-        self.ready: Deferred = Deferred()
-
-    def connectionReady(self) -> None:
-        super().connectionReady()
-        self.ready.callback(self)
-
-
-class _BrokerFactory(protocol.ClientFactory):
-    protocol = _ReadyBroker
-    noisy = False
-
-    def clientConnectionMade(self, broker: pb.Broker) -> None:
-        pass  # _ReadyBroker.ready does the work
 
 
 class _NodeListMind(pb.Referenceable):
@@ -122,7 +93,7 @@ class CenterLink(service.Service):
         endpoint, self.address = self._endpoint()
         self._client = ClientService(
             _RecordingEndpoint(endpoint, self),
-            _BrokerFactory(),
+            BrokerFactory(),
             retryPolicy=retry_delay,
             clock=self.clock,
             prepareConnection=self._login,
@@ -144,7 +115,7 @@ class CenterLink(service.Service):
     # Connection ------------------------------------------------------------------------------
 
     def _connect_failed(self, failure: Failure) -> Failure:
-        self._last_error = _reason(failure)
+        self._last_error = reason_text(failure)
         now = self.clock.seconds()
         if self.number is not None and now - self._last_warning >= WARN_EVERY:
             self._last_warning = now
@@ -160,16 +131,16 @@ class CenterLink(service.Service):
         yield broker.ready
         log.info("center registry {address} connect successful", address=self.address)
         try:
-            root = broker.remoteForName("root")
-            challenge, challenger = yield root.callRemote("login", ENGINE_USER)
-            creds = UsernamePassword(ENGINE_USER, self.secret.encode())
-            avatar = yield challenger.callRemote("respond", pb.respond(challenge, creds.password), self._mind)
+            avatar = yield login(broker, ENGINE_USER, self.secret.encode(), self._mind)
             info = dict(self.info)
             if self.number is not None:
                 info["number"] = self.number
             answer = yield avatar.callRemote("register", self.node_id, info)
-        except Exception as e:
-            self._refused(_reason(Failure(e)))
+        except Exception:
+            failure = Failure()
+            self._last_error = reason_text(failure)
+            if is_refusal(failure):
+                self._refused(self._last_error)
             broker.transport.loseConnection()
             return
         self._avatar = avatar
@@ -221,13 +192,3 @@ class CenterLink(service.Service):
             self._avatar = None
             broker.transport.loseConnection()
 
-
-def _reason(failure: Failure) -> str:
-    value = failure.value
-    text = failure.getErrorMessage()
-    name = type(value).__name__
-    if "ConnectionRefused" in name:
-        return "connection refused"
-    if "UnauthorizedLogin" in text or "UnauthorizedLogin" in name:
-        return "login refused (cluster.secret)"
-    return text or name

@@ -1,0 +1,114 @@
+"""Real ``twistd connmix`` processes for tests: start, read their log, stop them by pid.
+
+Every process a test starts is stopped by its own pid (SIGTERM, then SIGKILL after 10 s).  Output
+is drained by a thread so a chatty process never blocks on a full pipe.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+TWISTD = [sys.executable, "-c", "import sys; sys.argv[0] = 'twistd'; from twisted.scripts.twistd import run; run()"]
+START_TIMEOUT = 15.0
+
+
+def twistd(*args: str) -> list[str]:
+    """The command line of ``twistd -n connmix ARGS`` without a pid file."""
+    return [*TWISTD, "-n", "--pidfile=", "connmix", *args]
+
+
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct TCP ports of 127.0.0.1 that were free a moment ago."""
+    sockets = []
+    try:
+        for _ in range(count):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            sockets.append(s)
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def write_yaml(path: Path, data: dict[str, Any]) -> Path:
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def run(args: list[str], cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run a command to its end (bounded to 60 s)."""
+    return subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=60, env=env)
+
+
+class Process:
+    """A long-running process started by a test."""
+
+    def __init__(self, args: list[str], cwd: Path, env: dict[str, str] | None = None) -> None:
+        self.proc = subprocess.Popen(
+            args, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            env=env or {**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        self.lines: list[str] = []
+        self._seen = 0
+        self._changed = threading.Condition()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            with self._changed:
+                self.lines.append(line.rstrip("\n"))
+                self._changed.notify_all()
+        with self._changed:
+            self._changed.notify_all()
+
+    def wait_for_line(self, pattern: str, timeout: float = START_TIMEOUT, new: bool = True) -> str:
+        """Wait for a log line matching ``pattern`` (only lines after the last match if ``new``)."""
+        deadline = time.monotonic() + timeout
+        start = self._seen if new else 0
+        with self._changed:
+            while True:
+                for index in range(start, len(self.lines)):
+                    if re.search(pattern, self.lines[index]):
+                        self._seen = index + 1
+                        return self.lines[index]
+                start = len(self.lines)
+                left = deadline - time.monotonic()
+                if left <= 0 or (self.proc.poll() is not None and not self._reader.is_alive()):
+                    raise AssertionError(f"no line matching {pattern!r}; got:\n" + "\n".join(self.lines))
+                self._changed.wait(min(left, 0.2))
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash would."""
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=10)
+
+    def stop(self) -> int:
+        """SIGTERM and wait; SIGKILL if it does not end within 10 s.  Returns the exit code."""
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGTERM)
+        try:
+            code = self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.kill(self.proc.pid, signal.SIGKILL)
+            code = self.proc.wait(timeout=5)
+        self._reader.join(timeout=5)
+        return code

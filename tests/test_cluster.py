@@ -1,0 +1,225 @@
+"""A real cluster: one center and two engines as separate processes on loopback (SPEC 8).
+
+Routing of send / call / publish both ways (API and Lua), an engine killed with SIGKILL, a center
+restart.  Every process is stopped by its pid at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+from websockets.sync.client import connect
+
+from procs import Process, free_ports, twistd, write_yaml
+
+FAST = {"heartbeatInterval": 0.5, "heartbeatTimeout": 1.5, "meshTimeout": 2, "registerTimeout": 10}
+
+# An entry that forwards "to:<client_id>:<text>" with mix.mesh.send and "pub:<channel>:<text>"
+# with mix.mesh.publish, and pushes every other message to queue foo like the default entry.
+FORWARDER = r"""
+function on_handshake(client_id, headers, server) end
+function on_message(msg)
+  local conn = mix.websocket()
+  local target, text = string.match(msg.data, "^to:(%d+):(.*)$")
+  if target then
+    local err = mix.mesh.send(target, text)
+    conn:send("sent:" .. tostring(err))
+    return
+  end
+  local channel, body = string.match(msg.data, "^pub:([^:]+):(.*)$")
+  if channel then
+    local ok, fail = mix.mesh.publish(channel, body)
+    conn:send("published:" .. ok .. "/" .. fail)
+    return
+  end
+  if msg.data == "sub" then conn:subscribe("room") conn:send("subscribed") return end
+  mix.queue.push("foo", { msg = msg, ctx = conn:context() })
+end
+function on_close(client_id, err) end
+"""
+
+
+class Cluster:
+    """A center and engines started from YAML files in a temporary folder."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.registry, self.center_api = free_ports(2)
+        self.processes: list[Process] = []
+        self.engines: dict[str, dict[str, int]] = {}
+        (folder / "lua").mkdir()
+        (folder / "lua" / "forward.lua").write_text(FORWARDER)
+
+    def start_center(self) -> Process:
+        config = write_yaml(self.folder / "center.yaml", {
+            "cluster": FAST,
+            "center": {
+                "registry": {"bind": "127.0.0.1", "port": self.registry},
+                "apiServer": {"bind": "127.0.0.1", "port": self.center_api},
+            },
+        })
+        process = self._start("--role", "center", "-f", str(config))
+        process.wait_for_line(r"start the center api server")
+        return process
+
+    def start_engine(self, name: str) -> Process:
+        if name not in self.engines:
+            mesh, api, client = free_ports(3)
+            self.engines[name] = {"mesh": mesh, "api": api, "client": client}
+        ports = self.engines[name]
+        config = write_yaml(self.folder / f"{name}.yaml", {
+            "cluster": FAST,
+            "engine": {
+                "centerRegistry": f"127.0.0.1:{self.registry}",
+                "meshPoint": {"bind": "127.0.0.1", "port": ports["mesh"]},
+                "apiServer": {"bind": "127.0.0.1", "port": ports["api"]},
+                "servers": [{"bind": "127.0.0.1", "port": ports["client"], "entry": "lua/forward.lua"}],
+            },
+        })
+        process = self._start("--role", "engine", "-f", str(config))
+        process.wait_for_line(r"start the protocol server")
+        return process
+
+    def _start(self, *args: str) -> Process:
+        process = Process(twistd(*args), self.folder)
+        self.processes.append(process)
+        return process
+
+    def nodes(self) -> list[dict[str, Any]]:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.center_api}/v1/nodes", timeout=5) as response:
+            return json.loads(response.read())["nodes"]
+
+    def wait_nodes(self, count: int, timeout: float = 10.0) -> list[dict[str, Any]]:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                nodes = self.nodes()
+                if len(nodes) == count:
+                    return nodes
+            except OSError:
+                nodes = []
+            if time.monotonic() > deadline:
+                raise AssertionError(f"expected {count} nodes, got {nodes}")
+            time.sleep(0.1)
+
+    def client_url(self, name: str) -> str:
+        return f"ws://127.0.0.1:{self.engines[name]['client']}"
+
+    def api_url(self, name: str) -> str:
+        return f"ws://127.0.0.1:{self.engines[name]['api']}/ws/v1"
+
+    def stop(self) -> None:
+        for process in self.processes:
+            process.stop()
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[Cluster]:
+    running = Cluster(tmp_path)
+    try:
+        running.start_center()
+        running.start_engine("a")
+        running.start_engine("b")
+        running.wait_nodes(2)
+        yield running
+    finally:
+        running.stop()
+
+
+def call(api: Any, method: str, params: list, request_id: int = 1) -> dict:
+    api.send(json.dumps({"method": method, "params": params, "id": request_id}))
+    return json.loads(api.recv(timeout=5))
+
+
+def client_id_of(cluster: Cluster, name: str, client: Any) -> str:
+    """The client id of ``client`` (on engine ``name``), learnt through that engine's queue."""
+    with connect(cluster.api_url(name)) as api:
+        call(api, "queue.consume", ["foo"])
+        client.send("whoami")
+        return json.loads(api.recv(timeout=5))["result"]["client_id"]
+
+
+def test_engines_register_and_route_both_ways(cluster: Cluster) -> None:
+    nodes = cluster.nodes()
+    assert sorted(n["number"] for n in nodes) == [0, 1]
+    assert {n["api_server"] for n in nodes} == {f"127.0.0.1:{cluster.engines[e]['api']}" for e in "ab"}
+
+    with connect(cluster.client_url("a")) as on_a, connect(cluster.client_url("b")) as on_b:
+        id_a, id_b = client_id_of(cluster, "a", on_a), client_id_of(cluster, "b", on_b)
+        with connect(cluster.api_url("a")) as api_a, connect(cluster.api_url("b")) as api_b:
+            # API mesh.send, each engine to the other's client.
+            assert call(api_a, "mesh.send", [{"client_id": id_b, "data": "a->b"}])["result"]["total"] == 1
+            assert on_b.recv(timeout=5) == "a->b"
+            assert call(api_b, "mesh.send", [{"client_id": id_a, "data": "b->a"}])["result"]["total"] == 1
+            assert on_a.recv(timeout=5) == "b->a"
+
+            # conn.call from A changes the context of B's client; B's queue shows it.
+            spec = {"client_id": id_b, "func": "set_context_value", "args": ["user", 7]}
+            assert call(api_a, "conn.call", [spec])["result"] == {"success": True}
+            call(api_b, "queue.consume", ["foo"])
+            on_b.send("with context")
+            assert json.loads(api_b.recv(timeout=5))["result"]["data"]["ctx"]["user"] == 7
+
+            # Subscriptions on both engines: a publish from either counts both.
+            for client_id, api in ((id_a, api_a), (id_b, api_a)):
+                spec = {"client_id": client_id, "func": "subscribe", "args": ["room"]}
+                assert call(api, "conn.call", [spec])["result"] == {"success": True}
+            published = call(api_b, "mesh.publish", [{"channel": "room", "data": "all"}])
+            assert published["result"] == {"fail": 0, "success": True, "total": 2}
+            assert on_a.recv(timeout=5) == "all" and on_b.recv(timeout=5) == "all"
+
+            # A client id of a number no engine holds: node unavailable, at once.
+            foreign = str((int(id_a) & ~(1023 << 12)) | (77 << 12))
+            assert call(api_a, "mesh.send", [{"client_id": foreign, "data": "x"}])["error"]["code"] == 401
+
+        # Lua's mix.mesh.send and mix.mesh.publish cross engines too.
+        on_a.send(f"to:{id_b}:lua says hi")
+        assert on_b.recv(timeout=5) == "lua says hi"
+        assert on_a.recv(timeout=5) == "sent:nil"
+        on_b.send("pub:room:lua publish")
+        assert on_a.recv(timeout=5) == "lua publish"
+        assert on_b.recv(timeout=5) == "lua publish"
+        assert on_b.recv(timeout=5) == "published:2/0"
+
+
+def test_killed_engine_is_dropped_and_can_rejoin(cluster: Cluster) -> None:
+    b = cluster.processes[2]
+    with connect(cluster.client_url("b")) as on_b:
+        id_b = client_id_of(cluster, "b", on_b)
+        b.kill()
+        nodes = cluster.wait_nodes(1, timeout=5)
+        assert nodes[0]["api_server"] == f"127.0.0.1:{cluster.engines['a']['api']}"
+        with connect(cluster.api_url("a")) as api_a:
+            started = time.monotonic()
+            reply = call(api_a, "mesh.send", [{"client_id": id_b, "data": "anyone?"}])
+            assert reply["error"]["code"] == 401
+            assert time.monotonic() - started < 5
+            assert call(api_a, "mesh.publish", [{"channel": "room", "data": "x"}])["result"]["total"] == 0
+
+    cluster.start_engine("b")
+    nodes = cluster.wait_nodes(2)
+    new_b = next(n for n in nodes if n["api_server"].endswith(f":{cluster.engines['b']['api']}"))
+    assert new_b["number"] != 1  # the dead engine's number stays reserved for numberReserve
+    with connect(cluster.client_url("b")) as on_b, connect(cluster.api_url("a")) as api_a:
+        id_b = client_id_of(cluster, "b", on_b)
+        assert call(api_a, "mesh.send", [{"client_id": id_b, "data": "welcome back"}])["result"]["total"] == 1
+        assert on_b.recv(timeout=5) == "welcome back"
+
+
+def test_engines_keep_routing_while_the_center_is_down(cluster: Cluster) -> None:
+    numbers = {n["api_server"]: n["number"] for n in cluster.nodes()}
+    center = cluster.processes[0]
+    assert center.stop() == 0
+    with connect(cluster.client_url("b")) as on_b, connect(cluster.api_url("a")) as api_a:
+        id_b = client_id_of(cluster, "b", on_b)
+        assert call(api_a, "mesh.send", [{"client_id": id_b, "data": "no center"}])["result"]["total"] == 1
+        assert on_b.recv(timeout=5) == "no center"
+
+    cluster.start_center()
+    nodes = cluster.wait_nodes(2, timeout=15)
+    assert {n["api_server"]: n["number"] for n in nodes} == numbers
