@@ -67,7 +67,7 @@ class Cluster:
         process.wait_for_line(r"start the center api server")
         return process
 
-    def start_engine(self, name: str) -> Process:
+    def start_engine(self, name: str, wait: bool = True) -> Process:
         if name not in self.engines:
             mesh, api, client = free_ports(3)
             self.engines[name] = {"mesh": mesh, "api": api, "client": client}
@@ -82,7 +82,8 @@ class Cluster:
             },
         })
         process = self._start("--role", "engine", "-f", str(config))
-        process.wait_for_line(r"start the protocol server")
+        if wait:
+            process.wait_for_line(r"start the protocol server")
         return process
 
     def _start(self, *args: str) -> Process:
@@ -223,3 +224,16 @@ def test_engines_keep_routing_while_the_center_is_down(cluster: Cluster) -> None
     cluster.start_center()
     nodes = cluster.wait_nodes(2, timeout=15)
     assert {n["api_server"]: n["number"] for n in nodes} == numbers
+
+
+def test_engine_started_before_the_center_waits_for_it(tmp_path: Path) -> None:
+    cluster = Cluster(tmp_path)
+    try:
+        engine = cluster.start_engine("a", wait=False)
+        time.sleep(1.5)  # the engine retries every second meanwhile; no client port yet
+        assert not any("start the protocol server" in line for line in engine.lines)
+        cluster.start_center()
+        engine.wait_for_line(r"start the protocol server")
+        assert [n["number"] for n in cluster.wait_nodes(1)] == [0]
+    finally:
+        cluster.stop()
