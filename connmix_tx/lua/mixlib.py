@@ -8,8 +8,6 @@ return ``(1, token)`` from ``Script.wait``; the others ``(0, results...)``.
 
 from __future__ import annotations
 
-import base64
-import binascii
 from typing import Any, Callable
 
 from twisted.internet.defer import CancelledError, Deferred
@@ -21,6 +19,7 @@ from connmix_tx.engine.connections import CLOSED, ClientConnection, ConnectionRe
 from connmix_tx.engine.queue import QueueError, QueueManager
 from connmix_tx.engine.router import Router
 from connmix_tx.ids import InvalidClientId, parse_client_id
+from connmix_tx.lua import stdlib
 from connmix_tx.lua.convert import ConvertError, json_to_lua, lua_to_json, lua_to_py, py_to_lua, text_of
 from connmix_tx.lua.runtime import Script
 
@@ -85,8 +84,13 @@ class MixLibrary:
         self.entry = script.chunk_name(script.entry)
 
     def extensions(self) -> dict[str, Callable[..., Any]]:
-        """``mix`` members implemented wholly in Python (name or ``"ns.name"``)."""
-        return {"base64_encode": base64_encode, "base64_decode": base64_decode}
+        """``mix`` members implemented wholly in Python (name or ``"ns.name"``): ``stdlib``."""
+
+        def runtime() -> Any:
+            assert self.script is not None, "bind() the script before calling mix functions"
+            return self.script.runtime
+
+        return stdlib.extensions(runtime)
 
     def functions(self) -> dict[str, Callable[..., Any]]:
         """The host table for ``bootstrap.lua``."""
@@ -254,20 +258,6 @@ class MixLibrary:
             assert self.script is not None
             return self.script.wait(result.addCallback(tuple))
         return 0, result[0], result[1]
-
-
-def base64_encode(data: object) -> bytes:
-    """``mix.base64_encode``: standard alphabet, padded."""
-    return base64.b64encode(_data(data))
-
-
-def base64_decode(text: object) -> tuple[bytes | None, bytes | None]:
-    """``mix.base64_decode``: padded or unpadded standard base64; ``nil, err`` when invalid."""
-    raw = _data(text).strip()
-    try:
-        return base64.b64decode(raw + b"=" * (-len(raw) % 4), validate=True), None
-    except (binascii.Error, ValueError) as e:
-        return None, f"invalid base64: {e}".encode()
 
 
 def _stop_timer(result: Any, timer: Any) -> Any:
