@@ -23,6 +23,7 @@ from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 
 from connmix_tx import __version__
+from connmix_tx.auth import AccessControl
 from connmix_tx.center.api import center_site
 from connmix_tx.center.pb import registry_factory
 from connmix_tx.center.registry import Registry
@@ -156,7 +157,8 @@ class CenterPart(service.MultiService):
         )
         self.registry_listener.setServiceParent(self)
         self.api_listener = Listener(
-            reactor, "center.apiServer", config.center.api_server, center_site(self.registry),
+            reactor, "center.apiServer", config.center.api_server,
+            center_site(self.registry, AccessControl(config.access), config.center.api_server),
             lambda address: center_log.info("start the center api server ({address})", address=address),
         )
         self.api_listener.setServiceParent(self)
@@ -214,7 +216,8 @@ class EnginePart(service.MultiService):
         )
         self.mesh_listener.setServiceParent(self)
         self.api_factory = ApiWebSocketFactory(
-            engine.api_server, ApiDispatcher(self.router, self.queues), self.queues, self.node_id
+            engine.api_server, ApiDispatcher(self.router, self.queues, AccessControl(config.access)), self.queues,
+            self.node_id,
         )
         self.api_listener = Listener(
             reactor, "engine.apiServer", engine.api_server, api_site(self.api_factory),

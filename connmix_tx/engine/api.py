@@ -1,10 +1,16 @@
-"""The engine API's request dispatch (SPEC 7.1, 7.2, 7.6): JSON in, JSON out, no transport.
+"""The engine API's request dispatch (SPEC 7.1-7.3, 7.6, 10): JSON in, JSON out, no transport.
 
-``ApiDispatcher.handle`` takes the raw text of one request and returns the raw reply (bytes), or a
-Deferred of it when the answer needs another engine.  ``ApiSession`` is the per-connection state
-(the queues it consumes) and the consumer the queues feed.  Replies are built by hand around
-``json.dumps`` so that key order reads like the seed (error, result, id) and queue data pushed by
-Lua as JSON text is embedded without being parsed again.
+``ApiDispatcher.handle`` takes the raw text of one WebSocket request and returns the raw reply
+(bytes), or a Deferred of it when the answer needs another engine.  ``ApiDispatcher.call`` runs
+one method for any front end (the WebSocket and the HTTP API of SPEC 7.4).  ``ApiSession`` is
+the per-connection state (its user, the queues it consumes) and the consumer the queues feed.
+
+Two dialects share one implementation per method.  The long form (Gen A) is the canonical
+shape: a method takes the long ``params`` array and returns the long ``result`` object.  The
+``Dialect`` objects do the rest at the edges: ``COMPACT`` renames its ``p`` keys into long params
+and the long result into its ``r`` object, and each dialect writes its own replies and events.
+Replies are built by hand around ``json.dumps`` so that key order reads like the seed (error,
+result, id) and queue data pushed by Lua as JSON text is embedded without being parsed again.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from typing import Any, Callable
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
+from connmix_tx.auth import READ, UNAUTHORIZED, WRITE, AccessControl
 from connmix_tx.engine.queue import QueueError, QueueManager, valid_name
 from connmix_tx.engine.router import CALL_FUNCS, Router, valid_call_args
 from connmix_tx.ids import InvalidClientId, parse_client_id
@@ -36,6 +43,16 @@ INTERNAL_ERROR = -32603
 
 #: A consumer whose outbound buffer holds this much is skipped by the queues (SPEC 6).
 CONSUMER_BUFFER_LIMIT = 256 * 1024
+
+#: The role each method needs (SPEC 10); keyed by long name.
+METHOD_ROLES = {
+    "server.ping": READ,
+    "queue.consume": WRITE,
+    "queue.unconsume": WRITE,
+    "conn.call": WRITE,
+    "mesh.send": WRITE,
+    "mesh.publish": WRITE,
+}
 
 
 class ApiError(Exception):
@@ -60,17 +77,161 @@ def _refuse_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
-def long_reply(result: Any, request_id: Any) -> bytes:
-    return b'{"error":null,"result":' + _dumps(result) + b',"id":' + _dumps(request_id) + b"}"
+def strict_loads(raw: bytes) -> Any:
+    """``json.loads`` without NaN / Infinity; raises ValueError or RecursionError."""
+    return json.loads(raw, parse_constant=_refuse_constant)
 
 
-def long_error(code: int, message: str, request_id: Any) -> bytes:
-    error = _dumps({"code": code, "message": message})
-    return b'{"error":' + error + b',"id":' + _dumps(request_id) + b"}"
+class Dialect:
+    """How one dialect reads params and writes replies and events (SPEC 7.2 / 7.3)."""
+
+    name_key = id_key = params_key = ""
+    #: ``params`` / ``p`` when the request has none.
+    no_params: Any = None
+
+    def method(self, name: str) -> str | None:
+        """The long name of the method called ``name`` in this dialect, or None."""
+        raise NotImplementedError
+
+    def params(self, method: str, params: Any) -> list:
+        """The long-form params array of ``params`` written in this dialect."""
+        raise NotImplementedError
+
+    def result(self, method: str, result: dict) -> dict:
+        """The long ``result`` of ``method`` as this dialect writes it."""
+        raise NotImplementedError
+
+    def reply(self, result: dict, request_id: Any) -> bytes:
+        raise NotImplementedError
+
+    def error(self, code: int, message: str, request_id: Any) -> bytes:
+        raise NotImplementedError
+
+    def event(self, node_json: bytes, topic: str, client_id: str, data: bytes) -> bytes:
+        """A queue event; ``node_json`` is the JSON string of the node id, ``data`` JSON text."""
+        raise NotImplementedError
+
+
+class LongForm(Dialect):
+    """``{"method", "params", "id"}`` (Gen A, as the seed)."""
+
+    name_key, id_key, params_key = "method", "id", "params"
+    no_params: Any = []
+
+    def method(self, name: str) -> str | None:
+        return name if name in METHOD_ROLES else None
+
+    def params(self, method: str, params: Any) -> list:
+        if not isinstance(params, list):
+            raise ApiError(INVALID_REQUEST, "params must be an array")
+        return params
+
+    def result(self, method: str, result: dict) -> dict:
+        return result
+
+    def reply(self, result: dict, request_id: Any) -> bytes:
+        return b'{"error":null,"result":' + _dumps(result) + b',"id":' + _dumps(request_id) + b"}"
+
+    def error(self, code: int, message: str, request_id: Any) -> bytes:
+        error = _dumps({"code": code, "message": message})
+        return b'{"error":' + error + b',"id":' + _dumps(request_id) + b"}"
+
+    def event(self, node_json: bytes, topic: str, client_id: str, data: bytes) -> bytes:
+        return (
+            b'{"event":"queue.consume","result":{"client_id":"' + client_id.encode()
+            + b'","data":' + data + b',"node_id":' + node_json
+            + b',"queue":' + _dumps(topic) + b'},"id":null}'
+        )
+
+
+class CompactForm(Dialect):
+    """``{"m", "p", "i"}`` (Gen B); also the body and ``r`` of the HTTP API (SPEC 7.4)."""
+
+    name_key, id_key, params_key = "m", "i", "p"
+    no_params: Any = {}
+
+    #: Compact method names that differ from the long ones (long names are accepted too).
+    ALIASES = {"queue.pop": "queue.consume", "queue.unpop": "queue.unconsume"}
+    #: ``p`` keys -> long ``params[0]`` keys, for the methods taking one object.
+    KEYS = {
+        "conn.call": {"c": "client_id", "f": "func", "a": "args"},
+        "mesh.send": {"c": "client_id", "d": "data", "t": "type"},
+        "mesh.publish": {"c": "channel", "d": "data", "t": "type"},
+    }
+
+    def method(self, name: str) -> str | None:
+        name = self.ALIASES.get(name, name)
+        return name if name in METHOD_ROLES else None
+
+    def params(self, method: str, params: Any) -> list:
+        if not isinstance(params, (dict, list)):
+            raise ApiError(INVALID_REQUEST, "p must be an object or an array")
+        spec = _unwrap(params)
+        if method == "server.ping":
+            return []
+        if method == "queue.unconsume":  # takes nothing: {}, [] or [{}]
+            return [] if spec == {} else [params]
+        if method == "queue.consume":  # {"t": [topics]}, [{"t": [topics]}] or [topics]
+            topics = spec.get("t") if spec is not None else params
+            if not isinstance(topics, list):
+                raise ApiError(INVALID_PARAMS, "invalid params: expected t, an array of topic names")
+            return topics
+        if spec is None:
+            raise ApiError(INVALID_PARAMS, "invalid params: expected one object")
+        keys = self.KEYS[method]
+        return [{keys[key]: value for key, value in spec.items() if key in keys}]
+
+    def result(self, method: str, result: dict) -> dict:
+        if method == "server.ping":
+            return {"m": "server.pong"}
+        if method == "mesh.publish":
+            return {"f": result["fail"], "s": result["total"] - result["fail"], "t": result["total"]}
+        return {"s": result["success"]}
+
+    def reply(self, result: dict, request_id: Any) -> bytes:
+        return b'{"E":null,"r":' + _dumps(result) + b',"i":' + _dumps(request_id) + b"}"
+
+    def error(self, code: int, message: str, request_id: Any) -> bytes:
+        error = _dumps({"c": code, "m": message})
+        return b'{"E":' + error + b',"r":null,"i":' + _dumps(request_id) + b"}"
+
+    def event(self, node_json: bytes, topic: str, client_id: str, data: bytes) -> bytes:
+        return (
+            b'{"e":"queue.pop","p":{"n":' + node_json + b',"c":"' + client_id.encode()
+            + b'","t":' + _dumps(topic) + b',"d":' + data + b"}}"
+        )
+
+    def envelope(self, result: dict) -> bytes:
+        """The HTTP API body of a result (SPEC 7.4: no ``i``)."""
+        return b'{"E":null,"r":' + _dumps(result) + b"}"
+
+    def envelope_error(self, code: int, message: str) -> bytes:
+        """The HTTP API body of an error."""
+        return b'{"E":' + _dumps({"c": code, "m": message}) + b',"r":null}'
+
+
+LONG = LongForm()
+COMPACT = CompactForm()
+
+
+def _unwrap(params: dict | list) -> dict | None:
+    """The object of a compact ``p``: itself, the one object of an array, {} for []; else None."""
+    if isinstance(params, dict):
+        return params
+    if not params:
+        return {}
+    if len(params) == 1 and isinstance(params[0], dict):
+        return params[0]
+    return None
 
 
 class ApiSession:
-    """One API connection: the consumer of its topics, and its outbound writer."""
+    """One API connection: its user, the consumer of its topics, and its outbound writer.
+
+    ``user`` is the name the connection authenticated as (None when no users are configured);
+    its roles are looked up again at each request.  Each consumed topic remembers the dialect of
+    the request that started it, which is the dialect of its events (SPEC 7.1).
+    """
 
     def __init__(
         self,
@@ -78,11 +239,23 @@ class ApiSession:
         buffered: Callable[[], int],
         node_id: str,
         peer: str = "",
+        user: str | None = None,
     ) -> None:
         self._write = write
         self._buffered = buffered
         self.peer = peer
+        self.user = user
         self._node_json = _dumps(node_id)
+        self._event_dialects: dict[str, Dialect] = {}
+
+    def started(self, topics: list[str], dialect: Dialect) -> None:
+        """``topics`` are consumed from now on, with events in ``dialect``."""
+        for topic in topics:
+            self._event_dialects[topic] = dialect
+
+    def stopped(self) -> None:
+        """Nothing is consumed any more."""
+        self._event_dialects.clear()
 
     # Consumer --------------------------------------------------------------------------------
 
@@ -90,20 +263,21 @@ class ApiSession:
         return self._buffered() < CONSUMER_BUFFER_LIMIT
 
     def deliver(self, topic: str, client_id: str, data: bytes) -> None:
-        self._write(
-            b'{"event":"queue.consume","result":{"client_id":"' + client_id.encode()
-            + b'","data":' + data + b',"node_id":' + self._node_json
-            + b',"queue":' + _dumps(topic) + b'},"id":null}'
-        )
+        dialect = self._event_dialects.get(topic, LONG)
+        self._write(dialect.event(self._node_json, topic, client_id, data))
 
 
 class ApiDispatcher:
-    """Runs API methods against the engine's router and queues."""
+    """Runs API methods against the engine's router and queues, for users ``access`` allows.
 
-    def __init__(self, router: Router, queues: QueueManager) -> None:
+    Without ``access`` every method is allowed (unit tests, tools).
+    """
+
+    def __init__(self, router: Router, queues: QueueManager, access: AccessControl | None = None) -> None:
         self.router = router
         self.queues = queues
-        self.methods: dict[str, Callable[[ApiSession, list], Any]] = {
+        self.access = access
+        self.methods: dict[str, Callable[[ApiSession, list, Dialect], Any]] = {
             "server.ping": self.server_ping,
             "queue.consume": self.queue_consume,
             "queue.unconsume": self.queue_unconsume,
@@ -113,58 +287,82 @@ class ApiDispatcher:
         }
 
     def handle(self, session: ApiSession, raw: bytes) -> bytes | Deferred:
-        """Answer one request; never raises."""
+        """Answer one WebSocket request in its dialect; never raises."""
         try:
-            request = json.loads(raw, parse_constant=_refuse_constant)
+            request = strict_loads(raw)
         except (ValueError, RecursionError):
-            return long_error(PARSE_ERROR, "parse error: invalid JSON", None)
+            return LONG.error(PARSE_ERROR, "parse error: invalid JSON", None)
         if isinstance(request, list):
-            return long_error(INVALID_REQUEST, "batch requests are not supported", None)
+            return LONG.error(INVALID_REQUEST, "batch requests are not supported", None)
         if not isinstance(request, dict):
-            return long_error(PARSE_ERROR, "parse error: a request is a JSON object", None)
-        request_id = request.get("id")
+            return LONG.error(PARSE_ERROR, "parse error: a request is a JSON object", None)
+        if ("method" in request) == ("m" in request):
+            return LONG.error(INVALID_REQUEST, 'invalid request: expected a "method" or an "m" key', None)
+        dialect = LONG if "method" in request else COMPACT
+        request_id = request.get(dialect.id_key)
         if not _scalar(request_id):
-            return long_error(INVALID_REQUEST, "id must be a JSON scalar", None)
-        name = request.get("method")
-        if not isinstance(name, str) or "m" in request:
-            return long_error(INVALID_REQUEST, "invalid request: expected a \"method\" key", None)
-        params = request.get("params", [])
-        if not isinstance(params, list):
-            return long_error(INVALID_REQUEST, "params must be an array", request_id)
-        method = self.methods.get(name)
-        if method is None:
-            return long_error(METHOD_NOT_FOUND, f"method not found: {name}", request_id)
+            return dialect.error(INVALID_REQUEST, f"{dialect.id_key} must be a JSON scalar", None)
+        name = request.get(dialect.name_key)
+        if not isinstance(name, str):
+            return dialect.error(INVALID_REQUEST, f"{dialect.name_key} must be a string", None)
+        params = request.get(dialect.params_key, dialect.no_params)
         try:
-            result = method(session, params)
+            result = self.call(session, dialect, name, params)
         except ApiError as e:
-            self._debug(session, name, e.code)
-            return long_error(e.code, e.message, request_id)
-        except Exception:
-            log.failure("api {method} from {peer}: internal error", method=name, peer=session.peer)
-            return long_error(INTERNAL_ERROR, "internal error", request_id)
+            return dialect.error(e.code, e.message, request_id)
         if isinstance(result, Deferred):
             return result.addCallbacks(
-                lambda value: long_reply(value, request_id),
-                lambda failure: self._failed(failure, session, name, request_id),
+                lambda value: dialect.reply(value, request_id),
+                lambda failure: dialect.error(failure.value.code, failure.value.message, request_id),
             )
-        return long_reply(result, request_id)
+        return dialect.reply(result, request_id)
 
-    def _failed(self, failure: Any, session: ApiSession, name: str, request_id: Any) -> bytes:
+    def call(self, session: ApiSession, dialect: Dialect, name: str, params: Any) -> dict | Deferred:
+        """Run method ``name`` with ``params``, both as written in ``dialect``.
+
+        Returns the result as ``dialect`` writes it, or a Deferred of it.  Every error is an
+        ``ApiError``: raised, or the failure of the Deferred (internal errors are logged here and
+        become -32603).
+        """
+        method = dialect.method(name)
+        try:
+            if method is None:
+                raise ApiError(METHOD_NOT_FOUND, f"method not found: {name}")
+            self._authorize(session, method)
+            result = self.methods[method](session, dialect.params(method, params), dialect)
+            if isinstance(result, Deferred):
+                return result.addCallback(lambda value: dialect.result(method, value)).addErrback(
+                    self._failed, session, name
+                )
+            return dialect.result(method, result)
+        except ApiError as e:
+            self._debug(session, name, e.code)
+            raise
+        except Exception:
+            log.failure("api {method} from {peer}: internal error", method=name, peer=session.peer)
+            raise ApiError(INTERNAL_ERROR, "internal error") from None
+
+    def _authorize(self, session: ApiSession, method: str) -> None:
+        role = METHOD_ROLES[method]
+        if self.access is not None and not self.access.allows(session.user, role):
+            raise ApiError(UNAUTHORIZED, f"permission denied: {method} needs the {role} role")
+
+    def _failed(self, failure: Any, session: ApiSession, name: str) -> Any:
         if failure.check(ApiError):
             self._debug(session, name, failure.value.code)
-            return long_error(failure.value.code, failure.value.message, request_id)
+            return failure
         log.failure("api {method} from {peer}: internal error", failure, method=name, peer=session.peer)
-        return long_error(INTERNAL_ERROR, "internal error", request_id)
+        raise ApiError(INTERNAL_ERROR, "internal error")
 
     def _debug(self, session: ApiSession, name: str, code: int) -> None:
         log.debug("api {method} from {peer}: error {code}", method=name, peer=session.peer, code=code)
 
-    # Methods ---------------------------------------------------------------------------------
+    # Methods: long-form params in, long-form result out, whatever the dialect ----------------
 
-    def server_ping(self, session: ApiSession, params: list) -> dict:
+    def server_ping(self, session: ApiSession, params: list, dialect: Dialect) -> dict:
         return {"status": "server.pong"}
 
-    def queue_consume(self, session: ApiSession, params: list) -> dict:
+    def queue_consume(self, session: ApiSession, params: list, dialect: Dialect) -> dict:
         if not params or not all(valid_name(t) for t in params):
             raise ApiError(INVALID_PARAMS, "invalid params: expected one or more topic names")
         mine = self.queues.consumes(session)
@@ -174,16 +372,18 @@ class ApiDispatcher:
             self.queues.consume(session, params)
         except QueueError as e:
             raise ApiError(CONSUME_FAILED, f"consume failed: {e}") from None
+        session.started(params, dialect)  # before any event: the queues dispatch at the next turn
         return {"success": True}
 
-    def queue_unconsume(self, session: ApiSession, params: list) -> dict:
+    def queue_unconsume(self, session: ApiSession, params: list, dialect: Dialect) -> dict:
         if params:
             raise ApiError(INVALID_PARAMS, "invalid params: expected []")
         if not self.queues.unconsume(session):
             raise ApiError(UNCONSUME_FAILED, "unconsume failed: nothing is consumed")
+        session.stopped()
         return {"success": True}
 
-    def conn_call(self, session: ApiSession, params: list) -> Any:
+    def conn_call(self, session: ApiSession, params: list, dialect: Dialect) -> Any:
         spec = _object_param(params)
         client_id = _client_id(spec.get("client_id"))
         func = spec.get("func")
@@ -205,7 +405,7 @@ class ApiDispatcher:
             return result.addCallback(answer)
         return answer(result)
 
-    def mesh_send(self, session: ApiSession, params: list) -> Any:
+    def mesh_send(self, session: ApiSession, params: list, dialect: Dialect) -> Any:
         spec = _object_param(params)
         client_id = _client_id(spec.get("client_id"))
         data, binary = _payload(spec, "data", "type")
@@ -220,7 +420,7 @@ class ApiDispatcher:
             return result.addCallback(answer)
         return answer(result)
 
-    def mesh_publish(self, session: ApiSession, params: list) -> Any:
+    def mesh_publish(self, session: ApiSession, params: list, dialect: Dialect) -> Any:
         spec = _object_param(params)
         channel = spec.get("channel")
         if not valid_name(channel):
