@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,6 @@ from lupa import luajit21 as lupa
 from luahelpers import Engine, make_engine
 
 REPO = Path(__file__).resolve().parent.parent
-LE = sys.byteorder == "little"
 
 
 @pytest.fixture
@@ -344,6 +342,7 @@ def test_php_unpack_offset(engine: Engine) -> None:
     [table, err] = lua(engine, "return mix.php_unpack('C', '\\1\\2', 1)")
     assert err is None and py(table) == {1: 2}
     assert lua(engine, "return mix.php_unpack('C', '\\1\\2', 3)") == (None, b"offset out of range")
+    assert lua(engine, "return mix.php_unpack('C', '\\1\\2', 0/0)") == (None, b"offset out of range")
 
 
 @pytest.mark.parametrize("fmt, data, err", [

@@ -296,7 +296,7 @@ def php_unpack(fmt: object = None, data: object = None, offset: object = None) -
     input_ = _string(data, 2, "php_unpack")
     if offset is not None:
         start = _number(offset, 3, "php_unpack")
-        if start != int(start) or not 0 <= start <= len(input_):
+        if not float(start).is_integer() or not 0 <= start <= len(input_):
             return None, b"offset out of range"
         input_ = input_[int(start):]
     try:
