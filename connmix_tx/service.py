@@ -36,6 +36,7 @@ from connmix_tx.engine.mesh import mesh_factory
 from connmix_tx.engine.mesh_link import MeshLink, MeshPeers
 from connmix_tx.engine.queue import QueueManager
 from connmix_tx.engine.router import LocalOps, Router
+from connmix_tx.engine.socket_server import SocketServerFactory
 from connmix_tx.engine.websocket import ClientWebSocketFactory
 from connmix_tx.ids import Snowflake, new_node_id
 from connmix_tx.lua.mixlib import MixLibrary
@@ -51,7 +52,10 @@ log = Logger(namespace="connmix.engine")
 #: ``servers[].protocol`` -> the factory of its listener.  A factory takes
 #: ``(server_config, script, connections, ids, clock)`` and offers ``open_protocols`` and
 #: ``shutdown()``.
-SERVER_FACTORIES: dict[str, Callable[..., Any]] = {"websocket": ClientWebSocketFactory}
+SERVER_FACTORIES: dict[str, Callable[..., Any]] = {
+    "websocket": ClientWebSocketFactory,
+    "socket": SocketServerFactory,
+}
 
 
 class FatalError(Exception):

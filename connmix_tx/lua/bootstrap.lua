@@ -328,4 +328,40 @@ function engine.type_of(env, name)
   return type(env[name])
 end
 
+-- The buffer object passed to protocol_input (SPEC 5.6): a snapshot of the unconsumed input of a
+-- socket connection, with a read position.  `source` is a table whose [1] is the input string
+-- the engine's loop started with and `offset` the bytes of it already consumed, so a run of
+-- packets in one chunk reuses one Lua string instead of copying the rest for every packet.
+-- Lua strings are immutable: the object is a copy as far as the script can tell.  The metatable
+-- is hidden so scripts cannot change the methods every connection shares.
+local Buffer = { __metatable = false }
+Buffer.__index = Buffer
+local floor = math.floor
+
+function Buffer:tostring()
+  local whole = self._whole
+  if whole == nil then
+    whole = self._off == 0 and self._s or str_sub(self._s, self._off + 1)
+    self._whole = whole
+  end
+  return whole
+end
+function Buffer:position() return self._pos end
+function Buffer:length() return #self._s - self._off end
+function Buffer:read(n)
+  if type(n) ~= "number" then error("bad argument #1 to 'read' (number expected)", 2) end
+  n = floor(n)
+  if n <= 0 then return "" end
+  local pos = self._pos
+  if pos + n > #self._s - self._off then return nil, "short" end
+  self._pos = pos + n
+  local start = self._off + pos
+  return str_sub(self._s, start + 1, start + n)
+end
+Buffer.__tostring = Buffer.tostring
+
+function engine.new_buffer(source, offset)
+  return setmetatable({ _s = source[1], _off = offset, _pos = 0 }, Buffer)
+end
+
 return engine
