@@ -121,8 +121,6 @@ def test_more_than_256_kib_is_split_into_blobs_in_order(peer, link, batches) -> 
     assert conn.transport.delivered == payloads
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: mesh_link._flush counts op sizes but not the msgpack "
-                   "array header, so a full blob is a few bytes over 256 KiB")
 def test_a_full_blob_is_at_most_256_kib(peer, link, batches) -> None:
     conn = peer.client()
     op_size = len(msgpack.packb(["send", 1, conn.client_id, b"x" * 131072, "text"], use_bin_type=True))
@@ -213,8 +211,6 @@ def test_in_flight_ops_fail_with_node_unavailable_when_the_link_is_lost(peer, li
     assert results(*ops) == [NODE_UNAVAILABLE, (0, 0)]
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: MeshLink._lost compares avatar.broker with the "
-                   "ClientService proxy, never equal: a lost link stays 'up'")
 def test_lost_link_is_down_and_fails_everything_at_once(peer, link, batches) -> None:
     conn = peer.client()
     batches.holding = True
@@ -243,8 +239,6 @@ def test_link_reconnects_after_loss(peer, link, batches) -> None:
     assert results(d) == [None] and conn.transport.delivered == [b"after"]
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: pbclient.ReadyBroker.ready never fails when the "
-                   "connection drops before PB negotiates: ClientService raises NoTransition, no redial")
 def test_connection_closed_before_pb_negotiation_is_redialled(peer, batches) -> None:
     link = peer.link()
     link.start()
@@ -254,8 +248,6 @@ def test_connection_closed_before_pb_negotiation_is_redialled(peer, batches) -> 
     assert len(peer.endpoint.pumps) == 2 and link.state == "up"
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: MeshLink._login swallows a refused login, so "
-                   "ClientService counts it as connected and redials every 1 s without back-off")
 def test_refused_login_is_retried_with_back_off(peer, batches) -> None:
     link = peer.link(secret="not the secret")
     with LogCapture() as logs:

@@ -96,8 +96,6 @@ def test_changed_mesh_point_replaces_the_link(clock, batches) -> None:
     assert cluster.peers[1].endpoint.pumps[0].clientIO.disconnected  # the old connection closed
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: MeshLink._login swallows the CancelledError of a stop "
-                   "during login; ClientService then raises NoTransition out of stop() and update()")
 def test_node_leaving_while_its_link_logs_in(clock, batches) -> None:
     cluster = Cluster(clock, 2)
     cluster.mesh.update(cluster.nodes(1))  # connected, login not answered yet

@@ -12,7 +12,6 @@ from typing import Any
 import msgpack
 import pytest
 from twisted.cred.credentials import UsernamePassword
-from twisted.cred.error import UnauthorizedLogin
 from twisted.internet.address import IPv4Address
 from twisted.python.failure import Failure
 from twisted.spread import pb
@@ -215,7 +214,7 @@ def test_batch_over_pb(local) -> None:
         return results.pop()
 
     refused = run(client_factory.login(UsernamePassword(b"c8u7jfbin5659oh0b13g", b"wrong")))
-    assert isinstance(refused, Failure) and refused.check(UnauthorizedLogin)
+    assert isinstance(refused, Failure) and "login refused" in refused.getErrorMessage()
     avatar = run(client_factory.login(UsernamePassword(b"c8u7jfbin5659oh0b13g", b"s3cret")))
     blob = msgpack.packb([["send", 1, CLIENT, b"via mesh", "text"], ["ping", 2]], use_bin_type=True)
     reply = run(avatar.callRemote("batch", blob))

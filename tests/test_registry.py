@@ -10,7 +10,6 @@ from typing import Any
 
 import pytest
 from twisted.cred.credentials import UsernamePassword
-from twisted.cred.error import UnauthorizedLogin
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
@@ -264,7 +263,7 @@ def test_refused_registration_is_a_remote_error(registry, factory) -> None:
 @pytest.mark.parametrize("user, password", [(b"engine", "wrong"), (b"engine", ""), (b"mesh", SECRET)])
 def test_wrong_credentials_are_refused(registry, factory, user, password) -> None:
     refused = EngineClient(factory, password=password, user=user).avatar
-    assert isinstance(refused, Failure) and refused.check(UnauthorizedLogin)
+    assert isinstance(refused, Failure) and "login refused" in refused.getErrorMessage()
     assert registry.engines == {}
 
 

@@ -51,6 +51,26 @@ class SecretChecker:
         return defer.fail(error.UnauthorizedLogin("wrong cluster secret"))
 
 
+class LoggingPortal(portal.Portal):
+    """A portal that logs refused logins with the peer address (SPEC 10) and answers them with a
+    plain ``pb.Error``, which PB passes to the client without logging a traceback here."""
+
+    def __init__(self, realm: Any, checkers: Any, name: str) -> None:
+        super().__init__(realm, checkers)
+        self.name = name
+
+    def login(self, creds: Any, mind: Any, *interfaces: Any) -> defer.Deferred:
+        def refused(failure: Any) -> Any:
+            failure.trap(error.UnauthorizedLogin, error.UnhandledCredentials)
+            transport = getattr(getattr(creds, "broker", None), "transport", None)
+            peer = getattr(transport.getPeer(), "host", "?") if transport is not None else "?"
+            log.warn("{name}: refused login from {peer}: {reason}", name=self.name, peer=peer,
+                     reason=failure.getErrorMessage())
+            raise pb.Error(f"login refused: {failure.getErrorMessage()}")
+
+        return super().login(creds, mind, *interfaces).addErrback(refused)
+
+
 class GuardedPBServerFactory(pb.PBServerFactory):
     """A PB server that, with an empty cluster secret, talks to loopback peers only (SPEC 10)."""
 
@@ -132,4 +152,5 @@ class RegistryRealm:
 def registry_factory(registry: Registry, secret: str) -> pb.PBServerFactory:
     """The PB factory served on ``center.registry``."""
     checker = SecretChecker(secret, ENGINE_USER)
-    return GuardedPBServerFactory(portal.Portal(RegistryRealm(registry), [checker]), secret, "registry")
+    realm = LoggingPortal(RegistryRealm(registry), [checker], "registry")
+    return GuardedPBServerFactory(realm, secret, "registry")

@@ -83,6 +83,7 @@ class CenterLink(service.Service):
         self._deadline: Any = None
         self._last_error = "no answer"
         self._last_warning = -WARN_EVERY
+        self._refusals = 0
         self._mind = _NodeListMind(on_nodes)
         self._heartbeat = LoopingCall(self._beat)
         self._heartbeat.clock = clock
@@ -93,10 +94,9 @@ class CenterLink(service.Service):
         endpoint, self.address = self._endpoint()
         self._client = ClientService(
             _RecordingEndpoint(endpoint, self),
-            BrokerFactory(),
-            retryPolicy=retry_delay,
+            BrokerFactory(self._connected),
+            retryPolicy=lambda failed: retry_delay(failed + self._refusals),
             clock=self.clock,
-            prepareConnection=self._login,
         )
         self._client.startService()
         if self.register_timeout is not None:
@@ -109,7 +109,8 @@ class CenterLink(service.Service):
         if self._heartbeat.running:
             self._heartbeat.stop()
         if self._client is not None:
-            return self._client.stopService()
+            client, self._client = self._client, None
+            return client.stopService()
         return None
 
     # Connection ------------------------------------------------------------------------------
@@ -127,8 +128,7 @@ class CenterLink(service.Service):
         return failure
 
     @inlineCallbacks
-    def _login(self, broker: pb.Broker) -> Any:
-        yield broker.ready
+    def _connected(self, broker: pb.Broker) -> Any:
         log.info("center registry {address} connect successful", address=self.address)
         try:
             avatar = yield login(broker, ENGINE_USER, self.secret.encode(), self._mind)
@@ -138,11 +138,18 @@ class CenterLink(service.Service):
             answer = yield avatar.callRemote("register", self.node_id, info)
         except Exception:
             failure = Failure()
+            if self._client is None:
+                return  # stopped meanwhile
             self._last_error = reason_text(failure)
             if is_refusal(failure):
+                self._refusals += 1
                 self._refused(self._last_error)
             broker.transport.loseConnection()
             return
+        if self._client is None:
+            broker.transport.loseConnection()
+            return
+        self._refusals = 0
         self._avatar = avatar
         broker.notifyOnDisconnect(self._lost)
         number = int(answer["number"])
@@ -160,14 +167,14 @@ class CenterLink(service.Service):
             self.registered.callback(number)
 
     def _refused(self, reason: str) -> None:
-        self._last_error = reason
+        """The center said no.  Only a lost node number ends a registered engine (SPEC 8.2)."""
         if self.number is None and self.register_timeout is not None:
             self.fatal(EXIT_REGISTER, f"center registry {self.address} refused registration: {reason}")
-        elif self.number is not None:
+        elif self.number is not None and "node number" in reason:
             self.fatal(EXIT_REGISTER, f"node number {self.number} lost; exiting ({reason})")
         else:
-            log.error("center registry {address} refused registration: {reason}",
-                           address=self.address, reason=reason)
+            log.error("center registry {address} refused registration: {reason}; retrying",
+                      address=self.address, reason=reason)
 
     def _lost(self) -> None:
         self._avatar = None

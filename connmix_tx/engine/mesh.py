@@ -16,7 +16,7 @@ from twisted.logger import Logger
 from twisted.spread import pb
 from zope.interface import implementer
 
-from connmix_tx.center.pb import GuardedPBServerFactory, SecretChecker
+from connmix_tx.center.pb import GuardedPBServerFactory, LoggingPortal, SecretChecker
 from connmix_tx.engine.connections import CLIENT_NOT_FOUND, ENCODE_FAILED, SLOW_CONSUMER
 from connmix_tx.engine.router import CALL_FUNCS, LocalOps, valid_call_args
 
@@ -105,4 +105,5 @@ class MeshRealm:
 
 def mesh_factory(local: LocalOps, secret: str) -> pb.PBServerFactory:
     """The PB factory served on ``engine.meshPoint``."""
-    return GuardedPBServerFactory(portal.Portal(MeshRealm(local), [SecretChecker(secret)]), secret, "mesh")
+    realm = LoggingPortal(MeshRealm(local), [SecretChecker(secret)], "mesh")
+    return GuardedPBServerFactory(realm, secret, "mesh")

@@ -37,6 +37,7 @@ log = Logger(namespace="connmix.mesh")
 MAX_BLOB = 256 * 1024
 MAX_OP = 600 * 1024
 MAX_IN_FLIGHT = 8
+ARRAY_HEADER = 5  # the largest msgpack array header, put in front of a blob's ops
 MESH_TIMEOUT = "mesh timeout"
 MESSAGE_TOO_LARGE = "message too large"
 SWEEP_EVERY = 0.25
@@ -101,6 +102,7 @@ class MeshLink:
         self._last_sent = 0.0
         self._last_reply = 0.0
         self._client: ClientService | None = None
+        self._refusals = 0
         self._sweeper = LoopingCall(self._sweep)
         self._sweeper.clock = reactor
 
@@ -108,8 +110,8 @@ class MeshLink:
 
     def start(self) -> None:
         self._client = ClientService(
-            self._endpoint, BrokerFactory(), retryPolicy=retry_delay, clock=self.reactor,
-            prepareConnection=self._login,
+            self._endpoint, BrokerFactory(self._connected),
+            retryPolicy=lambda failed: retry_delay(failed + self._refusals), clock=self.reactor,
         )
         self._client.startService()
         self._sweeper.start(SWEEP_EVERY, now=False)
@@ -126,17 +128,21 @@ class MeshLink:
         return None
 
     @inlineCallbacks
-    def _login(self, broker: Any) -> Any:
+    def _connected(self, broker: Any) -> Any:
         try:
             avatar = yield login(broker, self.own_node_id.encode(), self.secret.encode())
         except Exception:
-            log.warn("mesh link to {node_id} ({mesh_point}) refused: {reason}", node_id=self.node_id,
-                     mesh_point=self.mesh_point, reason=reason_text(Failure()))
-            broker.transport.loseConnection()
+            failure = Failure()
+            if self._client is not None:
+                self._refusals += 1
+                log.warn("mesh link to {node_id} ({mesh_point}) refused: {reason}", node_id=self.node_id,
+                         mesh_point=self.mesh_point, reason=reason_text(failure))
+                broker.transport.loseConnection()
             return
         if self._client is None:  # stopped meanwhile
             broker.transport.loseConnection()
             return
+        self._refusals = 0
         self._avatar = avatar
         self.state = UP
         self._last_sent = self._last_reply = self.reactor.seconds()
@@ -197,7 +203,7 @@ class MeshLink:
                 if op is None:  # timed out while queued
                     self._queue.popleft()
                     continue
-                if parts and size + len(op.packed) > MAX_BLOB:
+                if parts and size + len(op.packed) > MAX_BLOB - ARRAY_HEADER:
                     break
                 seq = self._queue.popleft()
                 parts.append(op.packed)
