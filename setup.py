@@ -55,6 +55,7 @@ setup(
     ],
     package_data={"connmix_tx.lua": ["*.lua"]},
     cmdclass={"build_py": BuildWithHome},
+    entry_points={"console_scripts": ["connmix-cli = connmix_tx.cli:main"]},
     install_requires=[
         "Twisted>=24.3",
         "autobahn>=24.4",
