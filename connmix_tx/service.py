@@ -147,7 +147,7 @@ class Listener(StreamServerEndpointService):
 class CenterPart(service.MultiService):
     """Registry (PB) and center HTTP API."""
 
-    def __init__(self, config: Config, reactor: Any) -> None:
+    def __init__(self, config: Config, reactor: Any, access: AccessControl) -> None:
         super().__init__()
         self.setName("center")
         cluster = config.cluster
@@ -162,7 +162,7 @@ class CenterPart(service.MultiService):
         self.registry_listener.setServiceParent(self)
         self.api_listener = Listener(
             reactor, "center.apiServer", config.center.api_server,
-            center_site(self.registry, AccessControl(config.access), config.center.api_server),
+            center_site(self.registry, access, config.center.api_server),
             lambda address: center_log.info("start the center api server ({address})", address=address),
         )
         self.api_listener.setServiceParent(self)
@@ -187,6 +187,7 @@ class EnginePart(service.MultiService):
         fatal: Callable[[int, str], None],
         center_address: Callable[[], tuple[str, int]],
         in_process_center: bool,
+        access: AccessControl,
     ) -> None:
         super().__init__()
         self.setName("engine")
@@ -220,7 +221,7 @@ class EnginePart(service.MultiService):
         )
         self.mesh_listener.setServiceParent(self)
         self.api_factory = ApiWebSocketFactory(
-            engine.api_server, ApiDispatcher(self.router, self.queues, AccessControl(config.access)), self.queues,
+            engine.api_server, ApiDispatcher(self.router, self.queues, access), self.queues,
             self.node_id,
         )
         self.api_listener = Listener(
@@ -342,6 +343,8 @@ class ConnmixService(service.MultiService):
         self.role = role
         self.center: CenterPart | None = None
         self.engine: EnginePart | None = None
+        #: One access control for every API listener of the process (hot on SIGHUP).
+        self.access = AccessControl(config.access)
         for part in ROLE_PARTS[role]:
             part(self, config, reactor, fatal)
 
@@ -369,7 +372,7 @@ class ConnmixService(service.MultiService):
 
 
 def _add_center(root: ConnmixService, config: Config, reactor: Any, fatal: Callable) -> None:
-    root.center = CenterPart(config, reactor)
+    root.center = CenterPart(config, reactor, root.access)
     root.center.setServiceParent(root)
 
 
@@ -385,7 +388,9 @@ def _add_engine(root: ConnmixService, config: Config, reactor: Any, fatal: Calla
         def address() -> tuple[str, int]:
             return target.host, target.port
 
-    root.engine = EnginePart(config, reactor, fatal, address, in_process_center=center is not None)
+    root.engine = EnginePart(
+        config, reactor, fatal, address, in_process_center=center is not None, access=root.access
+    )
     root.engine.setServiceParent(root)
 
 

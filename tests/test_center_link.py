@@ -225,6 +225,7 @@ def test_unreachable_center_warns_at_most_every_30_seconds(engine) -> None:
 
 def test_connection_closed_before_pb_negotiation_is_redialled() -> None:
     engine = make_engine(register_timeout=10)
+    engine.link.registered.addCallback(engine.registered.append)
     engine.link.startService()
     engine.endpoint.pump.serverIO.getOutBuffer()  # the center's greeting never arrives
     engine.endpoint.lose()

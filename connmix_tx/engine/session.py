@@ -69,8 +69,18 @@ class CallbackSession:
 
     def message(self, kind: bytes, data: bytes) -> None:
         """A decoded message arrived: run ``on_message`` now or after the current callback."""
+        if self._room():
+            self._submit("on_message", lambda done: self.script.run_message(self.conn.cid, kind, data, done))
+
+    def call(self, callback: str, *args: Any) -> None:
+        """Queue a callback like ``message`` does (e.g. socket ``on_message`` with a decoded value)."""
+        if self._room():
+            self._submit(callback, lambda done: self.script.run(callback, self.conn.cid, args, done))
+
+    def _room(self) -> bool:
+        """False when closing, or when the pending limit is reached (then the overflow closes)."""
         if self._closing:
-            return
+            return False
         if len(self._pending) >= MAX_PENDING:
             log.warn(
                 "client {client_id} has too many pending messages ({count}); closing",
@@ -78,13 +88,8 @@ class CallbackSession:
                 count=len(self._pending),
             )
             self._on_overflow()
-            return
-        self._submit("on_message", lambda done: self.script.run_message(self.conn.cid, kind, data, done))
-
-    def call(self, callback: str, *args: Any) -> None:
-        """Queue a fire-and-forget callback (e.g. socket ``on_message`` with a decoded value)."""
-        if not self._closing:
-            self._submit(callback, lambda done: self.script.run(callback, self.conn.cid, args, done))
+            return False
+        return True
 
     def close(self, err: str | None) -> None:
         """The connection ended: drop queued messages, run ``on_close`` once after the current one."""

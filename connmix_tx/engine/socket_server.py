@@ -350,7 +350,7 @@ class SocketServerFactory(Factory):
         self.open_protocols: set[SocketServerProtocol] = set()
         # engine.new_buffer (bootstrap.lua) makes the Lua buffer object of SPEC 5.6.  Script has no
         # public handle on its driver table, hence the private attribute.
-        self.new_buffer = script._engine.new_buffer
+        self.new_buffer = script.new_buffer
 
     def shutdown(self) -> None:
         """Close every client (flush, then TCP close) and stop the idle wheel."""

@@ -133,15 +133,15 @@ class ClientWebSocketProtocol(WebSocketServerProtocol):
         if conn is None or session is None or conn.closed:
             return
         accepted = conn.ready
-        conn.mark_closed()
-        self.factory.connections.unsubscribe(conn, list(conn.channels))
         err = self._close_reason(wasClean)
-        log.debug("client {client_id} closed: {reason}", client_id=conn.client_id,
-                       reason=err or "normal")
+        log.debug("client {client_id} closed: {reason}", client_id=conn.client_id, reason=err or "normal")
+        # The session first: queued messages are dropped before a waiting callback wakes up.
         if accepted:
             session.close(err)
         else:
             session.close_silently()
+        conn.mark_closed()
+        self.factory.connections.unsubscribe(conn, list(conn.channels))
 
     def _close_reason(self, was_clean: bool) -> str | None:
         if self._close_err is not None:
