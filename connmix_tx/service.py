@@ -120,6 +120,7 @@ class Listener(StreamServerEndpointService):
         self.listener = listener
         self.started = started
         self.port: IListeningPort | None = None
+        self._bound = listener.port
 
     def privilegedStartService(self) -> None:
         try:
@@ -135,13 +136,14 @@ class Listener(StreamServerEndpointService):
 
     def _listening(self, port: IListeningPort) -> IListeningPort:
         self.port = port
-        self.started(f"{self.listener.bind}:{self.actual_port}")
+        self._bound = port.getHost().port
+        self.started(f"{self.listener.bind}:{self._bound}")
         return port
 
     @property
     def actual_port(self) -> int:
-        """The bound port (differs from the configured one for port 0)."""
-        return self.port.getHost().port if self.port is not None else self.listener.port
+        """The bound port (differs from the configured one for port 0); kept after stopping."""
+        return self._bound
 
 
 class CenterPart(service.MultiService):

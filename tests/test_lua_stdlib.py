@@ -8,6 +8,8 @@ standards (RFC 4648, RFC 1321, FIPS 180) and from what PHP and Go produce.
 
 from __future__ import annotations
 
+import re
+
 import hashlib
 import json
 import struct
@@ -34,10 +36,14 @@ def lua(engine: Engine, code: str) -> tuple:
 
 
 def raises(engine: Engine, call: str) -> bytes:
-    """``pcall(<call>)`` must fail; return ``tostring(err)``, the message a script sees."""
-    ok, message = lua(engine, f"local ok, err = pcall({call}) return ok, tostring(err)")
+    """``pcall(<call>)`` must fail with a Lua error string naming the calling line
+    (``exec:1: bad argument ...``); return the message without that location."""
+    ok, message = lua(engine, f"local ok, err = pcall({call}) return ok, err")
     assert ok is False
-    return message
+    assert isinstance(message, bytes), message
+    location, _, text = message.partition(b": ")
+    assert re.fullmatch(rb"exec:\d+", location), message
+    return text
 
 
 def lit(data: bytes | str) -> str:

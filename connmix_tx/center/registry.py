@@ -41,11 +41,11 @@ class EngineRecord:
 
     @property
     def api_server(self) -> str:
-        return f"{self.host}:{self.api_port}"
+        return _host_port(self.host, self.api_port)
 
     @property
     def mesh_point(self) -> str:
-        return f"{self.host}:{self.mesh_port}"
+        return _host_port(self.host, self.mesh_port)
 
     def describe(self) -> dict[str, Any]:
         """The node as ``/v1/nodes`` and node-list pushes show it (SPEC 9)."""
@@ -61,6 +61,11 @@ class EngineRecord:
             "registered_at": int(self.registered_at),
             "last_seen": int(self.last_seen),
         }
+
+
+def _host_port(host: str, port: int) -> str:
+    """``host:port``, with an IPv6 host in brackets (``[::1]:6789``)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 class Registry:

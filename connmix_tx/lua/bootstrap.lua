@@ -131,6 +131,11 @@ function Conn:clear_buffer() return host.conn_clear_buffer(self._cid) end
 
 local LEVELS = { debug = true, info = true, warn = true, error = true }
 
+local function python_result(ok, ...)
+  if ok then return ... end
+  error(tostring((...)), 3)
+end
+
 local function new_mix()
   local mix = {
     DEBUG = "debug", INFO = "info", WARN = "warn", ERROR = "error",
@@ -166,8 +171,12 @@ local function new_mix()
   function mix.mesh.publish(channel, data, kind)
     return settle(host.mesh_publish(current_cid, channel, data, kind))
   end
-  for name, fn in pairs(host.extensions) do
+  for name, py_fn in pairs(host.extensions) do
     -- Further mix functions registered by the Python side (e.g. "base64_encode" or "http.request").
+    -- An exception they raise becomes a Lua error string pointing at the caller's line.
+    local function fn(...)
+      return python_result(pcall(py_fn, ...))
+    end
     local dot = str_find(name, ".", 1, true)
     if dot then
       local ns = str_sub(name, 1, dot - 1)
