@@ -46,8 +46,8 @@ class ClientTransport(Protocol):
 class ClientConnection:
     """State of one connection: id, peer, context, channels, context waiters."""
 
-    __slots__ = ("client_id", "cid", "remote_addr", "transport", "context", "channels", "ready",
-                 "closed", "_waiters")
+    __slots__ = ("client_id", "cid", "remote_addr", "transport", "context", "context_version",
+                 "channels", "ready", "closed", "_waiters")
 
     def __init__(self, client_id: int, remote_addr: str, transport: ClientTransport) -> None:
         self.client_id = client_id
@@ -55,6 +55,7 @@ class ClientConnection:
         self.remote_addr = remote_addr
         self.transport = transport
         self.context: dict[str, Any] = {}
+        self.context_version = 0  # bumped on every change (the Lua side caches by it)
         self.channels: set[str] = set()
         self.ready = False  # the handshake finished: deliveries may be written
         self.closed = False
@@ -64,6 +65,7 @@ class ClientConnection:
 
     def set_context_value(self, key: str, value: Any) -> None:
         """Set one key (``None`` removes it) and wake whoever waits for it."""
+        self.context_version += 1
         if value is None:
             self.context.pop(key, None)
             return

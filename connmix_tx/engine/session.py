@@ -105,16 +105,20 @@ class CallbackSession:
         self._closing = True
         self._pending.clear()
         if not self._busy:
-            self._on_finished()
+            self._finish()
         else:
-            self._pending.append(("", lambda done: self._on_finished()))
+            self._pending.append(("", lambda done: self._finish()))
+
+    def _finish(self) -> None:
+        self.script.forget_connection(self.conn.cid)
+        self._on_finished()
 
     def _run_close(self, done: Callable[[bool, Any], None]) -> None:
         args = (self.conn.cid, None if self._close_err is None else self._close_err.encode())
 
         def finished(ok: bool, values: Any) -> None:
             done(ok, values)
-            self._on_finished()
+            self._finish()
 
         self.script.run("on_close", self.conn.cid, args, finished)
 

@@ -100,6 +100,114 @@ local function settle(mode, ...)
   return ...
 end
 
+-- JSON (SPEC 5.7) ------------------------------------------------------------------------------
+-- Encoding runs here, in Lua, because walking a table from Python costs a boundary crossing per
+-- value.  Output is byte-identical to the Python rules in connmix_tx/lua/convert.py (sorted
+-- keys, integral numbers without a fraction, UTF-8 as is); text with bytes >= 0x80 is checked
+-- by the host, which replaces invalid UTF-8 byte by byte with U+FFFD.
+
+local floor, huge, str_format, str_gsub, tbl_sort = math.floor, math.huge, string.format, string.gsub, table.sort
+local MAX_EXACT, MAX_DEPTH = 2 ^ 53, 128
+local ESCAPES = { ['"'] = '\\"', ["\\"] = "\\\\", ["\b"] = "\\b", ["\f"] = "\\f", ["\n"] = "\\n",
+                  ["\r"] = "\\r", ["\t"] = "\\t" }
+for byte = 0, 31 do
+  local c = string.char(byte)
+  if not ESCAPES[c] then ESCAPES[c] = str_format("\\u%04x", byte) end
+end
+
+local function encode_number(n)
+  if n ~= n or n == huge or n == -huge then error("cannot encode NaN or infinity", 0) end
+  if n == floor(n) then
+    if n >= -MAX_EXACT and n <= MAX_EXACT then return str_format("%d", n) end
+    if n > -1e21 and n < 1e21 then return str_format("%.0f", n) end  -- as Go writes them
+  end
+  local short = str_format("%.15g", n)
+  if tonumber(short) == n then return short end
+  local longer = str_format("%.16g", n)
+  if tonumber(longer) == n then return longer end
+  return str_format("%.17g", n)
+end
+
+local SPECIAL = '[%z\1-\31"\\]'
+
+-- Pieces go into `out` one by one and are joined once by table.concat: no intermediate string
+-- is built (every Lua string is interned, so concatenations cost).
+local function put_string(s, out, n)
+  if str_find(s, SPECIAL) then s = str_gsub(s, SPECIAL, ESCAPES) end
+  out[n + 1], out[n + 2], out[n + 3] = '"', s, '"'
+  return n + 3
+end
+
+-- Appends the JSON of `v` to `out` after position `n`; returns the new position.
+local encode_value
+
+local function encode_table(t, depth, seen, out, n)
+  if depth >= MAX_DEPTH then error("nesting deeper than " .. MAX_DEPTH, 0) end
+  if seen[t] then error("cyclic table", 0) end
+  seen[t] = true
+  local count, array = 0, true
+  for k in pairs(t) do
+    count = count + 1
+    if array and (type(k) ~= "number" or k < 1 or k ~= floor(k)) then array = false end
+  end
+  if count == 0 then
+    n = n + 1; out[n] = "[]"
+  elseif array and t[count] ~= nil and #t == count then
+    n = n + 1; out[n] = "["
+    for i = 1, count do
+      if i > 1 then n = n + 1; out[n] = "," end
+      n = encode_value(t[i], depth + 1, seen, out, n)
+    end
+    n = n + 1; out[n] = "]"
+  else
+    local keys, names, nkeys = {}, {}, 0
+    for k in pairs(t) do
+      local kind, name = type(k), k
+      if kind == "number" then name = encode_number(k)
+      elseif kind == "boolean" then name = tostring(k)
+      elseif kind ~= "string" then error("cannot use a " .. kind .. " as an object key", 0) end
+      if names[name] == nil then  -- {[1]=..., ["1"]=...}: the first in traversal order wins
+        nkeys = nkeys + 1
+        keys[nkeys] = name
+        names[name] = k
+      end
+    end
+    if nkeys > 1 then tbl_sort(keys) end
+    for i = 1, nkeys do
+      local name = keys[i]
+      n = n + 1; out[n] = i == 1 and "{" or ","
+      n = put_string(name, out, n)
+      n = n + 1; out[n] = ":"
+      n = encode_value(t[names[name]], depth + 1, seen, out, n)
+    end
+    n = n + 1; out[n] = "}"
+  end
+  seen[t] = nil
+  return n
+end
+
+encode_value = function(v, depth, seen, out, n)
+  local kind = type(v)
+  if kind == "string" then return put_string(v, out, n) end
+  n = n + 1
+  if kind == "number" then out[n] = encode_number(v)
+  elseif kind == "boolean" then out[n] = v and "true" or "false"
+  elseif kind == "nil" then out[n] = "null"
+  elseif kind == "table" then return encode_table(v, depth, seen, out, n - 1)
+  else error("cannot encode a " .. kind, 0) end
+  return n
+end
+
+-- Returns the JSON text, or nil and the error.
+local function json_encode(v)
+  local out = {}
+  local ok, err = pcall(encode_value, v, 0, {}, out, 0)
+  if not ok then return nil, tostring(err) end
+  local text = concat(out)
+  if str_find(text, "[\128-\255]") then text = host.valid_utf8(text) end
+  return text, nil
+end
+
 -- The connection object (SPEC 5.5) -----------------------------------------------------------
 
 local Conn = {}
@@ -111,7 +219,32 @@ end
 
 function Conn:client_id() return self._cid end
 function Conn:remote_addr() return host.conn_remote_addr(self._cid) end
-function Conn:context() return host.conn_context(self._cid) end
+-- The context as a Lua table, rebuilt from the host only when its version changed; callers get
+-- a deep copy (SPEC 5.5), made here rather than by converting from Python every time.
+local context_cache = {}
+
+local function deep_copy(t)
+  local c = {}
+  for k, v in pairs(t) do
+    if type(v) == "table" then v = deep_copy(v) end
+    c[k] = v
+  end
+  return c
+end
+
+function Conn:context()
+  local version = host.conn_context_version(self._cid)
+  local cached = context_cache[self._cid]
+  if cached == nil or cached.version ~= version then
+    cached = { version = version, table = host.conn_context(self._cid) }
+    if version then context_cache[self._cid] = cached end
+  end
+  return deep_copy(cached.table)
+end
+
+function engine.forget_connection(cid)
+  context_cache[cid] = nil
+end
 function Conn:context_value(key) return host.conn_context_value(self._cid, key) end
 function Conn:set_context(t)
   if type(t) ~= "table" then error("bad argument #1 to 'set_context' (table expected)", 2) end
@@ -131,9 +264,28 @@ function Conn:clear_buffer() return host.conn_clear_buffer(self._cid) end
 
 local LEVELS = { debug = true, info = true, warn = true, error = true }
 
+-- Waiting mix functions check first, so that nothing is sent for a call that cannot wait.
+local function must_wait()
+  if not can_wait() then
+    error(in_protocol and "cannot wait in protocol_*" or "cannot wait here", 3)
+  end
+end
+
+-- The redis object of mix.redis.connection (SPEC 5.4); its name lives here, out of reach.
+local Redis = { __metatable = false }
+Redis.__index = Redis
+local redis_names = setmetatable({}, { __mode = "k" })
+
 local function python_result(ok, ...)
   if ok then return ... end
   error(tostring((...)), 3)
+end
+
+function Redis:command(...)
+  local name = redis_names[self]
+  if name == nil then error("bad argument #1 to 'command' (redis object expected; call r:command(...))", 2) end
+  must_wait()
+  return settle(python_result(pcall(host.redis_command, name, ...)))
 end
 
 local function new_mix()
@@ -141,7 +293,7 @@ local function new_mix()
     DEBUG = "debug", INFO = "info", WARN = "warn", ERROR = "error",
     server = {}, queue = {}, mesh = {},
   }
-  function mix.json_encode(v) return host.json_encode(v) end
+  mix.json_encode = json_encode
   function mix.json_decode(s)
     if type(s) ~= "string" then error("bad argument #1 to 'json_decode' (string expected)", 2) end
     return host.json_decode(s)
@@ -164,12 +316,29 @@ local function new_mix()
   mix.socket = { tcp = mix.socket_tcp }
   mix.socket_tcp = nil
   function mix.server.option(name) return host.server_option(name) end
-  function mix.queue.push(topic, data) return host.queue_push(current_cid, topic, data) end
+  function mix.queue.push(topic, data)
+    local text, err = json_encode(data)
+    if text == nil then return nil, "json: " .. err end
+    return host.queue_push(current_cid, topic, text)
+  end
   function mix.mesh.send(client_id, data, kind)
     return settle(host.mesh_send(current_cid, client_id, data, kind))
   end
   function mix.mesh.publish(channel, data, kind)
     return settle(host.mesh_publish(current_cid, channel, data, kind))
+  end
+  mix.http = {}
+  function mix.http.request(method, url, options)
+    must_wait()
+    return settle(python_result(pcall(host.http_request, method, url, options)))
+  end
+  mix.redis = {}
+  function mix.redis.connection(name)
+    local canonical, err = python_result(pcall(host.redis_connection, name))
+    if canonical == nil then return nil, err end
+    local r = setmetatable({}, Redis)
+    redis_names[r] = canonical
+    return r
   end
   for name, py_fn in pairs(host.extensions) do
     -- Further mix functions registered by the Python side (e.g. "base64_encode" or "http.request").

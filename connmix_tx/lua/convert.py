@@ -55,8 +55,8 @@ def _number(value: float | int) -> int | float:
         return value
     if math.isnan(value) or math.isinf(value):
         raise ConvertError("cannot encode NaN or infinity")
-    if value.is_integer() and abs(value) <= MAX_EXACT_INTEGER:
-        return int(value)
+    if value.is_integer() and abs(value) < 1e21:
+        return int(value)  # integral numbers without a fraction, as Go writes them below 1e21
     return value
 
 
@@ -96,7 +96,12 @@ def lua_to_py(value: object, _depth: int = 0, _seen: frozenset[str] = frozenset(
         for k, v in items:
             result[k - 1] = lua_to_py(v, _depth + 1, seen)
         return result
-    return {_key(k): lua_to_py(v, _depth + 1, seen) for k, v in items}
+    result: dict[str, Any] = {}
+    for k, v in items:
+        name = _key(k)
+        if name not in result:  # {[1]=..., ["1"]=...}: the first in traversal order wins
+            result[name] = lua_to_py(v, _depth + 1, seen)
+    return result
 
 
 def _identity(table: object) -> str:

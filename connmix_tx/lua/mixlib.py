@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+from lupa import luajit21 as lupa
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger, LogLevel
@@ -21,6 +22,8 @@ from connmix_tx.engine.router import Router
 from connmix_tx.ids import InvalidClientId, parse_client_id
 from connmix_tx.lua import stdlib
 from connmix_tx.lua.convert import ConvertError, json_to_lua, lua_to_json, lua_to_py, py_to_lua, text_of
+from connmix_tx.lua.http import HttpClient, HttpError
+from connmix_tx.lua.redis import RedisError, RedisPools, ReplyError
 from connmix_tx.lua.runtime import Script
 
 log = Logger(namespace="connmix.lua")
@@ -69,12 +72,17 @@ class MixLibrary:
         queues: QueueManager,
         clock: IReactorTime,
         options: dict[str, str],
+        http: HttpClient | None = None,
+        redis: RedisPools | None = None,
     ) -> None:
         self.connections = connections
         self.router = router
         self.queues = queues
         self.clock = clock
         self.options = options
+        #: The engine's HTTP client and Redis pools (shared by its servers); replaceable in tests.
+        self.http = http if http is not None else HttpClient(clock)
+        self.redis = redis if redis is not None else RedisPools((), clock)
         self.script: Script | None = None  # set by bind()
         self.entry = ""
 
@@ -94,9 +102,9 @@ class MixLibrary:
 
     def functions(self) -> dict[str, Callable[..., Any]]:
         """The host table for ``bootstrap.lua``."""
-        names = [n for n in dir(self) if n.startswith(("conn_", "mesh_", "queue_", "json_"))]
+        names = [n for n in dir(self) if n.startswith(("conn_", "mesh_", "queue_", "json_", "http_", "redis_"))]
         table = {name: getattr(self, name) for name in names}
-        table.update(log=self.lua_log, server_option=self.server_option)
+        table.update(log=self.lua_log, server_option=self.server_option, valid_utf8=self.valid_utf8)
         return table
 
     # helpers ---------------------------------------------------------------------------------
@@ -118,6 +126,11 @@ class MixLibrary:
     def conn_context(self, cid: bytes) -> Any:
         conn = self._conn(cid)
         return self._to_lua(conn.context if conn else {})
+
+    def conn_context_version(self, cid: bytes) -> int | None:
+        """Changes whenever the context changes (None: no such connection, nothing to cache)."""
+        conn = self._conn(cid)
+        return conn.context_version if conn else None
 
     def conn_context_value(self, cid: bytes, key: object) -> Any:
         conn = self._conn(cid)
@@ -196,11 +209,9 @@ class MixLibrary:
 
     # json, log, options ----------------------------------------------------------------------
 
-    def json_encode(self, value: Any) -> tuple[bytes | None, bytes | None]:
-        try:
-            return lua_to_json(value), None
-        except ConvertError as e:
-            return None, str(e).encode()
+    def valid_utf8(self, text: bytes) -> bytes:
+        """``text`` with invalid UTF-8 replaced byte by byte by U+FFFD (as Go does)."""
+        return text_of(text).encode()
 
     def json_decode(self, text: bytes) -> tuple[Any, bytes | None]:
         assert self.script is not None
@@ -221,15 +232,12 @@ class MixLibrary:
 
     # queue and mesh --------------------------------------------------------------------------
 
-    def queue_push(self, cid: bytes | None, topic: object, data: Any) -> tuple:
+    def queue_push(self, cid: bytes | None, topic: object, payload: bytes) -> tuple:
+        """Store JSON text already encoded by the Lua side (``mix.queue.push``)."""
         try:
             name = _text(topic)
         except TypeError:
             return None, b"invalid topic"
-        try:
-            payload = lua_to_json(data)
-        except ConvertError as e:
-            return None, f"json: {e}".encode()
         try:
             return self.queues.push(name, cid.decode() if cid else "", payload), None
         except QueueError as e:
@@ -258,6 +266,65 @@ class MixLibrary:
             assert self.script is not None
             return self.script.wait(result.addCallback(tuple))
         return 0, result[0], result[1]
+
+    # http and redis (waiting) ---------------------------------------------------------------
+
+    def http_request(self, method: object, url: object, options: object = None) -> tuple:
+        """``resp, err = mix.http.request(method, url[, options])``; bad arguments raise."""
+        assert self.script is not None
+        sending = self.http.request(method, url, options)
+        sending.addCallbacks(lambda response: (self._to_lua(response),), _error_result, errbackArgs=(HttpError,))
+        return self.script.wait(sending)
+
+    def redis_connection(self, name: object) -> tuple[bytes | None, bytes | None]:
+        """The canonical name for ``mix.redis.connection(name)``, or ``nil, err``."""
+        if not isinstance(name, (bytes, int, float)) or isinstance(name, bool):
+            kind = "nil" if name is None else "boolean" if isinstance(name, bool) else lupa.lua_type(name)
+            raise TypeError(f"bad argument #1 to 'connection' (string expected, got {kind})")
+        text = _text(name)
+        if text not in self.redis:
+            return None, f"unknown redis connection: {text}".encode()
+        return text.encode(), None
+
+    def redis_command(self, name: bytes, *args: object) -> tuple:
+        """``v, err = r:command(cmd, ...)`` on the pool ``name``; bad arguments raise."""
+        assert self.script is not None
+        if not args:
+            raise TypeError("bad argument #1 to 'command' (string expected, got no value)")
+        command = [_redis_argument(value, index) for index, value in enumerate(args, 1)]
+        running = self.redis.command(name.decode("utf-8", "replace"), command)
+        running.addCallbacks(
+            lambda reply: (self._to_lua(_redis_value(reply)), None),
+            _error_result, errbackArgs=((RedisError, ReplyError),),
+        )
+        return self.script.wait(running)
+
+
+def _error_result(failure: Failure, kinds: Any) -> tuple:
+    """An expected failure as Lua's ``nil, err``; anything else stays a failure."""
+    failure.trap(kinds)
+    return None, str(failure.value).encode()
+
+
+def _redis_argument(value: object, index: int) -> bytes:
+    """A command argument: strings as they are, numbers in their shortest exact form."""
+    if isinstance(value, bytes):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if float(value).is_integer() and abs(value) < 2**63:
+            return b"%d" % int(value)
+        return repr(float(value)).encode()
+    kind = "nil" if value is None else "boolean" if isinstance(value, bool) else lupa.lua_type(value) or "userdata"
+    raise TypeError(f"bad argument #{index} to 'command' (string or number expected, got {kind})")
+
+
+def _redis_value(reply: Any) -> Any:
+    """A reply as plain Python for ``py_to_lua``; an error inside an array becomes its text."""
+    if isinstance(reply, list):
+        return [_redis_value(item) for item in reply]
+    if isinstance(reply, ReplyError):
+        return str(reply).encode()
+    return reply
 
 
 def _stop_timer(result: Any, timer: Any) -> Any:

@@ -191,6 +191,10 @@ class Script:
                 return source, self.chunk_name(path).encode()
         return None, f"module '{text}' not found in {self.chunk_name(self.entry_dir)}".encode()
 
+    def forget_connection(self, cid: bytes) -> None:
+        """Drop what the Lua side caches for a connection that has ended."""
+        self._engine.forget_connection(cid)
+
     def new_buffer(self, source: bytes, offset: int = 0) -> Any:
         """A buffer object (SPEC 5.6) over ``source[offset:]`` for ``protocol_input``."""
         return self._engine.new_buffer(source, offset)
