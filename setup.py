@@ -64,6 +64,7 @@ setup(
         "msgpack>=1.0",
         "pyOpenSSL>=24.0",
         "service-identity>=24.1",
+        "treq>=23.11",  # mix.http.request
     ],
     extras_require={
         "test": [

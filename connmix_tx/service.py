@@ -39,7 +39,10 @@ from connmix_tx.engine.router import LocalOps, Router
 from connmix_tx.engine.socket_server import SocketServerFactory
 from connmix_tx.engine.websocket import ClientWebSocketFactory
 from connmix_tx.ids import Snowflake, new_node_id
+from connmix_tx.lua.http import HttpClient
 from connmix_tx.lua.mixlib import MixLibrary
+from connmix_tx.lua.redis import RedisPools
+from connmix_tx.lua.reload import HotReloader
 from connmix_tx.lua.runtime import Script, ScriptError
 
 EXIT_CONFIG, EXIT_LISTEN = 2, 3
@@ -211,7 +214,15 @@ class EnginePart(service.MultiService):
         )
         self.router = Router(0, self.local, self.peers)
         self.nodes: list[dict[str, Any]] = []
+        # mix.http / mix.redis of every server share the engine's client and pools (lazy).
+        self.http = HttpClient(reactor)
+        self.redis = RedisPools(engine.luavm.redis, reactor)
         self.scripts = [self._script(i, server) for i, server in enumerate(engine.servers)]
+        #: One hot reloader per server (SPEC 5.9); SIGHUP calls ``set_interval`` on them.
+        self.reloaders = [
+            HotReloader(script, reactor, server.byte_code_expires)
+            for server, script in zip(engine.servers, self.scripts)
+        ]
         self.protocol_listeners: list[Listener] = []
         self.client_factories: list[Any] = []
 
@@ -258,7 +269,10 @@ class EnginePart(service.MultiService):
                 EXIT_CONFIG,
                 f"config engine.servers[{index}].protocol: {server.protocol} servers are not available",
             )
-        library = MixLibrary(self.connections, self.router, self.queues, self.reactor, dict(server.options))
+        library = MixLibrary(
+            self.connections, self.router, self.queues, self.reactor, dict(server.options),
+            http=self.http, redis=self.redis,
+        )
         script = Script(
             server.entry, server.protocol, library.functions(), self.reactor,
             max_memory_mib=self.config.engine.luavm.max_memory,
@@ -280,6 +294,8 @@ class EnginePart(service.MultiService):
         )
         super().startService()
         self.center_link.startService()
+        for reloader in self.reloaders:
+            reloader.start()
 
     def _nodes(self, nodes: list) -> None:
         """A node list from the center: keep one mesh link per other live engine."""
@@ -310,6 +326,8 @@ class EnginePart(service.MultiService):
     @inlineCallbacks
     def stopService(self) -> Any:
         """Stop accepting, close clients with 1001 and wait (bounded) for them, unregister."""
+        for reloader in self.reloaders:
+            reloader.stop()
         yield gatherResults([maybeDeferred(listener.stopService) for listener in self.protocol_listeners])
         for factory in self.client_factories:
             factory.shutdown()
@@ -317,6 +335,8 @@ class EnginePart(service.MultiService):
         yield self._drained(STOP_GRACE)
         self.queues.stop()
         self.peers.stop()
+        self.redis.close()
+        yield self.http.close()
         yield maybeDeferred(self.center_link.stopService)
         yield super().stopService()
 
