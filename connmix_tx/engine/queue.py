@@ -100,10 +100,10 @@ class QueueManager:
 
     def push(self, topic: str, client_id: str, data: bytes) -> int:
         """Store one message; return how many wait in the topic now.  Raise QueueError."""
-        if not valid_name(topic):
-            raise QueueError("invalid topic")
         entry = self.topics.get(topic)
         if entry is None:
+            if not valid_name(topic):
+                raise QueueError("invalid topic")
             entry = self._create(topic)
         if len(entry.messages) >= self.topic_size:
             raise QueueError("queue full")

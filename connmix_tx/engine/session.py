@@ -69,8 +69,15 @@ class CallbackSession:
 
     def message(self, kind: bytes, data: bytes) -> None:
         """A decoded message arrived: run ``on_message`` now or after the current callback."""
-        if self._room():
+        if not self._busy and not self._pending and not self._closing:
+            # The common case, without queueing: nothing else runs for this connection.
+            self._busy = True
+            self.script.run_message(self.conn.cid, kind, data, self._message_done)
+        elif self._room():
             self._submit("on_message", lambda done: self.script.run_message(self.conn.cid, kind, data, done))
+
+    def _message_done(self, ok: bool, values: Any) -> None:
+        self._done("on_message", ok, values)
 
     def call(self, callback: str, *args: Any) -> None:
         """Queue a callback like ``message`` does (e.g. socket ``on_message`` with a decoded value)."""

@@ -65,6 +65,11 @@ local sandbox_coroutine, sandbox_bit = copy(coroutine), copy(bit)
 local sandbox_os = { time = os.time, clock = os.clock, date = os.date, difftime = os.difftime }
 local sandbox_debug = { traceback = traceback }
 
+-- Every chunk of user code (entry, modules, load/loadstring).  While an instruction limit is set
+-- their functions run in the interpreter, where count hooks fire (they do not fire in compiled
+-- traces); the engine's own code here stays compiled.
+local user_chunks = setmetatable({}, { __mode = "k" })
+
 local function load_text(source, chunkname, env)
   if type(source) ~= "string" then
     return nil, "source must be a string"
@@ -75,6 +80,8 @@ local function load_text(source, chunkname, env)
   local fn, err = load(source, chunkname, "t")
   if not fn then return nil, err end
   setfenv(fn, env)
+  user_chunks[fn] = true
+  if instruction_limit > 0 then jit.off(fn, true) end
   return fn
 end
 
@@ -132,9 +139,21 @@ local SPECIAL = '[%z\1-\31"\\]'
 
 -- Pieces go into `out` one by one and are joined once by table.concat: no intermediate string
 -- is built (every Lua string is interned, so concatenations cost).
+-- Strings seen recently, with their escaped form (header names and values repeat in every
+-- message); emptied when it grows past ESCAPED_MAX entries.
+local escaped, escaped_count, ESCAPED_MAX = {}, 0, 4096
+
 local function put_string(s, out, n)
-  if str_find(s, SPECIAL) then s = str_gsub(s, SPECIAL, ESCAPES) end
-  out[n + 1], out[n + 2], out[n + 3] = '"', s, '"'
+  local e = escaped[s]
+  if e == nil then
+    e = s
+    if str_find(s, SPECIAL) then e = str_gsub(s, SPECIAL, ESCAPES) end
+    if #s <= 256 then
+      if escaped_count >= ESCAPED_MAX then escaped, escaped_count = {}, 0 end
+      escaped[s], escaped_count = e, escaped_count + 1
+    end
+  end
+  out[n + 1], out[n + 2], out[n + 3] = '"', e, '"'
   return n + 3
 end
 
@@ -433,6 +452,10 @@ end
 
 function engine.set_instruction_limit(n)
   instruction_limit = n
+  for fn in pairs(user_chunks) do
+    if n > 0 then jit.off(fn, true) else jit.on(fn, true) end
+  end
+  jit.flush()
 end
 
 -- Resume `co` (an engine coroutine) with the given values.  Returns one of

@@ -202,8 +202,8 @@ class Script:
     # Limits --------------------------------------------------------------------------------
 
     def set_instruction_limit(self, limit: int) -> None:
-        """Apply ``engine.luavm.maxInstructions``: the JIT is off while a limit is set (SPEC 5.8)."""
-        self.runtime.execute(b"if ... > 0 then jit.off() else jit.on() end", limit)
+        """Apply ``engine.luavm.maxInstructions`` (hot): user code runs uncompiled while a limit is
+        set, because count hooks do not fire in compiled traces (SPEC 5.8)."""
         self._engine.set_instruction_limit(limit)
 
     # Callbacks -----------------------------------------------------------------------------
