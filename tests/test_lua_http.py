@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import json
 import socket
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any
 
 import pytest
 import pytest_twisted

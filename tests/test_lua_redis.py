@@ -14,17 +14,29 @@ import socket
 import subprocess
 import time
 import uuid
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any, AsyncIterator, Iterator
+from typing import Any
 
 import pytest
 import pytest_twisted
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import HostnameEndpoint
+from twisted.internet.error import ConnectionLost
 from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
 
 from connmix_tx.config import HostPort, RedisConfig
-from connmix_tx.lua.redis import ProtocolError, RedisPool, RedisPools, ReplyError, RespParser, encode_command
+from connmix_tx.lua.redis import (
+    ProtocolError,
+    RedisPool,
+    RedisPools,
+    RedisProtocol,
+    ReplyError,
+    RespParser,
+    encode_command,
+)
 from luahelpers import Engine, make_engine
 
 
@@ -392,3 +404,30 @@ def test_parser_rejects_garbage() -> None:
 
 def test_encode_command() -> None:
     assert encode_command([b"SET", b"k", b"a b"]) == b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$3\r\na b\r\n"
+
+
+def _connected() -> tuple[RedisProtocol, StringTransport]:
+    protocol, transport = RedisProtocol(), StringTransport()
+    protocol.makeConnection(transport)
+    return protocol, transport
+
+
+def test_protocol_matches_replies_in_order() -> None:
+    protocol, transport = _connected()
+    first, second = protocol.execute([b"GET", b"a"]), protocol.execute([b"GET", b"b"])
+    assert transport.value() == encode_command([b"GET", b"a"]) + encode_command([b"GET", b"b"])
+    protocol.dataReceived(b"$1\r\nA\r\n$-")
+    assert first.result == b"A" and not second.called
+    protocol.dataReceived(b"1\r\n")
+    assert second.result is None and protocol.idle
+
+
+def test_garbage_or_an_unexpected_reply_drops_the_connection() -> None:
+    for data in (b"?what\r\n", b"+OK\r\n+EXTRA\r\n"):
+        protocol, transport = _connected()
+        pending = protocol.execute([b"PING"])
+        protocol.dataReceived(data)
+        assert transport.disconnecting or transport.disconnected
+        protocol.connectionLost(Failure(ConnectionLost()))
+        assert pending.called and not protocol.idle
+        pending.addErrback(lambda f: None)

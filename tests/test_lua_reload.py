@@ -9,8 +9,9 @@ from __future__ import annotations
 import asyncio
 import os
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 import websockets
@@ -19,6 +20,7 @@ from twisted.logger import formatEvent, globalLogPublisher
 from conftest import in_asyncio, loopback_config, start_engine
 from connmix_tx.lua.reload import HotReloader
 from luahelpers import STUBS, Engine, make_engine, write_entry
+
 
 V1 = """
 function helper() return "old" end

@@ -25,7 +25,6 @@ from lupa import luajit21 as lupa
 from treq.client import HTTPClient
 from twisted.internet import error as net
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from twisted.web import error as web_error
@@ -179,7 +178,7 @@ class Request:
         if not parts.hostname:
             return "no host in request url"
         try:
-            parts.port
+            _ = parts.port
         except ValueError:
             return f'invalid port in url "{self.url.decode("ascii")}"'
         for name, value in self.headers:
@@ -210,7 +209,7 @@ class _BodyReader(Protocol):
             return
         self.parts.append(data)
 
-    def connectionLost(self, reason: Failure = Failure(ResponseDone())) -> None:
+    def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
         if self.done.called:
             return
         if reason.check(ResponseDone, PotentialDataLoss):

@@ -25,8 +25,9 @@ an error reply, ``"redis: <reason>"`` for everything else.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import HostnameEndpoint
@@ -380,9 +381,7 @@ class RedisPool:
         command.finished = True
         if command.timer is not None and command.timer.active():
             command.timer.cancel()
-        if isinstance(result, Failure):
-            command.result.errback(result)
-        elif isinstance(result, ReplyError):
+        if isinstance(result, (Failure, ReplyError)):
             command.result.errback(result)
         else:
             command.result.callback(result)
