@@ -62,6 +62,7 @@ setup(
         "lupa>=2.2",
         "PyYAML>=6.0",
         "msgpack>=1.0",
+        "prometheus_client>=0.17",
         "pyOpenSSL>=24.0",
         "service-identity>=24.1",
         "treq>=23.11",  # mix.http.request

@@ -2,9 +2,11 @@
 
 ``ConnmixService`` is the root.  ``ROLE_PARTS`` maps a role to the parts it runs: the center
 (registry + center API) and the engine (mesh point, engine API, center link, protocol servers).
-Every listening port is a ``Listener`` built from an endpoint string.  Fatal errors at run time
-(a protocol server port that cannot be bound after registration, a registration that never
-succeeds) go through ``Fatal``: one line on stderr, reactor stop, the exit code of SPEC 2.5.
+Every listening port is a ``Listener`` built from an endpoint string (``ssl:`` for a listener
+with a ``tls`` section, SPEC 10.1).  Fatal errors at run time (a protocol server port that cannot
+be bound after registration, a registration that never succeeds) go through ``Fatal``: one line
+on stderr, reactor stop, the exit code of SPEC 2.5.  Each part keeps its own Prometheus registry
+(``connmix_tx.metrics``); SIGHUP reloads the configuration through ``connmix_tx.reload``.
 """
 
 from __future__ import annotations
@@ -25,17 +27,14 @@ from twisted.logger import Logger
 from connmix_tx import __version__
 from connmix_tx.auth import AccessControl
 from connmix_tx.center.api import center_site
-from connmix_tx.center.pb import registry_factory
+from connmix_tx.center.pb import GuardedPBServerFactory, LoggingPortal, SecretChecker, registry_factory
 from connmix_tx.center.registry import Registry
-from connmix_tx.config import AnyListener, Config
-from connmix_tx.engine.api import ApiDispatcher
+from connmix_tx.config import AnyListener, Config, HostPort
 from connmix_tx.engine.api_server import ApiWebSocketFactory, api_site
 from connmix_tx.engine.center_link import CenterLink
 from connmix_tx.engine.connections import ConnectionRegistry
-from connmix_tx.engine.mesh import mesh_factory
-from connmix_tx.engine.mesh_link import MeshLink, MeshPeers
-from connmix_tx.engine.queue import QueueManager
-from connmix_tx.engine.router import LocalOps, Router
+from connmix_tx.engine.mesh_link import MeshPeers
+from connmix_tx.engine.router import LocalOps
 from connmix_tx.engine.socket_server import SocketServerFactory
 from connmix_tx.engine.websocket import ClientWebSocketFactory
 from connmix_tx.ids import Snowflake, new_node_id
@@ -44,6 +43,11 @@ from connmix_tx.lua.mixlib import MixLibrary
 from connmix_tx.lua.redis import RedisPools
 from connmix_tx.lua.reload import HotReloader
 from connmix_tx.lua.runtime import Script, ScriptError
+from connmix_tx.metrics import (
+    CenterMetrics, EngineMetrics, MeshPointOps, MeteredApiDispatcher, MeteredMeshLink,
+    MeteredMeshRealm, MeteredQueueManager, MeteredRouter, MetricsResource,
+)
+from connmix_tx.tls import TLSError, check_server_files, client_endpoint, server_options
 
 EXIT_CONFIG, EXIT_LISTEN = 2, 3
 #: How long a clean stop waits for clients to finish their close handshakes (SPEC 2.5: < 5 s).
@@ -53,8 +57,8 @@ log = Logger(namespace="connmix.engine")
 
 
 #: ``servers[].protocol`` -> the factory of its listener.  A factory takes
-#: ``(server_config, script, connections, ids, clock)`` and offers ``open_protocols`` and
-#: ``shutdown()``.
+#: ``(server_config, script, connections, ids, clock, meter=None)`` and offers
+#: ``open_protocols``, ``reconfigure(server_config)`` (SIGHUP) and ``shutdown()``.
 SERVER_FACTORIES: dict[str, Callable[..., Any]] = {
     "websocket": ClientWebSocketFactory,
     "socket": SocketServerFactory,
@@ -105,10 +109,38 @@ def _exit_now(code: int) -> None:
     os._exit(code)
 
 
+def _escape(text: str) -> str:
+    """A value for an endpoint description (``\\``, ``:`` and ``=`` are syntax there)."""
+    return text.replace("\\", "\\\\").replace(":", "\\:").replace("=", "\\=")
+
+
 def endpoint_string(listener: AnyListener) -> str:
-    """The server endpoint description of a listener section."""
-    bind = listener.bind.replace(":", "\\:")
-    return f"tcp:{listener.port}:interface={bind}"
+    """The server endpoint description of a listener section: ``tcp:`` or, with ``tls``, ``ssl:``."""
+    bind = _escape(listener.bind)
+    tls = listener.tls
+    if tls is None:
+        return f"tcp:{listener.port}:interface={bind}"
+    return (f"ssl:{listener.port}:interface={bind}:privateKey={_escape(tls.private_key)}"
+            f":certKey={_escape(tls.certificate)}")
+
+
+#: Listeners whose ``tls.caCertificates`` makes peers present a client certificate (SPEC 3.1).
+CLIENT_CERTIFICATE_LISTENERS = ("center.registry", "engine.meshPoint")
+
+
+def server_endpoint(reactor: Any, key: str, listener: AnyListener) -> Any:
+    """The endpoint a listener serves on; a bad certificate or key is a config error (exit 2)."""
+    tls = listener.tls
+    if tls is not None:
+        try:
+            check_server_files(tls)
+            if tls.ca_certificates and key in CLIENT_CERTIFICATE_LISTENERS:
+                # The ssl: description has no way to ask for client certificates.
+                options = server_options(tls, require_client_certificate=True)
+                return endpoints.SSL4ServerEndpoint(reactor, listener.port, options, interface=listener.bind)
+        except TLSError as e:
+            raise FatalError(EXIT_CONFIG, f"config {key}.tls: {e}") from None
+    return endpoints.serverFromString(reactor, endpoint_string(listener))
 
 
 class Listener(StreamServerEndpointService):
@@ -117,7 +149,7 @@ class Listener(StreamServerEndpointService):
     def __init__(
         self, reactor: Any, key: str, listener: AnyListener, factory: Any, started: Callable[[str], None]
     ) -> None:
-        super().__init__(endpoints.serverFromString(reactor, endpoint_string(listener)), factory)
+        super().__init__(server_endpoint(reactor, key, listener), factory)
         self._raiseSynchronously = True
         self.key = key
         self.listener = listener
@@ -140,7 +172,8 @@ class Listener(StreamServerEndpointService):
     def _listening(self, port: IListeningPort) -> IListeningPort:
         self.port = port
         self._bound = port.getHost().port
-        self.started(f"{self.listener.bind}:{self._bound}")
+        scheme = "tls://" if self.listener.tls is not None else ""
+        self.started(f"{scheme}{self.listener.bind}:{self._bound}")
         return port
 
     @property
@@ -157,6 +190,7 @@ class CenterPart(service.MultiService):
         self.setName("center")
         cluster = config.cluster
         self.registry = Registry(reactor, cluster.heartbeat_timeout, cluster.number_reserve)
+        self.metrics = CenterMetrics(self.registry)
         registry_log = Logger(namespace="connmix.registry")
         center_log = Logger(namespace="connmix.center")
         self.registry_listener = Listener(
@@ -167,7 +201,8 @@ class CenterPart(service.MultiService):
         self.registry_listener.setServiceParent(self)
         self.api_listener = Listener(
             reactor, "center.apiServer", config.center.api_server,
-            center_site(self.registry, access, config.center.api_server),
+            center_site(self.registry, access, config.center.api_server,
+                        MetricsResource(self.metrics.registry)),
             lambda address: center_log.info("start the center api server ({address})", address=address),
         )
         self.api_listener.setServiceParent(self)
@@ -201,19 +236,16 @@ class EnginePart(service.MultiService):
         self.fatal = fatal
         self.node_id = new_node_id()
         engine = config.engine
+        self.metrics = EngineMetrics()
         self.connections = ConnectionRegistry()
-        self.queues = QueueManager(reactor, engine.luavm.queue.topic_size, engine.luavm.queue.max_topics)
-        self.local = LocalOps(self.connections)
-        cluster = config.cluster
-        self.peers = MeshPeers(
-            lambda node: MeshLink(
-                reactor, node, self.node_id, cluster.secret,
-                cluster.mesh_timeout, cluster.heartbeat_interval, cluster.heartbeat_timeout,
-            ),
-            self.node_id,
+        self.queues = MeteredQueueManager(
+            self.metrics, reactor, engine.luavm.queue.topic_size, engine.luavm.queue.max_topics
         )
-        self.router = Router(0, self.local, self.peers)
+        self.local = LocalOps(self.connections)
+        self.peers = MeshPeers(self._mesh_link, self.node_id)
+        self.router = MeteredRouter(self.metrics, 0, self.local, self.peers)
         self.nodes: list[dict[str, Any]] = []
+        self.libraries: list[MixLibrary] = []
         # mix.http / mix.redis of every server share the engine's client and pools (lazy).
         self.http = HttpClient(reactor)
         self.redis = RedisPools(engine.luavm.redis, reactor)
@@ -228,23 +260,32 @@ class EnginePart(service.MultiService):
 
         mesh_log = Logger(namespace="connmix.mesh")
         api_log = Logger(namespace="connmix.api")
+        secret = config.cluster.secret
+        mesh_realm = MeteredMeshRealm(MeshPointOps(self.metrics, self.connections), self.metrics)
         self.mesh_listener = Listener(
-            reactor, "engine.meshPoint", engine.mesh_point, mesh_factory(self.local, config.cluster.secret),
+            reactor, "engine.meshPoint", engine.mesh_point,
+            GuardedPBServerFactory(LoggingPortal(mesh_realm, [SecretChecker(secret)], "mesh"), secret, "mesh"),
             lambda address: mesh_log.info("start the mesh node ({address})", address=address),
         )
         self.mesh_listener.setServiceParent(self)
         self.api_factory = ApiWebSocketFactory(
-            engine.api_server, ApiDispatcher(self.router, self.queues, access), self.queues,
-            self.node_id,
+            engine.api_server, MeteredApiDispatcher(self.metrics, self.router, self.queues, access),
+            self.queues, self.node_id, metrics=self.metrics, clock=reactor,
         )
         self.api_listener = Listener(
-            reactor, "engine.apiServer", engine.api_server, api_site(self.api_factory),
+            reactor, "engine.apiServer", engine.api_server,
+            api_site(self.api_factory, MetricsResource(self.metrics.registry)),
             lambda address: api_log.info("start the api server ({address})", address=address),
         )
         self.api_listener.setServiceParent(self)
+        self.metrics.watch(self)
 
         def center_endpoint() -> tuple[Any, str]:
             host, port = center_address()
+            tls = config.center.registry.tls
+            if tls is not None:
+                endpoint = client_endpoint(reactor, host, port, tls, engine.mesh_point.tls)
+                return endpoint, f"{host}:{port}"
             text = f"tcp:{host.replace(':', chr(92) + ':')}:{port}"
             return endpoints.clientFromString(reactor, text), f"{host}:{port}"
 
@@ -263,6 +304,18 @@ class EnginePart(service.MultiService):
         )
         self.center_link.registered.addCallback(self._registered)
 
+    def _mesh_link(self, node: dict[str, Any]) -> MeteredMeshLink:
+        """The link to another engine's mesh point; TLS when this engine's meshPoint has ``tls``."""
+        cluster, tls = self.config.cluster, self.config.engine.mesh_point.tls
+        endpoint = None
+        if tls is not None:
+            target = HostPort.parse(str(node["mesh_point"]))
+            endpoint = client_endpoint(self.reactor, target.host, target.port, tls, tls, timeout=5)
+        return MeteredMeshLink(
+            self.metrics, self.reactor, node, self.node_id, cluster.secret,
+            cluster.mesh_timeout, cluster.heartbeat_interval, cluster.heartbeat_timeout, endpoint=endpoint,
+        )
+
     def _script(self, index: int, server: Any) -> Script:
         if server.protocol not in SERVER_FACTORIES:
             raise FatalError(
@@ -280,6 +333,7 @@ class EnginePart(service.MultiService):
             extensions=library.extensions(),
         )
         library.bind(script)
+        self.libraries.append(library)
         try:
             script.load()
         except ScriptError as e:
@@ -307,14 +361,17 @@ class EnginePart(service.MultiService):
         ids = Snowflake(number)
         server_log = Logger(namespace="connmix.server")
         for index, (server, script) in enumerate(zip(self.config.engine.servers, self.scripts)):
-            factory = SERVER_FACTORIES[server.protocol](server, script, self.connections, ids, self.reactor)
-            listener = Listener(
-                self.reactor, f"engine.servers[{index}]", server, factory,
-                lambda address, entry=server.entry: server_log.info(
-                    "start the protocol server {entry} ({address})", entry=entry, address=address
-                ),
+            meter = self.metrics.server(server.protocol, script.chunk_name(server.entry))
+            factory = SERVER_FACTORIES[server.protocol](
+                server, script, self.connections, ids, self.reactor, meter=meter
             )
             try:
+                listener = Listener(
+                    self.reactor, f"engine.servers[{index}]", server, factory,
+                    lambda address, entry=server.entry: server_log.info(
+                        "start the protocol server {entry} ({address})", entry=entry, address=address
+                    ),
+                )
                 listener.privilegedStartService()
             except FatalError as e:
                 self.fatal(e.code, e.message)
@@ -367,6 +424,8 @@ class ConnmixService(service.MultiService):
         self.engine: EnginePart | None = None
         #: One access control for every API listener of the process (hot on SIGHUP).
         self.access = AccessControl(config.access)
+        #: Set by the twistd plugin: what SIGHUP runs (``connmix_tx.reload.Reloader``).
+        self.reloader: Any = None
         for part in ROLE_PARTS[role]:
             part(self, config, reactor, fatal)
 
@@ -378,11 +437,12 @@ class ConnmixService(service.MultiService):
             raise SystemExit(e.code) from None
 
     def install_signal_handlers(self, reactor: Any) -> None:
-        """SIGTERM / SIGINT stop cleanly with exit 0 (SPEC 2.5, 2.6).
+        """SIGTERM / SIGINT stop cleanly with exit 0 (SPEC 2.5, 2.6); SIGHUP reloads (SPEC 3.4).
 
         twistd would otherwise re-raise the signal after the reactor stops, so the process
         would end "killed by SIGTERM" instead of exiting 0.  Called once the reactor runs,
-        because the reactor installs its own handlers at start.
+        because the reactor installs its own handlers at start.  A reload runs on the reactor
+        thread, one after the other: a SIGHUP during a reload is applied after it.
         """
 
         def stop(signum: int, frame: Any) -> None:
@@ -391,6 +451,10 @@ class ConnmixService(service.MultiService):
 
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, stop)
+
+        reloader = self.reloader
+        if reloader is not None:
+            signal.signal(signal.SIGHUP, lambda signum, frame: reactor.callFromThread(reloader.reload))
 
 
 def _add_center(root: ConnmixService, config: Config, reactor: Any, fatal: Callable) -> None:

@@ -2,7 +2,7 @@
 
 Wiring only.  ``Options.postOptions`` validates the flags, loads the configuration (one line and
 exit 2 on error, no usage text), installs our log observer in place of twistd's, and prints the
-banner; ``makeService`` builds the service tree for the role.
+banner; ``makeService`` builds the service tree for the role and gives it the SIGHUP reloader.
 """
 
 from __future__ import annotations
@@ -117,6 +117,7 @@ def makeService(options: Options) -> Any:
     from twisted.logger import Logger
 
     from connmix_tx.service import ConnmixService, Fatal, FatalError, write_fatal_line
+    from connmix_tx.reload import Reloader
 
     log = Logger(namespace="connmix.config")
     config = options.config
@@ -129,5 +130,6 @@ def makeService(options: Options) -> Any:
     except FatalError as e:
         write_fatal_line(e.message)
         raise SystemExit(e.code) from None
+    root.reloader = Reloader(root, getattr(options, "log_control", None))
     reactor.callWhenRunning(root.install_signal_handlers, reactor)
     return root

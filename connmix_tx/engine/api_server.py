@@ -4,7 +4,14 @@
 ``ApiWebSocketProtocol`` is thin: each text or binary message goes to ``ApiDispatcher.handle``;
 replies are written in request order even when some of them wait for another engine; queue
 events are written as the queues deliver them.  ``HttpApiMethod`` runs one dispatcher method per
-POST, in the compact dialect, and maps its errors to HTTP statuses (SPEC 7.4).
+POST, in the compact dialect, and maps its errors to HTTP statuses (SPEC 7.4).  ``GET /metrics``
+serves the engine's Prometheus registry (SPEC 7.5).
+
+Limits (SPEC 7.7): a WebSocket message above ``maxMessageSize`` closes with 1009 (Autobahn), an
+HTTP body above it gets 413; an API connection with more than ``maxWriteBuffer`` bytes queued is
+closed with 4008, one whose queue does not move for ``writeTimeout`` seconds is aborted; an HTTP
+request idle for ``readTimeout`` seconds is dropped (a WebSocket gets auto-pings instead).  These
+are "new conns" keys: ``ApiWebSocketFactory.reconfigure`` applies them to later connections.
 """
 
 from __future__ import annotations
@@ -27,23 +34,30 @@ from connmix_tx.engine.api import (
     COMPACT, INTERNAL_ERROR, INVALID_REQUEST, PARSE_ERROR, ApiDispatcher, ApiError, ApiSession,
     strict_loads,
 )
+from connmix_tx.engine.outbound import WriteWatch, buffered_bytes
 from connmix_tx.engine.queue import QueueManager
-from connmix_tx.engine.websocket import peer_address
+from connmix_tx.engine.websocket import CLOSE_SLOW, WRITE_TIMEOUT, peer_address, websocket_options
 from connmix_tx.web import METHOD_NOT_ALLOWED_BODY, JsonTree, QuietSite, json_response
 
+__all__ = ["ApiWebSocketFactory", "ApiWebSocketProtocol", "HttpApiMethod", "api_site", "buffered_bytes"]
 
 log = Logger(namespace="connmix.api")
 
-def buffered_bytes(transport: Any) -> int:
-    """Bytes written to ``transport`` and not yet accepted by the kernel.
 
-    Twisted has no public accessor; ``FileDescriptor`` keeps them in ``dataBuffer`` (from
-    ``offset``) and ``_tempDataBuffer``.  Transports without those attributes report 0.
-    """
-    try:
-        return len(transport.dataBuffer) - transport.offset + transport._tempDataLen
-    except AttributeError:
-        return 0
+class MeteredSession(ApiSession):
+    """``ApiSession`` that counts the queue events it writes, per topic (SPEC 7.5)."""
+
+    def __init__(self, metrics: Any, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._metrics = metrics
+        self._delivered: dict[str, Any] = {}
+
+    def deliver(self, topic: str, client_id: str, data: bytes) -> None:
+        child = self._delivered.get(topic)
+        if child is None:
+            child = self._delivered[topic] = self._metrics.delivered(topic)
+        child.inc()
+        super().deliver(topic, client_id, data)
 
 
 class ApiWebSocketProtocol(WebSocketServerProtocol):
@@ -53,20 +67,31 @@ class ApiWebSocketProtocol(WebSocketServerProtocol):
     session: ApiSession | None = None
     #: The user name the handshake was admitted as (set by the factory, SPEC 10).
     user: str | None = None
+    write_timeout = 0
+    max_write_buffer = 0
+    _slow = False
+
+    def connectionMade(self) -> None:
+        limits = self.factory.config
+        self.write_timeout, self.max_write_buffer = limits.write_timeout, limits.max_write_buffer
+        super().connectionMade()
 
     def onOpen(self) -> None:
         self.peer_text = peer_address(self.transport)
-        self.session = ApiSession(
-            self._write, self._buffered, self.factory.node_id, self.peer_text, user=self.user
-        )
+        factory = self.factory
+        args = (self._write, self._buffered, factory.node_id, self.peer_text)
+        if factory.metrics is not None:
+            self.session = MeteredSession(factory.metrics, *args, user=self.user)
+        else:
+            self.session = ApiSession(*args, user=self.user)
         self._replies: deque[list] = deque()
-        self.factory.open_protocols.add(self)
+        factory.open_protocols.add(self)
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         assert self.session is not None
         reply = self.factory.dispatcher.handle(self.session, payload)
         if not isinstance(reply, Deferred) and not self._replies:
-            self.sendMessage(reply)
+            self._write(reply)
             return
         slot: list = [None]
         self._replies.append(slot)
@@ -78,18 +103,46 @@ class ApiWebSocketProtocol(WebSocketServerProtocol):
     def _fill(self, reply: bytes, slot: list) -> None:
         slot[0] = reply
         while self._replies and self._replies[0][0] is not None:
-            ready = self._replies.popleft()[0]
-            if self.state == self.STATE_OPEN:
-                self.sendMessage(ready)
+            self._write(self._replies.popleft()[0])
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         self.factory.open_protocols.discard(self)
+        self.factory.write_watch.forget(self)
         if self.session is not None:
             self.factory.queues.unconsume(self.session)
 
     def _write(self, data: bytes) -> None:
+        """Send one message; then the slow-consumer check and the write watch (SPEC 7.7)."""
+        if self.state != self.STATE_OPEN:
+            return
+        self.sendMessage(data)
+        buffered = buffered_bytes(self.transport)
+        if buffered > self.max_write_buffer:
+            self.close_slow(buffered)
+        elif buffered and self.write_timeout:
+            self.factory.write_watch.written(self)
+
+    def close_slow(self, buffered: int) -> None:
+        """Close with 4008; Autobahn's 1 s close-handshake timeout aborts a peer that never reads."""
+        if self._slow:
+            return
+        self._slow = True
+        log.warn("close slow api connection {peer} buffered={bytes}", peer=self.peer_text, bytes=buffered)
+        if self.factory.metrics is not None:
+            self.factory.metrics.slow_api.inc()
+        if self.session is not None:
+            self.factory.queues.unconsume(self.session)  # stop feeding it events at once
+        self.sendCloseFrame(CLOSE_SLOW, b"slow consumer", isReply=False)
+
+    def write_timed_out(self) -> None:
+        """Nothing queued for this connection was taken for ``writeTimeout`` seconds: abort."""
+        log.debug("api connection {peer}: {reason}", peer=self.peer_text, reason=WRITE_TIMEOUT)
+        self.dropConnection(abort=True)
+
+    def close_removed_user(self) -> None:
+        """Its user was removed from ``access.users`` (SIGHUP, SPEC 3.4): close with 4001."""
         if self.state == self.STATE_OPEN:
-            self.sendMessage(data)
+            self.sendCloseFrame(4001, b"user removed", isReply=False)
 
     def _buffered(self) -> int:
         return buffered_bytes(self.transport)
@@ -102,29 +155,40 @@ class ApiWebSocketFactory(WebSocketServerFactory):
     noisy = False
 
     def __init__(
-        self, config: ApiServerConfig, dispatcher: ApiDispatcher, queues: QueueManager, node_id: str
+        self,
+        config: ApiServerConfig,
+        dispatcher: ApiDispatcher,
+        queues: QueueManager,
+        node_id: str,
+        metrics: Any = None,
+        clock: Any = None,
     ) -> None:
         super().__init__(server="connmix")
-        self.config = config
         self.dispatcher = dispatcher
         self.queues = queues
         self.node_id = node_id
+        self.metrics = metrics
+        if clock is None:
+            from twisted.internet import reactor as clock
+        self.write_watch = WriteWatch(clock)
         self.open_protocols: set[ApiWebSocketProtocol] = set()
+        #: The Site serving this factory (set by ``api_site``): its HTTP timeout follows readTimeout.
+        self.site: Site | None = None
+        self._handshake_user: str | None = None
+        self.reconfigure(config)
+
+    def reconfigure(self, config: ApiServerConfig) -> None:
+        """Use ``config``'s "new conns" keys for the connections and requests accepted from now on."""
+        self.config = config
         half = config.read_timeout / 2 if config.read_timeout else 0
         self.setProtocolOptions(
-            maxFramePayloadSize=config.max_message_size,
-            maxMessagePayloadSize=config.max_message_size,
             autoPingInterval=half,
             autoPingTimeout=half,
             autoPingRestartOnAnyTraffic=True,
-            openHandshakeTimeout=10,
-            closeHandshakeTimeout=1,
-            utf8validateIncoming=True,
-            failByDrop=False,
-            webStatus=False,
-            trustXForwardedFor=0,
+            **websocket_options(config.max_message_size, False),
         )
-        self._handshake_user: str | None = None
+        if self.site is not None:
+            self.site.timeOut = config.read_timeout or None
 
     def buildProtocol(self, addr: Any) -> ApiWebSocketProtocol:
         proto = super().buildProtocol(addr)
@@ -148,6 +212,17 @@ class ApiWebSocketFactory(WebSocketServerFactory):
         for proto in list(self.open_protocols):
             if proto.state == proto.STATE_OPEN:
                 proto.sendCloseFrame(1001, b"server stopping", isReply=False)
+        self.write_watch.stop()
+
+    def users_replaced(self) -> None:
+        """``access.users`` changed: close the connections whose user no longer exists (4001)."""
+        access = self.dispatcher.access
+        if access is None:
+            return
+        names = {user.username for user in access.config.users}
+        for proto in list(self.open_protocols):
+            if proto.user is not None and proto.user not in names:
+                proto.close_removed_user()
 
 
 class ApiWebSocketResource(WebSocketResource):
@@ -158,8 +233,14 @@ class ApiWebSocketResource(WebSocketResource):
         self.api_factory = factory
 
     def render(self, request: Request) -> Any:
+        channel = request.channel
         with self.api_factory.admitted(request_user(request)):
-            return super().render(request)
+            result = super().render(request)
+        if request.channel is channel and channel.transport is None:
+            # Upgraded: the WebSocket owns the connection now; the HTTP request timeout
+            # (readTimeout) must not fire on it later.
+            channel.setTimeout(None)
+        return result
 
 
 #: HTTP status of an API error code on the HTTP API; the others (101, 401...) are 200 (SPEC 7.4).
@@ -171,26 +252,30 @@ class HttpApiMethod(Resource):
 
     isLeaf = True
 
-    def __init__(self, dispatcher: ApiDispatcher, method: str, node_id: str, max_size: int) -> None:
+    def __init__(
+        self, dispatcher: ApiDispatcher, method: str, node_id: str, max_size: int | Any
+    ) -> None:
         super().__init__()
         self.dispatcher = dispatcher
         self.method = method
         self.node_id = node_id
+        #: The body size cap, or a callable returning it (the factory's current maxMessageSize).
         self.max_size = max_size
 
     def render(self, request: Request) -> Any:
         if request.method != b"POST":
             request.setHeader(b"allow", b"POST")
             return json_response(request, 405, METHOD_NOT_ALLOWED_BODY)
-        body = request.content.read(self.max_size + 1) if request.content is not None else b""
-        if len(body) > self.max_size:
-            return self._error(request, ApiError(INVALID_REQUEST, "request too large"), 413)
+        max_size = self.max_size() if callable(self.max_size) else self.max_size
+        body = request.content.read(max_size + 1) if request.content is not None else b""
+        if len(body) > max_size:
+            return self._refused(request, ApiError(INVALID_REQUEST, "request too large"), 413)
         try:
             spec = strict_loads(body)
         except (ValueError, RecursionError):
-            return self._error(request, ApiError(PARSE_ERROR, "parse error: invalid JSON"))
+            return self._refused(request, ApiError(PARSE_ERROR, "parse error: invalid JSON"))
         if not isinstance(spec, dict):
-            return self._error(request, ApiError(PARSE_ERROR, "parse error: the body is a JSON object"))
+            return self._refused(request, ApiError(PARSE_ERROR, "parse error: the body is a JSON object"))
         peer = peer_address(request.channel)
         session = ApiSession(_discard, lambda: 0, self.node_id, peer, user=request_user(request))
         try:
@@ -218,16 +303,24 @@ class HttpApiMethod(Resource):
         status = status or HTTP_STATUS.get(error.code, 200)
         return json_response(request, status, COMPACT.envelope_error(error.code, error.message))
 
+    def _refused(self, request: Request, error: ApiError, status: int | None = None) -> bytes:
+        """An error before the method ran: counted here (the dispatcher never saw it)."""
+        count = getattr(self.dispatcher, "count", None)
+        if count is not None:
+            count(self.method, error.code)
+        return self._error(request, error, status)
+
 
 def _discard(data: bytes) -> None:
     """An HTTP request consumes nothing, so nothing is ever written to its session."""
 
 
-def api_site(factory: ApiWebSocketFactory) -> Site:
-    """The Site served on ``engine.apiServer``: ``/ws/v1``, ``/v1/mesh/*`` and JSON 404s.
+def api_site(factory: ApiWebSocketFactory, metrics: Resource | None = None) -> Site:
+    """The Site served on ``engine.apiServer``: ``/ws/v1``, ``/v1/mesh/*``, ``/metrics`` (when
+    ``metrics`` is given) and JSON 404s.
 
     Every path is behind ``AccessGuard`` with the dispatcher's ``AccessControl``; a dispatcher
-    without one (tests, tools) gets no guard.
+    without one (tests, tools) gets no guard.  HTTP requests time out after ``readTimeout``.
     """
     config, dispatcher = factory.config, factory.dispatcher
     root = JsonTree()
@@ -236,11 +329,17 @@ def api_site(factory: ApiWebSocketFactory) -> Site:
     root.putChild(b"ws", ws)
     v1, mesh = JsonTree(), JsonTree()
     for name in (b"send", b"publish"):
-        method = HttpApiMethod(dispatcher, "mesh." + name.decode(), factory.node_id, config.max_message_size)
-        mesh.putChild(name, method)
+        max_size = lambda: factory.config.max_message_size  # noqa: E731 - read per request
+        mesh.putChild(name, HttpApiMethod(dispatcher, "mesh." + name.decode(), factory.node_id, max_size))
     v1.putChild(b"mesh", mesh)
     root.putChild(b"v1", v1)
+    if metrics is not None:
+        root.putChild(b"metrics", metrics)
     if dispatcher.access is None:
-        return QuietSite(root)
-    dispatcher.access.add_listener("api", config.bind, config.port)
-    return QuietSite(AccessGuard(root, dispatcher.access, query_paths=[b"/ws/v1"]))
+        site = QuietSite(root, timeout=config.read_timeout or None)
+    else:
+        dispatcher.access.add_listener("api", config.bind, config.port)
+        guarded = AccessGuard(root, dispatcher.access, query_paths=[b"/ws/v1"])
+        site = QuietSite(guarded, timeout=config.read_timeout or None)
+    factory.site = site
+    return site

@@ -7,6 +7,10 @@ through the connection's ``CallbackSession`` (so ordering and the pending limit 
 websocket servers).  Outbound, ``conn:send`` writes raw bytes while every delivery from outside the
 script (API, mesh, publish) goes through ``protocol_encode``.  ``SocketServerFactory`` holds what
 the connections of one configured server share.
+
+Outbound limits (SPEC 4.1): above the connection's ``maxWriteBuffer`` a client is a slow consumer
+and is aborted; a queue that does not move for ``writeTimeout`` seconds aborts it too.  As on
+websocket servers, a connection keeps the settings it was accepted with (``limits``).
 """
 
 from __future__ import annotations
@@ -23,12 +27,14 @@ from connmix_tx.config import ServerConfig
 from connmix_tx.engine.connections import (
     CLOSED,
     ENCODE_FAILED,
+    SLOW_CONSUMER,
     ClientConnection,
     ConnectionRegistry,
 )
+from connmix_tx.engine.outbound import WriteWatch, buffered_bytes
 from connmix_tx.engine.session import MAX_PENDING, CallbackSession
 from connmix_tx.engine.timeouts import IdleWheel
-from connmix_tx.engine.websocket import peer_address
+from connmix_tx.engine.websocket import WRITE_TIMEOUT, NullMeter, peer_address
 from connmix_tx.ids import Snowflake
 from connmix_tx.lua.runtime import Script, ScriptError
 
@@ -49,6 +55,11 @@ class SocketServerProtocol(Protocol):
     conn: ClientConnection | None = None
     session: CallbackSession | None = None
     last_received = 0.0
+    meter: Any = NullMeter()
+    #: The server settings this connection was accepted with ("new conns" keys).
+    limits: ServerConfig
+    write_timeout = 0
+    max_write_buffer = 0
 
     def __init__(self) -> None:
         self._buffer = bytearray()
@@ -63,14 +74,19 @@ class SocketServerProtocol(Protocol):
 
     def connectionMade(self) -> None:
         factory = self.factory
+        self.limits = limits = factory.config
+        self.write_timeout, self.max_write_buffer = limits.write_timeout, limits.max_write_buffer
+        self.meter = factory.meter
+        self.wheel = factory.wheel
         factory.open_protocols.add(self)
         self.last_received = factory.clock.seconds()
-        factory.wheel.watch(self)
+        self.wheel.watch(self)
         conn = ClientConnection(factory.ids.next_id(), peer_address(self.transport), self)
         self.conn = conn
         factory.connections.add(conn)
         self.session = CallbackSession(
-            factory.script, conn, on_overflow=self._overflow, on_finished=self._finished
+            factory.script, conn, on_overflow=self._overflow, on_finished=self._finished,
+            on_error=self.meter.lua_error,
         )
         log.debug(
             "client {client_id} connected from {remote_addr} on {port}",
@@ -102,7 +118,7 @@ class SocketServerProtocol(Protocol):
         conn = self.conn
         if conn is not None and conn.ready:
             self._process()
-        elif len(self._buffer) > self.factory.config.max_message_size and not self._paused:
+        elif len(self._buffer) > self.limits.max_message_size and not self._paused:
             # on_connect still waits: keep what arrived, but let TCP hold back the rest rather
             # than buffering without bound.  Reading resumes once on_connect has finished.
             self._paused = True
@@ -111,7 +127,8 @@ class SocketServerProtocol(Protocol):
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         factory = self.factory
         factory.open_protocols.discard(self)
-        factory.wheel.forget(self)
+        self.wheel.forget(self)
+        factory.write_watch.forget(self)
         self._buffer.clear()
         conn, session = self.conn, self.session
         if conn is None or session is None or conn.closed:
@@ -201,7 +218,7 @@ class SocketServerProtocol(Protocol):
                 return
             if decoded and decoded[0] is not None and not self._closing:
                 self._message(decoded[0])
-        if len(self._buffer) > factory.config.max_message_size and not self._closing:
+        if len(self._buffer) > self.limits.max_message_size and not self._closing:
             self._close(TOO_LARGE)
 
     def _message(self, value: Any) -> None:
@@ -217,12 +234,14 @@ class SocketServerProtocol(Protocol):
             )
             self._overflow()
             return
+        self.meter.read.inc()
         session.call("on_message", value)
 
     def _lua_error(self, callback: str, message: str) -> None:
         """Log an error raised by a framing callback (SPEC 5.10)."""
         script = self.factory.script
         assert self.conn is not None
+        self.meter.lua_error(callback)
         lua_log.error(
             "lua error in {callback} ({entry}) client {client_id}: {error}",
             callback=callback,
@@ -255,6 +274,36 @@ class SocketServerProtocol(Protocol):
     def idle_timeout(self) -> None:
         self._close("read timeout")
 
+    def write_timed_out(self) -> None:
+        """Nothing queued for this client was taken for ``writeTimeout`` seconds: abort."""
+        self._abort(WRITE_TIMEOUT)
+
+    def _abort(self, err: str) -> None:
+        """Drop the connection at once, queued output included; ``on_close`` gets ``err``."""
+        if self._closing and self._close_err is not None:
+            err = self._close_err
+        self._closing = True
+        self._close_err = err
+        self._buffer.clear()
+        self.transport.abortConnection()
+
+    def _written(self) -> str | None:
+        """After a write: the slow-consumer check (SPEC 4.1) and the write watch."""
+        buffered = buffered_bytes(self.transport)
+        if buffered > self.max_write_buffer:
+            self.meter.errors.inc()
+            if not self._closing or self._close_err != SLOW_CONSUMER:
+                assert self.conn is not None
+                log.warn("close slow client {client_id} buffered={bytes}",
+                         client_id=self.conn.client_id, bytes=buffered)
+                self.meter.slow.inc()
+                self._abort(SLOW_CONSUMER)
+            return SLOW_CONSUMER
+        self.meter.sent.inc()
+        if buffered and self.write_timeout:
+            self.factory.write_watch.written(self)
+        return None
+
     def shutdown(self) -> None:
         """The server stops."""
         self._close("server stopping")
@@ -264,10 +313,12 @@ class SocketServerProtocol(Protocol):
     def send_message(self, data: bytes, binary: bool) -> str | None:
         """``conn:send`` on a socket server: the bytes as they are (the type is ignored)."""
         if self._closing or self.conn is None or self.conn.closed:
+            self.meter.errors.inc()
             return CLOSED
-        if data:
-            self.transport.write(data)
-        return None
+        if not data:
+            return None
+        self.transport.write(data)
+        return self._written()
 
     def deliver(self, data: bytes, binary: bool, shared: dict[str, Any]) -> str | None:
         """A message from outside the script: through ``protocol_encode`` for every recipient.
@@ -277,12 +328,14 @@ class SocketServerProtocol(Protocol):
         """
         conn = self.conn
         if self._closing or conn is None or not conn.live:
+            self.meter.errors.inc()
             return CLOSED
         script = self.factory.script
         try:
             values = script.call_protocol("protocol_encode", conn.cid, data, BINARY if binary else TEXT)
         except ScriptError as e:
             self._lua_error("protocol_encode", str(e))
+            self.meter.errors.inc()
             return ENCODE_FAILED
         frame = values[0] if values else None
         if not isinstance(frame, bytes) or not frame:
@@ -292,11 +345,13 @@ class SocketServerProtocol(Protocol):
                 client_id=conn.client_id,
                 value=frame,
             )
+            self.meter.errors.inc()
             return ENCODE_FAILED
         if self._closing:
+            self.meter.errors.inc()
             return CLOSED  # protocol_encode closed the connection
         self.transport.write(frame)
-        return None
+        return self._written()
 
     def close_connection(self) -> None:
         """``conn:close()``: a clean close (``on_close`` gets nil)."""
@@ -340,20 +395,34 @@ class SocketServerFactory(Factory):
         connections: ConnectionRegistry,
         ids: Snowflake,
         clock: IReactorTime,
+        meter: Any = None,
     ) -> None:
         self.config = config
         self.script = script
         self.connections = connections
         self.ids = ids
         self.clock = clock
+        self.meter = meter if meter is not None else NullMeter()
         self.wheel = IdleWheel(clock, config.read_timeout)
+        self._wheels = [self.wheel]
+        self.write_watch = WriteWatch(clock)
         self.open_protocols: set[SocketServerProtocol] = set()
         # engine.new_buffer (bootstrap.lua) makes the Lua buffer object of SPEC 5.6.  Script has no
         # public handle on its driver table, hence the private attribute.
         self.new_buffer = script.new_buffer
 
+    def reconfigure(self, config: ServerConfig) -> None:
+        """Use ``config``'s "new conns" keys for the connections accepted from now on."""
+        self.config = config
+        if config.read_timeout != self.wheel.timeout:
+            # Open connections keep the wheel (and timeout) they were accepted with.
+            self.wheel = IdleWheel(self.clock, config.read_timeout)
+            self._wheels = [w for w in self._wheels if len(w)] + [self.wheel]
+
     def shutdown(self) -> None:
-        """Close every client (flush, then TCP close) and stop the idle wheel."""
+        """Close every client (flush, then TCP close) and stop the idle wheels and write watch."""
         for proto in list(self.open_protocols):
             proto.shutdown()
-        self.wheel.stop()
+        for wheel in self._wheels:
+            wheel.stop()
+        self.write_watch.stop()

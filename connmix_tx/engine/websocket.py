@@ -1,16 +1,23 @@
 """The ``protocol: websocket`` server (SPEC 4.1, 4.2): Autobahn does the framing, Lua the logic.
 
 ``WebSocketServerFactory`` holds what all connections of one configured server share (script,
-id generator, idle wheel, options); ``ClientWebSocketProtocol`` is a thin adapter that turns
-Autobahn's events into calls on the connection's ``CallbackSession`` and implements
+id generator, idle wheel, write watch, options); ``ClientWebSocketProtocol`` is a thin adapter that
+turns Autobahn's events into calls on the connection's ``CallbackSession`` and implements
 ``ClientTransport`` for the engine.
+
+The "new conns" keys of the server (SPEC 3.1: timeouts, sizes, ``options``, ``compression``) are
+read when a connection is accepted: a protocol keeps the ``ServerConfig`` it started with
+(``limits``) and its idle wheel, and ``reconfigure`` (SIGHUP) changes only what the factory
+hands to later connections.
 """
 
 from __future__ import annotations
 
+from fnmatch import fnmatchcase
 from typing import Any
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from autobahn.websocket.compress import PerMessageDeflateOffer, PerMessageDeflateOfferAccept
 from autobahn.websocket.protocol import PreparedMessage
 from autobahn.websocket.types import ConnectionDeny
 from twisted.internet.defer import Deferred
@@ -21,9 +28,11 @@ from connmix_tx.config import ServerConfig
 from connmix_tx.engine.connections import (
     CLOSED,
     INVALID_UTF8,
+    SLOW_CONSUMER,
     ClientConnection,
     ConnectionRegistry,
 )
+from connmix_tx.engine.outbound import WriteWatch, buffered_bytes
 from connmix_tx.engine.session import CallbackSession
 from connmix_tx.engine.timeouts import IdleWheel
 from connmix_tx.ids import Snowflake
@@ -32,9 +41,69 @@ from connmix_tx.lua.runtime import Script
 
 TEXT, BINARY = b"text", b"binary"
 CLOSE_NORMAL, CLOSE_GOING_AWAY, CLOSE_POLICY = 1000, 1001, 1008
+CLOSE_TOO_BIG = 1009
+#: SPEC 4.1 / 7.7: the peer does not read what it is sent.
+CLOSE_SLOW = 4008
+WRITE_TIMEOUT = "write timeout"
+#: SPEC 4.2: the whole opening handshake, ``on_handshake`` included.
+HANDSHAKE_TIMEOUT = 10
 log = Logger(namespace="connmix.server")
 
-CLOSE_TOO_BIG = 1009
+
+class _NoCount:
+    """A counter that counts nothing (a factory built without metrics: unit tests, tools)."""
+
+    def inc(self, amount: float = 1) -> None:
+        pass
+
+    def observe(self, amount: float) -> None:
+        pass
+
+
+class NullMeter:
+    """The ``connmix_tx.metrics.ServerMeter`` interface, counting nothing."""
+
+    read = sent = errors = local_send = slow = _NoCount()
+
+    def lua_error(self, callback: str, message: Any = None) -> None:
+        pass
+
+
+def accept_deflate(offers: list) -> PerMessageDeflateOfferAccept | None:
+    """Accept the first permessage-deflate offer (the ``compression: true`` servers)."""
+    for offer in offers:
+        if isinstance(offer, PerMessageDeflateOffer):
+            return PerMessageDeflateOfferAccept(offer)
+    return None
+
+
+def origin_allowed(origin: str | None, patterns: tuple[str, ...] | None) -> bool:
+    """SPEC 4.2 ``origins``: fnmatch globs, case-insensitive; a missing Origin is allowed."""
+    if patterns is None or not origin:
+        return True
+    origin = origin.strip().lower()
+    return any(fnmatchcase(origin, pattern) for pattern in patterns)
+
+
+def origin_patterns(option: str | None) -> tuple[str, ...] | None:
+    """The globs of an ``origins`` option (lower-cased), or None when any origin is allowed."""
+    patterns = tuple(p.strip().lower() for p in (option or "*").split(",") if p.strip())
+    return None if not patterns or "*" in patterns else patterns
+
+
+def websocket_options(max_message_size: int, compression: bool) -> dict[str, Any]:
+    """The Autobahn factory settings SPEC 4.2 prescribes (shared with the API server)."""
+    return dict(
+        maxFramePayloadSize=max_message_size,
+        maxMessagePayloadSize=max_message_size,
+        openHandshakeTimeout=HANDSHAKE_TIMEOUT,
+        closeHandshakeTimeout=1,
+        utf8validateIncoming=True,
+        failByDrop=False,
+        webStatus=False,
+        trustXForwardedFor=0,
+        perMessageCompressionAccept=accept_deflate if compression else (lambda offers: None),
+    )
 
 
 def peer_address(transport: Any) -> str:
@@ -61,17 +130,28 @@ class ClientWebSocketProtocol(WebSocketServerProtocol):
     session: CallbackSession | None = None
     last_received = 0.0
     _close_err: str | None = None
+    meter: Any = NullMeter()
+    #: The server settings this connection was accepted with ("new conns" keys).
+    limits: ServerConfig
+    write_timeout = 0
+    max_write_buffer = 0
 
     # Twisted / Autobahn events ---------------------------------------------------------------
 
     def connectionMade(self) -> None:
+        factory = self.factory
+        self.limits = limits = factory.config
+        self.write_timeout, self.max_write_buffer = limits.write_timeout, limits.max_write_buffer
+        self.meter = factory.meter
+        self.wheel = factory.wheel
         super().connectionMade()
-        self.factory.open_protocols.add(self)
-        self.last_received = self.factory.clock.seconds()
-        self.factory.wheel.watch(self)
+        factory.open_protocols.add(self)
+        self.last_received = factory.clock.seconds()
+        self.wheel.watch(self)
 
     def connectionLost(self, reason: Any) -> None:
         self.factory.open_protocols.discard(self)
+        self.factory.write_watch.forget(self)
         super().connectionLost(reason)
 
     def dataReceived(self, data: bytes) -> None:
@@ -85,11 +165,14 @@ class ClientWebSocketProtocol(WebSocketServerProtocol):
         path = factory.path
         if path != "/" and not request.path.startswith(path):
             raise ConnectionDeny(ConnectionDeny.NOT_FOUND, "Not Found")
+        if not origin_allowed(request.headers.get("origin"), factory.origins):
+            raise ConnectionDeny(ConnectionDeny.FORBIDDEN, "Origin Not Allowed")
         conn = ClientConnection(factory.ids.next_id(), peer_address(self.transport), self)
         self.conn = conn
         factory.connections.add(conn)
         self.session = CallbackSession(
-            factory.script, conn, on_overflow=self._overflow, on_finished=self._finished
+            factory.script, conn, on_overflow=self._overflow, on_finished=self._finished,
+            on_error=self.meter.lua_error,
         )
         log.debug(
             "client {client_id} connected from {remote_addr} on {port}",
@@ -125,10 +208,11 @@ class ClientWebSocketProtocol(WebSocketServerProtocol):
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         if self.session is not None:
+            self.meter.read.inc()
             self.session.message(BINARY if isBinary else TEXT, payload)
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
-        self.factory.wheel.forget(self)
+        self.wheel.forget(self)
         conn, session = self.conn, self.session
         if conn is None or session is None or conn.closed:
             return
@@ -167,6 +251,33 @@ class ClientWebSocketProtocol(WebSocketServerProtocol):
     def idle_timeout(self) -> None:
         self._close(CLOSE_NORMAL, "read timeout", "read timeout")
 
+    def write_timed_out(self) -> None:
+        """Nothing queued for this client was taken for ``writeTimeout`` seconds: abort."""
+        if self._close_err is None:
+            self._close_err = WRITE_TIMEOUT
+        self.dropConnection(abort=True)
+
+    def _written(self) -> str | None:
+        """After a write: the slow-consumer check (SPEC 4.1) and the write watch."""
+        buffered = buffered_bytes(self.transport)
+        if buffered > self.max_write_buffer:
+            self.meter.errors.inc()
+            self._slow(buffered)
+            return SLOW_CONSUMER
+        self.meter.sent.inc()
+        if buffered and self.write_timeout:
+            self.factory.write_watch.written(self)
+        return None
+
+    def _slow(self, buffered: int) -> None:
+        """Close with 4008; Autobahn's 1 s close-handshake timeout aborts a peer that never reads
+        (the close frame queues behind the data it does not take)."""
+        if self._close_err is None:
+            client_id = self.conn.client_id if self.conn is not None else "-"
+            log.warn("close slow client {client_id} buffered={bytes}", client_id=client_id, bytes=buffered)
+            self.meter.slow.inc()
+        self._close(CLOSE_SLOW, SLOW_CONSUMER, SLOW_CONSUMER)
+
     def _close(self, code: int, reason: str, err: str | None = None) -> None:
         """Start closing; ``err`` is what ``on_close`` will be told (None: a clean close)."""
         if self._close_err is None:
@@ -185,22 +296,26 @@ class ClientWebSocketProtocol(WebSocketServerProtocol):
 
     def send_message(self, data: bytes, binary: bool) -> str | None:
         if self.conn is None or not self.conn.live or self.state != self.STATE_OPEN:
+            self.meter.errors.inc()
             return CLOSED
         if not binary and not _is_utf8(data):
+            self.meter.errors.inc()
             return INVALID_UTF8
         self.sendMessage(data, binary)
-        return None
+        return self._written()
 
     def deliver(self, data: bytes, binary: bool, shared: dict[str, Any]) -> str | None:
         if self.state != self.STATE_OPEN:
+            self.meter.errors.inc()
             return CLOSED
         prepared = shared.get("websocket")
         if prepared is None:
             if not binary and not _is_utf8(data):
+                self.meter.errors.inc()
                 return INVALID_UTF8
             prepared = shared["websocket"] = PreparedMessage(data, binary, False, False)
         self.sendPreparedMessage(prepared)
-        return None
+        return self._written()
 
     def close_connection(self) -> None:
         self._close(CLOSE_NORMAL, "")
@@ -222,30 +337,36 @@ class ClientWebSocketFactory(WebSocketServerFactory):
         connections: ConnectionRegistry,
         ids: Snowflake,
         clock: IReactorTime,
+        meter: Any = None,
     ) -> None:
         super().__init__(server="connmix")
-        self.config = config
         self.script = script
         self.connections = connections
         self.ids = ids
         self.clock = clock
-        self.path = config.option("path") or "/"
+        self.meter = meter if meter is not None else NullMeter()
+        self.write_watch = WriteWatch(clock)
         self.wheel = IdleWheel(clock, config.read_timeout)
-        self.setProtocolOptions(
-            maxFramePayloadSize=config.max_message_size,
-            maxMessagePayloadSize=config.max_message_size,
-            autoPingInterval=0,
-            openHandshakeTimeout=10,
-            closeHandshakeTimeout=1,
-            utf8validateIncoming=True,
-            failByDrop=False,
-            webStatus=False,
-            trustXForwardedFor=0,
-        )
+        self._wheels = [self.wheel]
         self.open_protocols: set[ClientWebSocketProtocol] = set()
+        self.reconfigure(config)
+
+    def reconfigure(self, config: ServerConfig) -> None:
+        """Use ``config``'s "new conns" keys for the connections accepted from now on."""
+        self.config = config
+        self.path = config.option("path") or "/"
+        self.origins = origin_patterns(config.option("origins"))
+        if config.read_timeout != self.wheel.timeout:
+            # Open connections keep the wheel (and timeout) they were accepted with.
+            self.wheel = IdleWheel(self.clock, config.read_timeout)
+            self._wheels = [w for w in self._wheels if len(w)] + [self.wheel]
+        self.setProtocolOptions(autoPingInterval=0,
+                                **websocket_options(config.max_message_size, config.compression))
 
     def shutdown(self) -> None:
-        """Close every client with 1001 and stop the idle wheel."""
+        """Close every client with 1001 and stop the idle wheels and the write watch."""
         for proto in list(self.open_protocols):
             proto.shutdown()
-        self.wheel.stop()
+        for wheel in self._wheels:
+            wheel.stop()
+        self.write_watch.stop()

@@ -1,0 +1,210 @@
+"""``GET /metrics`` (SPEC 7.5, 9): scraped from a real service tree after real traffic.
+
+The metrics are parsed with prometheus_client's own text parser; the tests check that the SPEC
+names exist, that counters move with the traffic that should move them, and that two service
+trees in one process keep separate registries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import pytest
+import websockets
+from prometheus_client.parser import text_string_to_metric_families
+
+from conftest import in_asyncio, loopback_config, start_engine
+from connmix_tx.engine.websocket import NullMeter
+from connmix_tx.metrics import EngineMetrics, MeteredQueueManager, ServerMeter
+from test_http_api import basic, http_request, post
+
+ENGINE_NAMES = {
+    "connmix_engine_servers_clients", "connmix_engine_servers_read_messages",
+    "connmix_engine_servers_send_messages", "connmix_engine_servers_send_errors",
+    "connmix_engine_servers_send_duration_seconds", "connmix_engine_channels",
+    "connmix_engine_queue_length", "connmix_engine_queue_consumers", "connmix_engine_queue_push",
+    "connmix_engine_queue_delivered", "connmix_engine_api_connections", "connmix_engine_api_requests",
+    "connmix_engine_slow_disconnects", "connmix_engine_mesh_peers", "connmix_engine_mesh_batches",
+    "connmix_engine_mesh_messages", "connmix_engine_lua_errors", "connmix_engine_lua_reloads",
+    "connmix_build_info",
+}
+
+
+class Scrape:
+    """The samples of one scrape, looked up by name and labels."""
+
+    def __init__(self, text: str) -> None:
+        self.families = {f.name: f for f in text_string_to_metric_families(text)}
+        self.samples = [s for f in self.families.values() for s in f.samples]
+
+    def value(self, name: str, **labels: str) -> float:
+        """The sum of the samples called ``name`` whose labels include ``labels`` (0 if none)."""
+        return sum(s.value for s in self.samples
+                   if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
+
+    def has(self, name: str, **labels: str) -> bool:
+        return any(s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
+                   for s in self.samples)
+
+
+async def scrape(port: int, headers: dict[str, str] | None = None) -> Scrape:
+    response = await http_request(port, "GET", "/metrics", headers=headers)
+    assert response.status == 200, response.body
+    assert response.headers["content-type"].startswith("text/plain; version=0.0.4")
+    return Scrape(response.body.decode())
+
+
+async def long_form(api: Any, method: str, params: Any, request_id: int = 1) -> dict:
+    await api.send(json.dumps({"method": method, "params": params, "id": request_id}))
+    return json.loads(await asyncio.wait_for(api.recv(), 5))
+
+
+@in_asyncio
+async def test_engine_metrics_move_with_traffic() -> None:
+    running = await start_engine(loopback_config())
+    try:
+        before = await scrape(running.api_port)
+        assert ENGINE_NAMES <= set(before.families)
+        assert before.value("connmix_build_info") == 1
+        assert before.value("connmix_engine_servers_clients", protocol="websocket") == 0
+
+        async with websockets.connect(running.client_url) as client, \
+                websockets.connect(running.api_url) as api:
+            await client.send("one")
+            await client.send("two")
+            assert (await long_form(api, "queue.consume", ["foo"]))["result"] == {"success": True}
+            events = [json.loads(await asyncio.wait_for(api.recv(), 5)) for _ in range(2)]
+            client_id = events[0]["result"]["client_id"]
+            reply = await long_form(api, "mesh.send", [{"client_id": client_id, "data": "hello"}], 2)
+            assert reply["error"] is None
+            assert await asyncio.wait_for(client.recv(), 5) == "hello"
+            bad = await long_form(api, "mesh.send", [{"client_id": "1", "data": "x"}], 3)
+            assert bad["error"]["code"] == 401
+            await api.send("not json")
+            await asyncio.wait_for(api.recv(), 5)
+            http = await post(running.api_port, "/v1/mesh/publish", {"c": "nobody", "d": "x"})
+            assert http.status == 200
+
+            during = await scrape(running.api_port)
+            assert during.value("connmix_engine_servers_clients", protocol="websocket") == 1
+            assert during.has("connmix_engine_servers_clients", protocol="websocket",
+                              port=str(running.service.engine.protocol_listeners[0].actual_port))
+            assert during.value("connmix_engine_api_connections") == 1
+            assert during.value("connmix_engine_queue_consumers", topic="foo") == 1
+            assert during.value("connmix_engine_queue_length", topic="foo") == 0
+
+        after = await scrape(running.api_port)
+        assert after.value("connmix_engine_servers_read_messages_total", protocol="websocket") == 2
+        assert after.value("connmix_engine_servers_send_messages_total", protocol="websocket") == 1
+        assert after.value("connmix_engine_queue_push_total", topic="foo", result="ok") == 2
+        assert after.value("connmix_engine_queue_delivered_total", topic="foo") == 2
+        assert after.value("connmix_engine_api_requests_total", method="queue.consume", code="0") == 1
+        assert after.value("connmix_engine_api_requests_total", method="mesh.send", code="0") == 1
+        assert after.value("connmix_engine_api_requests_total", method="mesh.send", code="401") == 1
+        assert after.value("connmix_engine_api_requests_total", method="", code="-32700") == 1
+        assert after.value("connmix_engine_api_requests_total", method="mesh.publish", code="0") == 1
+        assert after.value("connmix_engine_servers_send_duration_seconds_count",
+                           protocol="websocket", scenario="local") == 1
+        assert after.value("connmix_engine_servers_clients", protocol="websocket") == 0
+    finally:
+        await running.stop()
+
+
+@in_asyncio
+async def test_center_metrics_count_engines_and_clients() -> None:
+    running = await start_engine(loopback_config())
+    try:
+        center = await scrape(running.center_api_port)
+        assert center.value("connmix_center_registry_engine_nodes") == 1
+        assert center.has("connmix_center_registry_clients")
+        assert center.has("connmix_center_registry_channels_total")
+        assert center.value("connmix_build_info") == 1
+        assert not center.has("connmix_engine_channels")  # the center API shows the center's names
+        async with websockets.connect(running.client_url):
+            await asyncio.sleep(0.1)
+            registry = running.service.center.registry
+            registry.heartbeat(running.service.engine.node_id, {"clients": 1, "channels": 3})
+            center = await scrape(running.center_api_port)
+        assert center.value("connmix_center_registry_clients") == 1
+        assert center.value("connmix_center_registry_channels_total") == 3
+    finally:
+        await running.stop()
+
+
+@in_asyncio
+async def test_two_trees_in_one_process_have_their_own_registries() -> None:
+    first = await start_engine(loopback_config())
+    second = await start_engine(loopback_config())
+    try:
+        async with websockets.connect(first.client_url) as client:
+            await client.send("x")
+            await asyncio.sleep(0.2)
+        one, two = await scrape(first.api_port), await scrape(second.api_port)
+        assert one.value("connmix_engine_servers_read_messages_total") == 1
+        assert two.value("connmix_engine_servers_read_messages_total") == 0
+    finally:
+        await first.stop()
+        await second.stop()
+
+
+@in_asyncio
+async def test_metrics_need_the_read_role_and_get() -> None:
+    import dataclasses
+
+    from connmix_tx.config import AccessConfig, UserConfig
+
+    reader = UserConfig("reader", "pw", ("read",), "*")
+    config = dataclasses.replace(loopback_config(), access=AccessConfig((reader,), True))
+    running = await start_engine(config)
+    try:
+        assert (await http_request(running.api_port, "GET", "/metrics")).status == 401
+        assert (await http_request(running.center_api_port, "GET", "/metrics")).status == 401
+        await scrape(running.api_port, basic(reader))
+        await scrape(running.center_api_port, basic(reader))
+        response = await http_request(running.api_port, "POST", "/metrics", b"", basic(reader))
+        assert response.status == 405
+    finally:
+        await running.stop()
+
+
+# Unit tests ---------------------------------------------------------------------------------
+
+
+def test_queue_push_results_and_bounded_topic_labels() -> None:
+    from twisted.internet.task import Clock
+
+    from connmix_tx.engine.queue import QueueError
+
+    metrics = EngineMetrics()
+    queues = MeteredQueueManager(metrics, Clock(), topic_size=1, max_topics=1)
+    queues.push("a", "1", b"{}")
+    for topic in ("a", "b", "bad topic"):
+        with pytest.raises(QueueError):
+            queues.push(topic, "1", b"{}")
+    text = Scrape(_text(metrics))
+    assert text.value("connmix_engine_queue_push_total", topic="a", result="ok") == 1
+    assert text.value("connmix_engine_queue_push_total", topic="a", result="full") == 1
+    assert text.value("connmix_engine_queue_push_total", topic="", result="error") == 2
+    assert not text.has("connmix_engine_queue_push_total", topic="b")
+
+
+def test_lua_errors_and_reloads_are_counted_per_entry() -> None:
+    metrics = EngineMetrics()
+    meter = metrics.server("websocket", "lua/entry.websocket.lua")
+    assert isinstance(meter, ServerMeter)
+    meter.lua_error("on_message", "boom")
+    meter.lua_error("on_message")
+    metrics.lua_reload("lua/entry.websocket.lua", ok=False)
+    text = Scrape(_text(metrics))
+    assert text.value("connmix_engine_lua_errors_total", entry="lua/entry.websocket.lua",
+                      callback="on_message") == 2
+    assert text.value("connmix_engine_lua_reloads_total", result="failed") == 1
+    NullMeter().lua_error("on_message")  # the meter of factories built without metrics
+
+
+def _text(metrics: EngineMetrics) -> str:
+    from prometheus_client import generate_latest
+
+    return generate_latest(metrics.registry).decode()
