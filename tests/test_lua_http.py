@@ -289,6 +289,8 @@ async def test_only_http_and_https(engine: Engine) -> None:
         None, b"no host in request url")
     assert await lua(engine, 'return mix.http.request("GE T", "http://h/")') == (
         None, b'invalid method "GE T"')
+    value, err = await lua(engine, 'return mix.http.request("GET", "http://a..b/")')
+    assert value is None and err.startswith(b'invalid url "http://a..b/"')
 
 
 # --- argument errors raise -----------------------------------------------------------------------

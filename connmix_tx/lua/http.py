@@ -317,10 +317,14 @@ class HttpClient:
             token = base64.b64encode(request.auth[0] + b":" + request.auth[1])
             headers[b"Authorization"] = [b"Basic " + token]
         timed_out = []
-        sending = client.request(
-            request.method.decode("ascii"), request.url, headers=headers, data=request.body,
-            allow_redirects=False, unbuffered=True, reactor=self.reactor,
-        )
+        try:
+            sending = client.request(
+                request.method.decode("ascii"), request.url, headers=headers, data=request.body,
+                allow_redirects=False, unbuffered=True, reactor=self.reactor,
+            )
+        except (ValueError, UnicodeError) as e:  # hyperlink / idna refuse the URL
+            sending = Deferred()
+            sending.errback(HttpError(f'invalid url "{request.url.decode("ascii")}": {e}'))
         sending.addErrback(_redirect_not_followed)
         sending.addCallback(self._read)
 
