@@ -38,7 +38,9 @@ def lua(engine: Engine, code: str) -> tuple:
 def raises(engine: Engine, call: str) -> bytes:
     """``pcall(<call>)`` must fail with a Lua error string naming the calling line
     (``exec:1: bad argument ...``); return the message without that location."""
-    ok, message = lua(engine, f"local ok, err = pcall({call}) return ok, err")
+    # Called from a Lua function (not straight from pcall, a C function with no line to name).
+    ok, message = lua(engine, f"local ok, err = pcall(function(f, ...) local r = f(...) return r end, {call}) "
+                              "return ok, err")
     assert ok is False
     assert isinstance(message, bytes), message
     location, _, text = message.partition(b": ")

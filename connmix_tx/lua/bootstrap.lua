@@ -295,6 +295,8 @@ local Redis = { __metatable = false }
 Redis.__index = Redis
 local redis_names = setmetatable({}, { __mode = "k" })
 
+local function pass(...) return ... end
+
 local function python_result(ok, ...)
   if ok then return ... end
   error(tostring((...)), 3)
@@ -363,7 +365,8 @@ local function new_mix()
     -- Further mix functions registered by the Python side (e.g. "base64_encode" or "http.request").
     -- An exception they raise becomes a Lua error string pointing at the caller's line.
     local function fn(...)
-      return python_result(pcall(py_fn, ...))
+      -- Not a tail call: python_result's error level 3 must still name the caller's line.
+      return pass(python_result(pcall(py_fn, ...)))
     end
     local dot = str_find(name, ".", 1, true)
     if dot then
