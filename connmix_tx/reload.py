@@ -2,8 +2,8 @@
 
 ``Reloader.reload`` reads and validates the file given at start (``config.source``).  A file that
 does not validate is refused with ``config reload failed: <problem>`` and nothing changes.
-Otherwise every changed restart-only key is logged (``config reload: {key path} changed, restart
-required``) and keeps its old value, and the hot keys are applied:
+Otherwise the hot keys are applied, and every changed restart-only key keeps its old value and is
+logged (``config reload: {key path} changed, restart required``, in the new log format):
 
 * ``logging.level`` / ``logging.format``: ``LogControl.configure``, from the next event on;
 * ``access``: ``AccessControl.replace`` for the next request and handshake; open API WebSockets
@@ -102,14 +102,14 @@ class Reloader:
             log.error("config reload failed: {error}", error=str(e))
             return
         _, cold = reload_diff(old, new)
-        for path in cold:
-            log.warn("config reload: {path} changed, restart required", path=path)
         config = effective_config(old, new, cold)
         try:
             self.apply(old, config)
         except Exception:
             log.failure("config reload: applying the new configuration failed")
             return
+        for path in cold:  # after the new logging settings, so these lines use them
+            log.warn("config reload: {path} changed, restart required", path=path)
         log.info("config reloaded")
 
     def apply(self, old: Config, config: Config) -> None:
