@@ -10,8 +10,9 @@ and consumers, API connections, mesh peers, the center's engine list) are read f
 objects at scrape time by a collector, so nothing is updated per event for them.
 
 The instrumented variants of engine classes (``MeteredRouter``, ``MeteredQueueManager``,
-``MeteredApiDispatcher``, ``MeteredMeshLink``, ``MeteredMeshRealm``) keep the counting out of the
-plain classes; the service tree uses them, unit tests of the plain classes do not pay for them.
+``MeteredApiDispatcher``, ``MeteredMeshLink``, ``MeteredMeshRealm``, ``MeteredHotReloader``) keep
+the counting out of the plain classes; the service tree uses them, unit tests of the plain
+classes do not pay for them.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from connmix_tx.engine.mesh import MeshPeerAvatar, MeshRealm
 from connmix_tx.engine.mesh_link import MeshLink
 from connmix_tx.engine.queue import QueueError, QueueManager
 from connmix_tx.engine.router import LocalOps, Router
+from connmix_tx.lua.reload import HotReloader
 from connmix_tx.web import METHOD_NOT_ALLOWED_BODY, json_response
 
 #: The exposition format of SPEC 7.5.
@@ -372,6 +374,23 @@ class MeteredMeshRealm(MeshRealm):
             raise NotImplementedError("PB only")
         peer = avatar_id.decode() if isinstance(avatar_id, bytes) else str(avatar_id)
         return pb.IPerspective, _MeteredAvatar(self.local, peer, self.metrics.batches_in), lambda: None
+
+
+class MeteredHotReloader(HotReloader):
+    """``HotReloader`` counting reloads of its entry: ``ok`` or ``failed`` (SPEC 7.5)."""
+
+    def __init__(self, metrics: EngineMetrics, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.metrics = metrics
+
+    def check(self) -> bool:
+        refused = self._failed
+        reloaded = super().check()
+        if reloaded:
+            self.metrics.lua_reload(self.entry, ok=True)
+        elif self._failed is not None and self._failed != refused:
+            self.metrics.lua_reload(self.entry, ok=False)  # a new broken version
+        return reloaded
 
 
 # --------------------------------------------------------------------------- center

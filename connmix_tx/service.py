@@ -41,11 +41,10 @@ from connmix_tx.ids import Snowflake, new_node_id
 from connmix_tx.lua.http import HttpClient
 from connmix_tx.lua.mixlib import MixLibrary
 from connmix_tx.lua.redis import RedisPools
-from connmix_tx.lua.reload import HotReloader
 from connmix_tx.lua.runtime import Script, ScriptError
 from connmix_tx.metrics import (
-    CenterMetrics, EngineMetrics, MeshPointOps, MeteredApiDispatcher, MeteredMeshLink,
-    MeteredMeshRealm, MeteredQueueManager, MeteredRouter, MetricsResource,
+    CenterMetrics, EngineMetrics, MeshPointOps, MeteredApiDispatcher, MeteredHotReloader,
+    MeteredMeshLink, MeteredMeshRealm, MeteredQueueManager, MeteredRouter, MetricsResource,
 )
 from connmix_tx.tls import TLSError, check_server_files, client_endpoint, server_options
 
@@ -252,7 +251,7 @@ class EnginePart(service.MultiService):
         self.scripts = [self._script(i, server) for i, server in enumerate(engine.servers)]
         #: One hot reloader per server (SPEC 5.9); SIGHUP calls ``set_interval`` on them.
         self.reloaders = [
-            HotReloader(script, reactor, server.byte_code_expires)
+            MeteredHotReloader(self.metrics, script, reactor, server.byte_code_expires)
             for server, script in zip(engine.servers, self.scripts)
         ]
         self.protocol_listeners: list[Listener] = []

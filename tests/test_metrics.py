@@ -208,3 +208,34 @@ def _text(metrics: EngineMetrics) -> str:
     from prometheus_client import generate_latest
 
     return generate_latest(metrics.registry).decode()
+
+
+def test_hot_reloads_are_counted_ok_and_failed_once_per_broken_version(tmp_path: Any) -> None:
+    import os
+
+    from twisted.internet.task import Clock
+
+    from connmix_tx.lua.runtime import Script
+    from connmix_tx.metrics import MeteredHotReloader
+
+    entry = tmp_path / "lua" / "entry.lua"
+    entry.parent.mkdir()
+    body = "function on_handshake() end\nfunction on_message(m) end\nfunction on_close() end\n"
+    entry.write_text(body)
+    script = Script(str(entry), "websocket", {}, Clock())
+    script.load()
+    metrics = EngineMetrics()
+    reloader = MeteredHotReloader(metrics, script, Clock(), 1)
+
+    def rewrite(text: str, stamp: int) -> None:
+        entry.write_text(text)
+        os.utime(entry, (stamp, stamp))
+
+    rewrite(body + "-- changed\n", 1_000_000)
+    assert reloader.check()
+    rewrite("function broken(", 2_000_000)
+    assert not reloader.check()
+    assert not reloader.check()  # the same broken version is not retried, nor counted again
+    text = Scrape(_text(metrics))
+    assert text.value("connmix_engine_lua_reloads_total", entry=reloader.entry, result="ok") == 1
+    assert text.value("connmix_engine_lua_reloads_total", entry=reloader.entry, result="failed") == 1

@@ -29,6 +29,9 @@ from connmix_tx.config import TLSConfig
 from connmix_tx.service import FatalError, endpoint_string, server_endpoint
 from test_limits import LogCapture
 
+# Twisted hands pyOpenSSL objects to pyOpenSSL, which now prefers cryptography's: not ours to fix.
+pytestmark = pytest.mark.filterwarnings("ignore:Passing pyOpenSSL:DeprecationWarning")
+
 
 def make_certificate(directory: Path, name: str = "connmix-test") -> tuple[Path, Path]:
     """A self-signed certificate for 127.0.0.1 / localhost (its own CA) and its key, as PEM."""
@@ -171,3 +174,52 @@ def test_unreadable_certificate_is_a_config_error(tmp_path: Path) -> None:
         server_endpoint(reactor, "engine.apiServer", listener)
     assert error.value.code == 2
     assert error.value.message.startswith("config engine.apiServer.tls: cannot load")
+
+
+@in_asyncio
+async def test_engines_register_and_mesh_over_tls_with_client_certificates(tmp_path: Path) -> None:
+    from twisted.internet import reactor
+
+    from conftest import maybe_deferred, wait_for
+    from connmix_tx.config import HostPort
+    from connmix_tx.service import ConnmixService
+
+    cert, key = make_certificate(tmp_path)
+    tls = TLSConfig(str(cert), str(key))
+    pb_tls = TLSConfig(str(cert), str(key), str(cert))
+    first = await start_engine(tls_config(tls, pb_tls))
+    registry = first.service.center.registry_listener.actual_port
+    config = tls_config(tls, pb_tls)
+    config = dataclasses.replace(config, engine=dataclasses.replace(
+        config.engine, center_registry=HostPort("127.0.0.1", registry)))
+    fatal: list = []
+    second = ConnmixService(config, "engine", reactor, lambda code, message: fatal.append((code, message)))
+    second.privilegedStartService()
+    second.startService()
+    try:
+        await wait_for(second.engine.center_link.registered, 10)
+        assert second.engine.center_link.number == 1
+        for _ in range(200):
+            if first.service.engine.peers.up and second.engine.peers.up:
+                break
+            await asyncio.sleep(0.05)
+        assert first.service.engine.peers.up == 1 and second.engine.peers.up == 1  # TLS both ways
+        port = second.engine.protocol_listeners[0].actual_port
+        context = client_context(cert)
+        async with websockets.connect(f"wss://127.0.0.1:{port}", ssl=context) as client:
+            for _ in range(100):
+                if second.engine.connections.by_id:
+                    break
+                await asyncio.sleep(0.02)
+            (client_id,) = list(second.engine.connections.by_id)
+            body = json.dumps({"c": str(client_id), "d": "across the tls mesh"}).encode()
+            status, answer = await https(first.api_port, "POST", "/v1/mesh/send", context, body)
+            assert (status, json.loads(answer)["E"]) == (200, None)
+            assert await asyncio.wait_for(client.recv(), 5) == "across the tls mesh"
+        metrics = first.service.engine.metrics
+        assert metrics.batches_out._value.get() >= 1
+        assert second.engine.metrics.batches_in._value.get() >= 1
+        assert fatal == []
+    finally:
+        await wait_for(maybe_deferred(second.stopService()), 10)
+        await first.stop()
