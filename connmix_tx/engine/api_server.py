@@ -180,7 +180,9 @@ class ApiWebSocketFactory(WebSocketServerFactory):
     def reconfigure(self, config: ApiServerConfig) -> None:
         """Use ``config``'s "new conns" keys for the connections and requests accepted from now on."""
         self.config = config
-        half = config.read_timeout / 2 if config.read_timeout else 0
+        # Autobahn's timers are batched in whole seconds (txaio truncates the deadline), so
+        # a ping interval or timeout below 1 s could fire at once: at least 1 s each.
+        half = max(1.0, config.read_timeout / 2) if config.read_timeout else 0
         self.setProtocolOptions(
             autoPingInterval=half,
             autoPingTimeout=half,
