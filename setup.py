@@ -74,6 +74,12 @@ setup(
             "websockets>=13",
             "wheel",  # the packaging test builds a wheel without build isolation
         ],
+        # bench/: the load generator (picows on uvloop) and the profiler of docs/performance.md.
+        "bench": [
+            "picows>=1.9",
+            "uvloop>=0.19",
+            "py-spy>=0.3",
+        ],
     },
     zip_safe=False,
 )

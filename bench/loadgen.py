@@ -1,13 +1,34 @@
 """The load generator: picows clients on uvloop, run as a process of its own (issue 6).
 
-Each scenario keeps a bounded window of messages in flight (so queues never overflow and
-nothing is measured while buffers grow), runs a warm-up, then counts what arrives during a
-fixed measuring time.  Prints one JSON object: ``{"rate": messages per second, ...}``.
+Each throughput scenario keeps a bounded window of work in flight (so no queue overflows and
+nothing is measured while buffers grow), warms up, counts what arrives during a fixed measuring
+time, then stops sending and lets what is in flight drain.  Scenarios:
+
+``inbound``    clients send; the engine's Lua pushes to queue foo; API consumers count events.
+``echo``       clients send to the raw echo server and count the echoes (baseline of inbound).
+``push``       an API connection sends ``mesh.send`` round robin to the clients, which count.
+``rawpush``    the same against ``raw_server.py push`` (``{"c": index, "d": text}`` on /ctl).
+``publish``    an API connection sends ``mesh.publish`` to channel ``bench``; subscribers count.
+``rawfanout``  the same against ``raw_server.py fanout`` (prepared frame to every client).
+``handshake``  workers open a WebSocket, and reset it as soon as the handshake is done.
+``idle``       opens ``--n`` connections and holds them (memory and connection-count rows).
+
+Alone it sets up, measures once and prints one JSON object (``{"rate": ...}``).  With
+``--serve`` (how ``bench/run.py`` drives it) it sets up, prints ``{"ready": true, ...}`` and then
+answers commands read from stdin, one JSON line each, until ``quit`` or end of input:
+
+    run         one throughput measurement (warm-up, measure, drain)
+    lat RATE    latency at a fixed RATE (messages/s): p50 / p99 in milliseconds
 
     python bench/loadgen.py inbound  --clients ws://127.0.0.1:P --api ws://127.0.0.1:A/ws/v1
     python bench/loadgen.py echo     --clients ws://127.0.0.1:P
-    python bench/loadgen.py push     --clients ws://... --api ws://.../ws/v1
+    python bench/loadgen.py push     --clients ws://... --api ws://.../ws/v1 [--learn-api ws://...]
     python bench/loadgen.py rawpush  --clients ws://... --api ws://.../ctl
+    python bench/loadgen.py publish  --clients ws://... --api ws://.../ws/v1 --n 10000
+    python bench/loadgen.py idle     --clients ws://... --n 5000 --serve
+
+``--clients`` and ``--api`` may be repeated (inbound over two engines: one consumer per engine,
+clients spread over the engines).
 """
 
 from __future__ import annotations
@@ -15,147 +36,481 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
+import re
+import socket
+import struct
+import sys
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import uvloop
 from picows import WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
 
 PAYLOAD = b"x" * 32
+#: A latency probe carries its send time (perf_counter_ns) as ``t<20 digits>``.
+STAMP = re.compile(rb"t(\d{20})")
+#: How long a stopped load may take to drain what it has in flight.
+DRAIN_SECONDS = 3.0
+CHANNEL = "bench"
 
 
-class Counter(WSListener):
-    """Counts data frames and calls ``on_frame`` for each."""
+def stamp() -> bytes:
+    """A 32-byte payload holding the current time (``STAMP``)."""
+    return b"t%020d" % time.perf_counter_ns() + b"x" * 11
+
+
+def stamp_text() -> str:
+    return stamp().decode()
+
+
+class Listener(WSListener):
+    """Calls ``on_frame(frame)`` for every data frame."""
 
     def __init__(self, on_frame: Callable[[WSFrame], None]) -> None:
         self.on_frame = on_frame
-        self.transport: WSTransport | None = None
-
-    def on_ws_connected(self, transport: WSTransport) -> None:
-        self.transport = transport
 
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
         if frame.msg_type in (WSMsgType.TEXT, WSMsgType.BINARY):
             self.on_frame(frame)
 
 
-class Meter:
-    """Counts arrivals; ``measure`` returns the rate over the measuring window."""
-
-    def __init__(self) -> None:
-        self.count = 0
-
-    async def measure(self, warmup: float, duration: float) -> float:
-        await asyncio.sleep(warmup)
-        start_count, start = self.count, time.perf_counter()
-        await asyncio.sleep(duration)
-        return (self.count - start_count) / (time.perf_counter() - start)
+async def connect(url: str, on_frame: Callable[[WSFrame], None]) -> WSTransport:
+    transport, _ = await ws_connect(lambda: Listener(on_frame), url, websocket_handshake_timeout=30)
+    return transport
 
 
-async def connect_many(url: str, count: int, on_frame: Callable[[int, WSFrame], None]) -> list[WSTransport]:
-    transports = []
-    for index in range(count):
-        transport, _ = await ws_connect(lambda i=index: Counter(lambda f, i=i: on_frame(i, f)), url)
-        transports.append(transport)
-    return transports
+async def connect_many(
+    urls: list[str], count: int, on_frame: Callable[[int, WSFrame], None], parallel: int = 64,
+    deadline: float | None = None,
+) -> tuple[list[WSTransport], int]:
+    """Open ``count`` connections spread round robin over ``urls``, ``parallel`` at a time.
+
+    Returns the connections in index order (failed ones left out) and the number of failures.
+    Stops early at ``deadline`` (perf_counter) or after 100 failures in a row.
+    """
+    opened: dict[int, WSTransport] = {}
+    state = {"next": 0, "failed": 0, "in_a_row": 0}
+
+    async def worker() -> None:
+        while state["next"] < count and state["in_a_row"] < 100:
+            if deadline is not None and time.perf_counter() > deadline:
+                return
+            index = state["next"]
+            state["next"] += 1
+            try:
+                opened[index] = await connect(urls[index % len(urls)], lambda f, i=index: on_frame(i, f))
+                state["in_a_row"] = 0
+            except Exception:  # noqa: BLE001 (refused, reset, fd limit, timeout: each one counts)
+                state["failed"] += 1
+                state["in_a_row"] += 1
+
+    await asyncio.gather(*(worker() for _ in range(min(parallel, max(count, 1)))))
+    return [opened[i] for i in sorted(opened)], state["failed"]
 
 
-async def inbound(args: Any, echo: bool) -> dict:
-    """Clients send; the consumer (engine) or the clients themselves (echo baseline) count."""
-    meter, window = Meter(), args.window
-    state = {"sent": 0, "next": 0}
-    clients: list[WSTransport] = []
-
-    def refill() -> None:
-        while state["sent"] - meter.count < window and clients:
-            clients[state["next"]].send(WSMsgType.TEXT, PAYLOAD)
-            state["next"] = (state["next"] + 1) % len(clients)
-            state["sent"] += 1
-
-    def arrived(*_: Any) -> None:
-        meter.count += 1
-        refill()
-
-    if echo:
-        clients.extend(await connect_many(args.clients, args.n, arrived))
-    else:
-        api, _ = await ws_connect(lambda: Counter(lambda f: arrived()), args.api)
-        api.send(WSMsgType.TEXT, b'{"method":"queue.consume","params":["foo"],"id":1}')
-        await asyncio.sleep(0.2)
-        meter.count -= 1  # the consume reply
-        clients.extend(await connect_many(args.clients, args.n, lambda i, f: None))
-    refill()
-    rate = await meter.measure(args.warmup, args.duration)
-    return {"rate": rate, "clients": args.n}
+def reset(transport: WSTransport) -> None:
+    """Close with a TCP reset (SO_LINGER 0): no close handshake, no TIME_WAIT left behind."""
+    sock = transport.underlying_transport.get_extra_info("socket")
+    if sock is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    transport.disconnect(graceful=False)
 
 
-async def push(args: Any, raw: bool) -> dict:
-    """One back-end connection asks the server to send to the clients, round robin."""
-    meter, window = Meter(), args.window
-    state = {"asked": 0, "answered": 0, "next": 0}
-    ids: list[Any] = []
+def percentiles(samples: list[float]) -> dict[str, float | None]:
+    if not samples:
+        return {"p50_ms": None, "p99_ms": None, "samples": 0}
+    ordered = sorted(samples)
 
-    clients = await connect_many(args.clients, args.n, lambda i, f: setattr(meter, "count", meter.count + 1))
-    learnt: asyncio.Future = asyncio.get_running_loop().create_future()
+    def at(q: float) -> float:
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))] / 1e6
 
-    def reply(frame: WSFrame) -> None:
-        if not learnt.done():
-            event = json.loads(frame.get_payload_as_bytes())
-            if event.get("event") == "queue.consume":
-                ids.append(event["result"]["client_id"])
-                if len(ids) == len(clients):
-                    learnt.set_result(True)
+    return {"p50_ms": at(0.50), "p99_ms": at(0.99), "samples": len(ordered)}
+
+
+class Scenario:
+    """A closed-loop load: ``send_one`` puts work in flight, ``arrived`` counts it done.
+
+    ``window`` bounds the work in flight (in units: messages, or deliveries for publish).
+    In latency mode (``lat``) the load is paced instead and every arrival carries a stamp.
+    """
+
+    window = 1000
+
+    def __init__(self, args: Any) -> None:
+        self.args = args
+        self.window = args.window
+        self.sent = self.done = 0
+        #: What really arrived (``done`` also counts requests that failed, to free the window).
+        self.arrivals = 0
+        self.errors = 0
+        self.running = False
+        self.latencies: list[float] | None = None
+
+    async def setup(self) -> dict:
+        return {}
+
+    def send_one(self, probe: bool) -> int:
+        """Send one request (``probe``: stamped); return the units of work it puts in flight."""
+        raise NotImplementedError
+
+    async def start(self) -> None:
+        """Before a measurement (e.g. start consuming)."""
+
+    async def stop(self) -> None:
+        """After a measurement has drained."""
+
+    def fill(self) -> None:
+        while self.running and self.sent - self.done < self.window:
+            self.sent += self.send_one(False)
+
+    def arrived(self, frame: WSFrame | None = None, units: int = 1) -> None:
+        self.done += units
+        self.arrivals += units
+        if self.latencies is not None and frame is not None:
+            found = STAMP.search(frame.get_payload_as_bytes())
+            if found:
+                self.latencies.append(time.perf_counter_ns() - int(found.group(1)))
             return
-        state["answered"] += 1
-        refill()
+        self.fill()
 
-    api, _ = await ws_connect(lambda: Counter(reply), args.api)
-    if raw:
-        ids.extend(range(len(clients)))
-        learnt.set_result(True)
+    async def drain(self) -> int:
+        self.running = False
+        deadline = time.perf_counter() + DRAIN_SECONDS
+        while self.sent > self.done and time.perf_counter() < deadline:
+            await asyncio.sleep(0.01)
+        lost = self.sent - self.done
+        self.sent = self.done
+        await self.stop()
+        return lost
+
+    async def run(self) -> dict:
+        """One throughput measurement."""
+        await self.start()
+        self.errors = 0
+        self.running = True
+        self.fill()
+        await asyncio.sleep(self.args.warmup)
+        count, start = self.arrivals, time.perf_counter()
+        await asyncio.sleep(self.args.duration)
+        elapsed = time.perf_counter() - start
+        rate = (self.arrivals - count) / elapsed
+        lost = await self.drain()
+        return {"rate": rate, "errors": self.errors, "undrained": lost}
+
+    async def latency(self, rate: float) -> dict:
+        """Send stamped messages at ``rate``/s for warm-up + duration; percentiles of the latter."""
+        await self.start()
+        self.errors = 0
+        tick = 0.005
+        started = time.perf_counter()
+        measure_from = started + self.args.warmup
+        end = measure_from + self.args.duration
+        sent = 0.0
+        samples: list[float] = []
+        self.latencies = []
+        try:
+            while (now := time.perf_counter()) < end:
+                if now >= measure_from and self.latencies is not samples:
+                    self.latencies = samples  # only arrivals of the measuring time count
+                due = (now - started) * rate
+                while sent < due:
+                    self.sent += self.send_one(True)
+                    sent += 1
+                await asyncio.sleep(tick)
+            lost = await self.drain()
+        finally:
+            self.latencies = None
+        return {**percentiles(samples), "rate": rate, "errors": self.errors, "undrained": lost}
+
+
+class Inbound(Scenario):
+    """Clients send; engine consumers (or, for ``echo``, the clients themselves) count."""
+
+    def __init__(self, args: Any, echo: bool) -> None:
+        super().__init__(args)
+        self.echo = echo
+        self.clients: list[WSTransport] = []
+        self.consumers: list[WSTransport] = []
+        self.next = 0
+
+    async def setup(self) -> dict:
+        if self.echo:
+            self.clients, _ = await connect_many(self.args.clients, self.args.n, lambda i, f: self.arrived(f))
+        else:
+            for url in self.args.api:
+                self.consumers.append(await connect(url, self._event))
+            self.clients, _ = await connect_many(self.args.clients, self.args.n, lambda i, f: None)
+        if len(self.clients) != self.args.n:
+            raise SystemExit(f"only {len(self.clients)} of {self.args.n} clients connected")
+        return {"clients": len(self.clients), "consumers": len(self.consumers)}
+
+    def _event(self, frame: WSFrame) -> None:
+        if bytes(frame.get_payload_as_memoryview()[:9]) == b'{"event":':
+            self.arrived(frame)
+        elif b'"error":{' in frame.get_payload_as_bytes():
+            self.errors += 1
+
+    async def start(self) -> None:
+        for consumer in self.consumers:
+            consumer.send(WSMsgType.TEXT, b'{"method":"queue.consume","params":["foo"],"id":1}')
+
+    async def stop(self) -> None:
+        for consumer in self.consumers:
+            consumer.send(WSMsgType.TEXT, b'{"method":"queue.unconsume","params":[],"id":2}')
+        await asyncio.sleep(0.05)
+
+    def send_one(self, probe: bool) -> int:
+        self.clients[self.next].send(WSMsgType.TEXT, stamp() if probe else PAYLOAD)
+        self.next = (self.next + 1) % len(self.clients)
+        return 1
+
+
+class Push(Scenario):
+    """One API connection asks the server to send to the clients, round robin."""
+
+    def __init__(self, args: Any, raw: bool) -> None:
+        super().__init__(args)
+        self.raw = raw
+        self.api: WSTransport | None = None
+        self.ids: list[Any] = []
+        self.requests: list[bytes] = []
+        self.next = 0
+
+    async def setup(self) -> dict:
+        clients, _ = await connect_many(self.args.clients, self.args.n, lambda i, f: self.arrived(f))
+        if len(clients) != self.args.n:
+            raise SystemExit(f"only {len(clients)} of {self.args.n} clients connected")
+        self.api = await connect(self.args.api[0], self._reply)
+        if self.raw:
+            self.ids = list(range(len(clients)))
+        else:
+            self.ids = await learn_ids(self.args.learn_api or self.args.api[0], clients)
+        self.requests = [self.request(i, "x" * 32) for i in self.ids]
+        await self.check()
+        return {"clients": len(clients)}
+
+    def request(self, client: Any, text: str) -> bytes:
+        if self.raw:
+            return json.dumps({"c": client, "d": text}).encode()
+        return json.dumps({"method": "mesh.send", "params": [{"client_id": client, "data": text}], "id": 1}).encode()
+
+    async def check(self) -> None:
+        """Send one message until it arrives (the mesh link may still be coming up)."""
+        deadline = time.perf_counter() + 15
+        while time.perf_counter() < deadline:
+            before = self.done
+            self.sent += self.send_one(False)
+            await asyncio.sleep(0.2)
+            if self.done > before:
+                self.sent = self.done
+                return
+        raise SystemExit("mesh.send never arrived")
+
+    def _reply(self, frame: WSFrame) -> None:
+        payload = frame.get_payload_as_bytes()
+        if payload != b"ok" and not payload.startswith(b'{"error":null'):
+            self.errors += 1
+            self.done += 1  # nothing will arrive for it: free its place in the window
+            self.fill()
+
+    def send_one(self, probe: bool) -> int:
+        assert self.api is not None
+        if probe:
+            self.api.send(WSMsgType.TEXT, self.request(self.ids[self.next], stamp_text()))
+        else:
+            self.api.send(WSMsgType.TEXT, self.requests[self.next])
+        self.next = (self.next + 1) % len(self.requests)
+        return 1
+
+
+async def learn_ids(api_url: str, clients: list[WSTransport]) -> list[str]:
+    """The engine client id of each client: each says ``hello TOKEN INDEX``, a consumer reads them.
+
+    The token keeps stale queue messages (other runs, other processes) out.
+    """
+    token = f"{os.getpid()}-{time.monotonic_ns()}"
+    pattern = re.compile(rb'"client_id":"(\d+)".*?hello ' + token.encode() + rb" (\d+)")
+    ids: dict[int, str] = {}
+    done: asyncio.Future = asyncio.get_running_loop().create_future()
+
+    def event(frame: WSFrame) -> None:
+        found = pattern.search(frame.get_payload_as_bytes())
+        if found:
+            ids[int(found.group(2))] = found.group(1).decode()
+            if len(ids) == len(clients) and not done.done():
+                done.set_result(True)
+
+    learner = await connect(api_url, event)
+    learner.send(WSMsgType.TEXT, b'{"method":"queue.consume","params":["foo"],"id":0}')
+    for index, client in enumerate(clients):
+        client.send(WSMsgType.TEXT, f"hello {token} {index}".encode())
+    await asyncio.wait_for(done, 60)
+    learner.send(WSMsgType.TEXT, b'{"method":"queue.unconsume","params":[],"id":0}')
+    await asyncio.sleep(0.1)
+    learner.disconnect()
+    return [ids[i] for i in range(len(clients))]
+
+
+class Publish(Scenario):
+    """An API connection publishes to channel ``bench``; every subscriber counts its deliveries."""
+
+    def __init__(self, args: Any, raw: bool) -> None:
+        super().__init__(args)
+        self.raw = raw
+        self.api: WSTransport | None = None
+        self.subscribers = 0
+        self.clients: list[WSTransport] = []
+        if raw:
+            self.request = json.dumps({"n": 1, "d": "x" * 32}).encode()
+        else:
+            self.request = json.dumps(
+                {"method": "mesh.publish", "params": [{"channel": CHANNEL, "data": "x" * 32}], "id": 1}
+            ).encode()
+
+    async def setup(self) -> dict:
+        deadline = time.perf_counter() + self.args.connect_timeout
+        clients, failed = await connect_many(
+            self.args.clients, self.args.n, lambda i, f: self.arrived(), parallel=128, deadline=deadline
+        )
+        self.clients = clients
+        self.subscribers = len(clients)
+        self.api = await connect(self.args.api[0], self._reply)
+        # Sanity: one publish reaches every subscriber.
+        self.sent += self.send_one(False)
+        end = time.perf_counter() + 30
+        while self.done < self.sent and time.perf_counter() < end:
+            await asyncio.sleep(0.05)
+        reached = self.done
+        self.sent = self.done
+        # ``--pub-window`` publishes in flight: with one, the pipeline stalls on every round trip.
+        self.window = self.args.pub_window * max(self.subscribers, 1)
+        return {"clients": len(clients), "failed": failed, "reached": reached}
+
+    def _reply(self, frame: WSFrame) -> None:
+        payload = frame.get_payload_as_bytes()
+        if payload != b"ok" and not payload.startswith(b'{"error":null'):
+            self.errors += 1
+
+    def send_one(self, probe: bool) -> int:
+        assert self.api is not None
+        self.api.send(WSMsgType.TEXT, self.request)
+        return self.subscribers
+
+
+class Handshake(Scenario):
+    """``--parallel`` workers each open a connection, reset it once open, and start again."""
+
+    async def run(self) -> dict:
+        state = {"count": 0, "failed": 0, "stop": False}
+
+        async def worker() -> None:
+            while not state["stop"]:
+                try:
+                    transport = await connect(self.args.clients[0], lambda f: None)
+                except Exception:  # noqa: BLE001 (any failure counts as one)
+                    state["failed"] += 1
+                    await asyncio.sleep(0.01)
+                    continue
+                state["count"] += 1
+                reset(transport)
+
+        workers = [asyncio.ensure_future(worker()) for _ in range(self.args.parallel)]
+        await asyncio.sleep(self.args.warmup)
+        count, start = state["count"], time.perf_counter()
+        await asyncio.sleep(self.args.duration)
+        rate = (state["count"] - count) / (time.perf_counter() - start)
+        state["stop"] = True
+        await asyncio.wait(workers, timeout=DRAIN_SECONDS)
+        return {"rate": rate, "errors": state["failed"]}
+
+
+class Idle(Scenario):
+    """Opens ``--n`` connections (``run``) and holds them until the process is told to quit."""
+
+    def __init__(self, args: Any) -> None:
+        super().__init__(args)
+        self.held: list[WSTransport] = []
+
+    async def run(self) -> dict:
+        start = time.perf_counter()
+        clients, failed = await connect_many(
+            self.args.clients, self.args.n, lambda i, f: None, parallel=self.args.parallel,
+            deadline=start + self.args.connect_timeout,
+        )
+        self.held.extend(clients)
+        await asyncio.sleep(0.5)
+        alive = sum(1 for c in self.held if not c.is_disconnected)
+        return {"connected": len(clients), "alive": alive, "failed": failed,
+                "seconds": time.perf_counter() - start}
+
+
+SCENARIOS: dict[str, Callable[[Any], Scenario]] = {
+    "inbound": lambda a: Inbound(a, echo=False),
+    "echo": lambda a: Inbound(a, echo=True),
+    "push": lambda a: Push(a, raw=False),
+    "rawpush": lambda a: Push(a, raw=True),
+    "publish": lambda a: Publish(a, raw=False),
+    "rawfanout": lambda a: Publish(a, raw=True),
+    "handshake": Handshake,
+    "idle": Idle,
+}
+
+
+def emit(value: dict) -> None:
+    sys.stdout.write(json.dumps(value) + "\n")
+    sys.stdout.flush()
+
+
+async def serve(scenario: Scenario) -> None:
+    """Answer ``run`` / ``lat RATE`` commands from stdin until ``quit`` or its end."""
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    while True:
+        line = (await reader.readline()).decode().split()
+        if not line or line[0] == "quit":
+            return
+        if line[0] == "run":
+            emit(await scenario.run())
+        elif line[0] == "lat":
+            emit(await scenario.latency(float(line[1])))
+        else:
+            emit({"error": f"unknown command {line[0]!r}"})
+
+
+async def main_async(args: Any) -> None:
+    scenario = SCENARIOS[args.scenario](args)
+    info = await scenario.setup()
+    if args.serve:
+        emit({"ready": True, **info})
+        await serve(scenario)
     else:
-        api.send(WSMsgType.TEXT, b'{"method":"queue.consume","params":["foo"],"id":0}')
-        for client in clients:  # each client announces itself once: its id arrives as an event
-            client.send(WSMsgType.TEXT, b"hello")
-    await asyncio.wait_for(learnt, 30)
-    if not raw:
-        api.send(WSMsgType.TEXT, b'{"method":"queue.unconsume","params":[],"id":0}')
-        await asyncio.sleep(0.2)
-    requests = [
-        (json.dumps({"c": i, "d": "x" * 32}) if raw else json.dumps(
-            {"method": "mesh.send", "params": [{"client_id": i, "data": "x" * 32}], "id": 1})).encode()
-        for i in ids
-    ]
+        result = await (scenario.latency(args.rate) if args.rate else scenario.run())
+        emit({**result, **info})
 
-    def refill() -> None:
-        while state["asked"] - state["answered"] < window:
-            api.send(WSMsgType.TEXT, requests[state["next"]])
-            state["next"] = (state["next"] + 1) % len(requests)
-            state["asked"] += 1
 
-    refill()
-    rate = await meter.measure(args.warmup, args.duration)
-    return {"rate": rate, "clients": args.n}
+def parse_args(argv: list[str] | None = None) -> Any:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("scenario", choices=sorted(SCENARIOS))
+    parser.add_argument("--clients", action="append", required=True, help="client URL (repeatable)")
+    parser.add_argument("--api", action="append", default=[], help="API URL (repeatable for inbound)")
+    parser.add_argument("--learn-api", default="", help="push: the API whose queue tells the client ids")
+    parser.add_argument("--n", type=int, default=100, help="client connections")
+    parser.add_argument("--window", type=int, default=1000, help="work in flight (publish: deliveries)")
+    parser.add_argument("--pub-window", type=int, default=10, help="publish: publishes in flight")
+    parser.add_argument("--parallel", type=int, default=32, help="handshake / idle: parallel connects")
+    parser.add_argument("--warmup", type=float, default=1.0)
+    parser.add_argument("--duration", type=float, default=4.0)
+    parser.add_argument("--rate", type=float, default=0.0, help="alone: measure latency at this rate")
+    parser.add_argument("--connect-timeout", type=float, default=120.0)
+    parser.add_argument("--serve", action="store_true", help="answer run / lat commands from stdin")
+    return parser.parse_args(argv)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("scenario", choices=["inbound", "echo", "push", "rawpush"])
-    parser.add_argument("--clients", required=True)
-    parser.add_argument("--api", default="")
-    parser.add_argument("--n", type=int, default=100)
-    parser.add_argument("--window", type=int, default=1000)
-    parser.add_argument("--warmup", type=float, default=1.0)
-    parser.add_argument("--duration", type=float, default=4.0)
-    args = parser.parse_args()
-    scenarios = {
-        "inbound": lambda: inbound(args, echo=False),
-        "echo": lambda: inbound(args, echo=True),
-        "push": lambda: push(args, raw=False),
-        "rawpush": lambda: push(args, raw=True),
-    }
-    result = uvloop.run(scenarios[args.scenario]())
-    print(json.dumps(result), flush=True)
+    uvloop.run(main_async(parse_args()))
 
 
 if __name__ == "__main__":

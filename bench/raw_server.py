@@ -7,6 +7,9 @@
 ``fanout`` a control request ``{"n": count, "d": text}`` writes one prepared frame to every
            client ``count`` times (the publish baseline: prepareMessage + sendPreparedMessage).
 
+``echo`` is also the baseline of the handshake and idle-memory rows (``bench/run.py`` starts a
+fresh one per memory round).
+
 Run: ``python bench/raw_server.py MODE PORT`` (127.0.0.1 only).
 """
 
@@ -20,16 +23,16 @@ from twisted.internet import reactor
 
 
 class Server(WebSocketServerProtocol):
-    factory: "Factory"
+    factory: Factory
 
-    def onConnect(self, request):  # noqa: N802 (Autobahn's name)
+    def onConnect(self, request):
         self.control = request.path == "/ctl"
 
-    def onOpen(self) -> None:  # noqa: N802
+    def onOpen(self) -> None:
         if not self.control:
             self.factory.clients.append(self)
 
-    def onMessage(self, payload: bytes, isBinary: bool) -> None:  # noqa: N802
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
         mode = self.factory.mode
         if mode == "echo":
             self.sendMessage(payload, isBinary)
@@ -45,7 +48,7 @@ class Server(WebSocketServerProtocol):
                     client.sendPreparedMessage(prepared)
             self.sendMessage(b"ok")
 
-    def onClose(self, wasClean, code, reason) -> None:  # noqa: N802
+    def onClose(self, wasClean, code, reason) -> None:
         if self in self.factory.clients:
             self.factory.clients.remove(self)
 
