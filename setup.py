@@ -47,13 +47,14 @@ setup(
     packages=[
         "connmix_tx",
         "connmix_tx.center",
+        "connmix_tx.console",
         "connmix_tx.engine",
         "connmix_tx.lua",
         # No __init__.py here: Twisted's plugin package collects this folder from every
         # sys.path entry; shipping an __init__.py would overwrite Twisted's own.
         "twisted.plugins",
     ],
-    package_data={"connmix_tx.lua": ["*.lua"]},
+    package_data={"connmix_tx.lua": ["*.lua"], "connmix_tx.console": ["*.html"]},
     cmdclass={"build_py": BuildWithHome},
     entry_points={"console_scripts": ["connmix-cli = connmix_tx.cli:main"]},
     install_requires=[
@@ -73,6 +74,7 @@ setup(
             "pytest-twisted>=1.14",
             "websockets>=13",
             "wheel",  # the packaging test builds a wheel without build isolation
+            "selenium>=4.11",  # drives Debian's chromium + chromedriver for the debug console test
         ],
         # bench/: the load generator (picows on uvloop) and the profiler of docs/performance.md.
         "bench": [

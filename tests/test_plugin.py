@@ -69,3 +69,4 @@ def test_wheel_carries_home_and_plugin_without_twisted_init(tmp_path: Path) -> N
     assert "connmix_tx/_home/etc/connmix.yaml" in names
     assert "connmix_tx/_home/lua/entry.websocket.lua" in names
     assert "connmix_tx/lua/bootstrap.lua" in names
+    assert "connmix_tx/console/index.html" in names  # the debug console page (GET /console)

@@ -5,7 +5,8 @@
 replies are written in request order even when some of them wait for another engine; queue
 events are written as the queues deliver them.  ``HttpApiMethod`` runs one dispatcher method per
 POST, in the compact dialect, and maps its errors to HTTP statuses (SPEC 7.4).  ``GET /metrics``
-serves the engine's Prometheus registry (SPEC 7.5).
+serves the engine's Prometheus registry (SPEC 7.5), ``GET /console`` the debug console page
+(``connmix_tx.console``).
 
 Limits (SPEC 7.7): a WebSocket message above ``maxMessageSize`` closes with 1009 (Autobahn), an
 HTTP body above it gets 413; an API connection with more than ``maxWriteBuffer`` bytes queued is
@@ -30,6 +31,7 @@ from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from connmix_tx.auth import UNAUTHORIZED, AccessGuard, request_user
 from connmix_tx.config import ApiServerConfig
+from connmix_tx.console import ConsolePage
 from connmix_tx.engine.api import (
     COMPACT, INTERNAL_ERROR, INVALID_REQUEST, PARSE_ERROR, ApiDispatcher, ApiError, ApiSession,
     strict_loads,
@@ -319,7 +321,7 @@ def _discard(data: bytes) -> None:
 
 def api_site(factory: ApiWebSocketFactory, metrics: Resource | None = None) -> Site:
     """The Site served on ``engine.apiServer``: ``/ws/v1``, ``/v1/mesh/*``, ``/metrics`` (when
-    ``metrics`` is given) and JSON 404s.
+    ``metrics`` is given), the debug console page ``/console`` and JSON 404s.
 
     Every path is behind ``AccessGuard`` with the dispatcher's ``AccessControl``; a dispatcher
     without one (tests, tools) gets no guard.  HTTP requests time out after ``readTimeout``.
@@ -337,6 +339,7 @@ def api_site(factory: ApiWebSocketFactory, metrics: Resource | None = None) -> S
     root.putChild(b"v1", v1)
     if metrics is not None:
         root.putChild(b"metrics", metrics)
+    root.putChild(b"console", ConsolePage())
     if dispatcher.access is None:
         site = QuietSite(root, timeout=config.read_timeout or None)
     else:
