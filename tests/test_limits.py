@@ -217,7 +217,7 @@ def test_api_connection_over_its_write_buffer_is_closed_4008() -> None:
         proto._write(b"b" * 80)
         proto._write(b"c" * 80)  # closing already: counted and logged once
     assert closes == [(4008, b"slow consumer")]
-    assert logs.find("close slow api connection 127.0.0.1:5000 buffered=160")
+    assert logs.find("close slow api connection 127.0.0.1:5000 buffered=164")  # two 82-byte frames
     assert Factory.queues.unconsumed == [proto.session]
     assert Factory.metrics.slow_api._value.get() == 1
 

@@ -18,7 +18,6 @@ from typing import Any
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.compress import PerMessageDeflateOffer, PerMessageDeflateOfferAccept
-from autobahn.websocket.protocol import PreparedMessage
 from autobahn.websocket.types import ConnectionDeny
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
@@ -32,6 +31,7 @@ from connmix_tx.engine.connections import (
     ClientConnection,
     ConnectionRegistry,
 )
+from connmix_tx.engine.frames import frame, write_frame, write_message
 from connmix_tx.engine.outbound import WriteWatch, buffered_bytes
 from connmix_tx.engine.session import CallbackSession
 from connmix_tx.engine.timeouts import IdleWheel
@@ -301,20 +301,20 @@ class ClientWebSocketProtocol(WebSocketServerProtocol):
         if not binary and not _is_utf8(data):
             self.meter.errors.inc()
             return INVALID_UTF8
-        self.sendMessage(data, binary)
+        write_message(self, data, binary)
         return self._written()
 
     def deliver(self, data: bytes, binary: bool, shared: dict[str, Any]) -> str | None:
         if self.state != self.STATE_OPEN:
             self.meter.errors.inc()
             return CLOSED
-        prepared = shared.get("websocket")
-        if prepared is None:
+        framed = shared.get("websocket")
+        if framed is None:
             if not binary and not _is_utf8(data):
                 self.meter.errors.inc()
                 return INVALID_UTF8
-            prepared = shared["websocket"] = PreparedMessage(data, binary, False, False)
-        self.sendPreparedMessage(prepared)
+            framed = shared["websocket"] = frame(data, binary)  # framed once per fan-out
+        write_frame(self, framed, data, binary)
         return self._written()
 
     def close_connection(self) -> None:
