@@ -36,6 +36,7 @@ from connmix_tx.engine.api import (
     COMPACT, INTERNAL_ERROR, INVALID_REQUEST, PARSE_ERROR, ApiDispatcher, ApiError, ApiSession,
     strict_loads,
 )
+from connmix_tx.engine.frames import write_message
 from connmix_tx.engine.outbound import WriteWatch, buffered_bytes
 from connmix_tx.engine.queue import QueueManager
 from connmix_tx.engine.websocket import CLOSE_SLOW, WRITE_TIMEOUT, peer_address, websocket_options
@@ -117,7 +118,7 @@ class ApiWebSocketProtocol(WebSocketServerProtocol):
         """Send one message; then the slow-consumer check and the write watch (SPEC 7.7)."""
         if self.state != self.STATE_OPEN:
             return
-        self.sendMessage(data)
+        write_message(self, data)
         buffered = buffered_bytes(self.transport)
         if buffered > self.max_write_buffer:
             self.close_slow(buffered)
