@@ -64,13 +64,40 @@ class ApiError(Exception):
         self.message = message
 
 
-def _dumps(value: Any) -> bytes:
+def _encode(value: Any) -> bytes:
     text = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     try:
         return text.encode()
     except UnicodeEncodeError:
         # A lone surrogate (valid in JSON input, not in UTF-8): escape everything instead.
         return json.dumps(value, sort_keys=True, separators=(",", ":")).encode()
+
+
+#: Encodings of values that recur in every reply and event: small flat results such as
+#: ``{"fail":0,"success":true,"total":1}``, topic names.  Bounded; keyed with the value types so
+#: ``True`` and ``1`` (equal in Python) never share an entry.
+_MEMO: dict[Any, bytes] = {}
+_MEMO_MAX = 1024
+
+
+def _dumps(value: Any) -> bytes:
+    kind = type(value)
+    if kind is int:
+        return str(value).encode()
+    if value is None:
+        return b"null"
+    if kind is str and len(value) <= 64:
+        key: Any = value
+    elif kind is dict and len(value) <= 4 and all(type(v) in (int, bool, str) for v in value.values()):
+        key = tuple((k, type(v), v) for k, v in value.items())
+    else:
+        return _encode(value)
+    cached = _MEMO.get(key)
+    if cached is None:
+        cached = _encode(value)
+        if len(_MEMO) < _MEMO_MAX:
+            _MEMO[key] = cached
+    return cached
 
 
 def _refuse_constant(name: str) -> Any:
