@@ -240,8 +240,29 @@ class AccessGuard(Resource):
         verdict = self.access.check(peer_ip, authorization, query)
         if not verdict.admitted:
             return Refusal(verdict)
+        if _cross_origin(request) and (verdict.user is None or authorization is not None):
+            # A web page of another site must not drive the API with the browser's ambient
+            # authority: loopback in protected mode, or Basic credentials the browser cached.
+            # Credentials given explicitly in the /ws/v1 query are a deliberate cross-site use.
+            return Refusal(Verdict(None, 403, CROSS_ORIGIN_BODY))
         request.connmix_user = verdict.user.username if verdict.user is not None else None
         return None
+
+
+CROSS_ORIGIN_BODY = (
+    b'{"E":{"c":-32001,"m":"cross-origin request refused: a page of another site may not use this '
+    b'API without explicit credentials (?username=&password= on /ws/v1)"},"r":null}'
+)
+
+
+def _cross_origin(request: Request) -> bool:
+    """Whether a browser sent this request from a page of another origin than the API's own."""
+    origin = request.getHeader(b"origin")
+    if origin is None:
+        return False  # not a browser: command-line tools and back-ends send no Origin
+    host = request.getHeader(b"host") or b""
+    _, _, netloc = origin.partition(b"://")
+    return netloc.lower() != host.lower()
 
 
 def request_user(request: Request) -> str | None:

@@ -350,3 +350,50 @@ def test_roles_are_looked_up_again_at_each_request() -> None:
     assert engine.request("server.ping")["error"]["code"] == -32001
     access.replace(USERS)
     assert engine.request("queue.unconsume")["result"] == {"success": True}
+
+
+# Cross-site requests (a web page of another origin driving the API) -------------------------
+
+
+def _guarded_request(path: bytes, headers: dict[bytes, bytes], users: bool = False) -> tuple[int, bytes]:
+    from twisted.web.test.requesthelper import DummyRequest
+
+    from connmix_tx.auth import AccessControl, AccessGuard
+    from connmix_tx.config import AccessConfig, UserConfig
+    from connmix_tx.web import JsonGet
+
+    config = AccessConfig(
+        users=(UserConfig("alice", "pw", ("read", "write"), "*"),) if users else (), protected=True
+    )
+    guard = AccessGuard(JsonGet(lambda: {"ok": True}), AccessControl(config), query_paths=[b"/ws/v1"])
+    from twisted.internet.address import IPv4Address
+
+    plain, _, _ = path.partition(b"?")
+    request = DummyRequest(plain.lstrip(b"/").split(b"/"))
+    request.client = IPv4Address("TCP", "127.0.0.1", 50000)
+    request.path = plain
+    request.uri = path
+    for name, value in headers.items():
+        request.requestHeaders.addRawHeader(name, value)
+    body = guard.render(request)
+    return request.responseCode or 200, body
+
+
+def test_pages_of_other_sites_are_refused_without_users() -> None:
+    status, body = _guarded_request(b"/ws/v1", {b"origin": b"https://evil.example", b"host": b"127.0.0.1:6789"})
+    assert status == 403 and b"cross-origin request refused" in body
+
+
+def test_same_origin_pages_and_tools_without_origin_are_admitted() -> None:
+    assert _guarded_request(b"/ws/v1", {b"origin": b"http://127.0.0.1:6789", b"host": b"127.0.0.1:6789"})[0] == 200
+    assert _guarded_request(b"/ws/v1", {b"host": b"127.0.0.1:6789"})[0] == 200
+
+
+def test_cross_site_needs_explicit_query_credentials_not_cached_basic() -> None:
+    import base64
+
+    basic = b"Basic " + base64.b64encode(b"alice:pw")
+    headers = {b"origin": b"https://app.example", b"host": b"127.0.0.1:6789", b"authorization": basic}
+    assert _guarded_request(b"/ws/v1", headers, users=True)[0] == 403
+    explicit = {b"origin": b"https://app.example", b"host": b"127.0.0.1:6789"}
+    assert _guarded_request(b"/ws/v1?username=alice&password=pw", explicit, users=True)[0] == 200
