@@ -232,12 +232,6 @@ async def test_churn_leaves_empty_registries_and_flat_memory(tmp_path: Path) -> 
     assert lua_after - lua_before < LUA_GROWTH_BOUND, f"lua heap grew {lua_after - lua_before} bytes"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: IdleWheel.forget() leaves a closed connection in its deadline slot "
-    "(connmix_tx/engine/timeouts.py forget/_put): its protocol, session and Lua state stay "
-    "alive until readTimeout (default 60 s) after its last byte",
-)
 @in_asyncio
 async def test_closed_connection_is_released_before_its_idle_deadline() -> None:
     """A client that left is garbage as soon as its callbacks finished, not at its idle deadline.

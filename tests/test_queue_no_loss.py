@@ -152,14 +152,6 @@ async def test_vanished_consumer_loses_at_most_what_was_on_its_wire() -> None:
         assert first[-1] + lost + 1 == second[0]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: while the server closes an API connection (close frame sent, TCP not yet gone: "
-    "up to closeHandshakeTimeout) it is still a queue consumer; the queue pops messages for it "
-    "and ApiWebSocketProtocol._write drops them because the state is not OPEN "
-    "(connmix_tx/engine/api_server.py close_removed_user, ApiWebSocketFactory.shutdown, _write; "
-    "close_slow already unconsumes first)",
-)
 @in_asyncio
 async def test_messages_pushed_while_the_server_closes_a_consumer_are_not_dropped() -> None:
     """A server-initiated close (here: its user was removed, 4001) must not swallow the messages

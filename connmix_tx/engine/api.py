@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
 from typing import Any, Callable
 
 from twisted.internet.defer import Deferred
@@ -104,9 +105,24 @@ def _refuse_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):
+        raise ValueError(f"number out of range: {text[:20]}")
+    return value
+
+
+def _bounded_int(text: str) -> int:
+    if len(text) > 309:  # beyond any double (Lua numbers are doubles): refuse, do not store
+        raise ValueError(f"number out of range: {text[:20]}...")
+    return int(text)
+
+
 def strict_loads(raw: bytes) -> Any:
-    """``json.loads`` without NaN / Infinity; raises ValueError or RecursionError."""
-    return json.loads(raw, parse_constant=_refuse_constant)
+    """``json.loads`` of strict UTF-8 JSON: no NaN / Infinity, no number a Lua double cannot
+    hold (``1e400``, 400-digit integers); raises ValueError or RecursionError."""
+    text = raw.decode("utf-8") if isinstance(raw, (bytes, bytearray)) else raw
+    return json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float, parse_int=_bounded_int)
 
 
 class Dialect:

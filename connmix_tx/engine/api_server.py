@@ -144,8 +144,15 @@ class ApiWebSocketProtocol(WebSocketServerProtocol):
 
     def close_removed_user(self) -> None:
         """Its user was removed from ``access.users`` (SIGHUP, SPEC 3.4): close with 4001."""
+        self.close_with(4001, b"user removed")
+
+    def close_with(self, code: int, reason: bytes) -> None:
+        """Start a close handshake; the queues stop feeding this connection first, so no
+        message is handed to a connection that can no longer write it (SPEC 6)."""
+        if self.session is not None:
+            self.factory.queues.unconsume(self.session)
         if self.state == self.STATE_OPEN:
-            self.sendCloseFrame(4001, b"user removed", isReply=False)
+            self.sendCloseFrame(code, reason, isReply=False)
 
     def _buffered(self) -> int:
         return buffered_bytes(self.transport)
@@ -215,8 +222,7 @@ class ApiWebSocketFactory(WebSocketServerFactory):
 
     def shutdown(self) -> None:
         for proto in list(self.open_protocols):
-            if proto.state == proto.STATE_OPEN:
-                proto.sendCloseFrame(1001, b"server stopping", isReply=False)
+            proto.close_with(1001, b"server stopping")
         self.write_watch.stop()
 
     def users_replaced(self) -> None:

@@ -34,7 +34,7 @@ class IdleWheel:
         self._slots: dict[int, set[Idle]] = {}
         self._call: IDelayedCall | None = None
         self._call_slot = 0
-        self._watched: set[Idle] = set()
+        self._watched: dict[Idle, int] = {}  # connection -> its slot
 
     def __len__(self) -> int:
         return len(self._watched)
@@ -43,12 +43,17 @@ class IdleWheel:
         """Start watching ``conn`` (its ``last_received`` must be set)."""
         if self.timeout <= 0:
             return
-        self._watched.add(conn)
         self._put(conn, conn.last_received + self.timeout)
 
     def forget(self, conn: Idle) -> None:
-        """Stop watching ``conn`` (it closed).  Its slot entry is dropped lazily."""
-        self._watched.discard(conn)
+        """Stop watching ``conn`` (it closed); nothing of it stays in the wheel."""
+        slot = self._watched.pop(conn, None)
+        if slot is not None:
+            members = self._slots.get(slot)
+            if members is not None:
+                members.discard(conn)
+                if not members:
+                    del self._slots[slot]
 
     def stop(self) -> None:
         if self._call is not None and self._call.active():
@@ -60,6 +65,7 @@ class IdleWheel:
     def _put(self, conn: Idle, deadline: float) -> None:
         slot = math.ceil(deadline / TICK)
         self._slots.setdefault(slot, set()).add(conn)
+        self._watched[conn] = slot
         if self._call is not None and slot < self._call_slot:
             self._call.cancel()  # an earlier deadline (the timeout was lowered)
             self._call = None
@@ -81,7 +87,7 @@ class IdleWheel:
                     continue
                 deadline = conn.last_received + self.timeout
                 if deadline <= now:
-                    self._watched.discard(conn)
+                    del self._watched[conn]
                     expired.append(conn)
                 else:
                     self._put(conn, deadline)
