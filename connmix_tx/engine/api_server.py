@@ -39,7 +39,8 @@ from connmix_tx.engine.api import (
 from connmix_tx.engine.frames import write_message
 from connmix_tx.engine.outbound import WriteWatch, buffered_bytes
 from connmix_tx.engine.queue import QueueManager
-from connmix_tx.engine.websocket import CLOSE_SLOW, WRITE_TIMEOUT, peer_address, websocket_options
+from connmix_tx.engine.connections import peer_address
+from connmix_tx.engine.websocket import CLOSE_SLOW, WRITE_TIMEOUT, websocket_options
 from connmix_tx.web import METHOD_NOT_ALLOWED_BODY, JsonTree, QuietSite, json_response
 
 __all__ = ["ApiWebSocketFactory", "ApiWebSocketProtocol", "HttpApiMethod", "api_site", "buffered_bytes"]

@@ -23,6 +23,14 @@ INVALID_UTF8 = "invalid utf-8"
 CLOSED = "closed"
 
 
+def peer_address(transport: Any) -> str:
+    """``ip:port`` of the peer (``[::1]:port`` for IPv6)."""
+    peer = transport.getPeer()
+    host = getattr(peer, "host", "")
+    port = getattr(peer, "port", 0)
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 class ClientTransport(Protocol):
     """What the engine needs from the protocol object that carries a client connection."""
 

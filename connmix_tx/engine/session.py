@@ -14,7 +14,7 @@ from typing import Any, Callable
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
-from connmix_tx.engine.connections import ClientConnection
+from connmix_tx.engine.connections import ClientConnection, peer_address
 from connmix_tx.lua.runtime import Script
 
 log = Logger(namespace="connmix.lua")
@@ -159,3 +159,25 @@ class CallbackSession:
                 self._on_error(name, values)
         self._busy = False
         self._next()
+
+
+def open_client(factory: Any, proto: Any) -> tuple[ClientConnection, CallbackSession]:
+    """A connection accepted by a protocol server: its client id, its entry in the registry,
+    its Lua session and the debug line of SPEC 4.1.
+
+    ``factory`` offers ``ids``, ``connections``, ``script`` and ``meter``; ``proto`` is the
+    ``ClientTransport`` with ``_overflow`` and ``_finished`` callbacks.
+    """
+    conn = ClientConnection(factory.ids.next_id(), peer_address(proto.transport), proto)
+    factory.connections.add(conn)
+    session = CallbackSession(
+        factory.script, conn, on_overflow=proto._overflow, on_finished=proto._finished,
+        on_error=factory.meter.lua_error,
+    )
+    log.debug(
+        "client {client_id} connected from {remote_addr} on {port}",
+        client_id=conn.client_id,
+        remote_addr=conn.remote_addr,
+        port=proto.transport.getHost().port,
+    )
+    return conn, session

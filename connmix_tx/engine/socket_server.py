@@ -32,9 +32,9 @@ from connmix_tx.engine.connections import (
     ConnectionRegistry,
 )
 from connmix_tx.engine.outbound import WriteWatch, buffered_bytes
-from connmix_tx.engine.session import MAX_PENDING, CallbackSession
+from connmix_tx.engine.session import CallbackSession, open_client
 from connmix_tx.engine.timeouts import IdleWheel
-from connmix_tx.engine.websocket import WRITE_TIMEOUT, NullMeter, peer_address
+from connmix_tx.engine.websocket import WRITE_TIMEOUT, NullMeter
 from connmix_tx.ids import Snowflake
 from connmix_tx.lua.runtime import Script, ScriptError
 
@@ -81,19 +81,7 @@ class SocketServerProtocol(Protocol):
         factory.open_protocols.add(self)
         self.last_received = factory.clock.seconds()
         self.wheel.watch(self)
-        conn = ClientConnection(factory.ids.next_id(), peer_address(self.transport), self)
-        self.conn = conn
-        factory.connections.add(conn)
-        self.session = CallbackSession(
-            factory.script, conn, on_overflow=self._overflow, on_finished=self._finished,
-            on_error=self.meter.lua_error,
-        )
-        log.debug(
-            "client {client_id} connected from {remote_addr} on {port}",
-            client_id=conn.client_id,
-            remote_addr=conn.remote_addr,
-            port=factory.config.port,
-        )
+        self.conn, self.session = conn, _ = open_client(factory, self)
         self.session.start("on_connect", conn.cid).addCallback(self._connected)
 
     def _connected(self, outcome: tuple[bool, tuple]) -> None:
@@ -223,19 +211,9 @@ class SocketServerProtocol(Protocol):
 
     def _message(self, value: Any) -> None:
         """Queue ``on_message(value)``; the 257th waiting message closes (SPEC 4.1)."""
-        session = self.session
-        assert session is not None and self.conn is not None
-        # CallbackSession.call does not apply the pending limit itself (only .message does).
-        if session.pending >= MAX_PENDING:
-            log.warn(
-                "client {client_id} has too many pending messages ({count}); closing",
-                client_id=self.conn.client_id,
-                count=session.pending,
-            )
-            self._overflow()
-            return
+        assert self.session is not None
         self.meter.read.inc()
-        session.call("on_message", value)
+        self.session.call("on_message", value)  # applies the pending limit
 
     def _lua_error(self, callback: str, message: str) -> None:
         """Log an error raised by a framing callback (SPEC 5.10)."""

@@ -33,7 +33,7 @@ from connmix_tx.engine.connections import (
 )
 from connmix_tx.engine.frames import frame, write_frame, write_message
 from connmix_tx.engine.outbound import WriteWatch, buffered_bytes
-from connmix_tx.engine.session import CallbackSession
+from connmix_tx.engine.session import CallbackSession, open_client
 from connmix_tx.engine.timeouts import IdleWheel
 from connmix_tx.ids import Snowflake
 from connmix_tx.lua.convert import py_to_lua
@@ -106,14 +106,6 @@ def websocket_options(max_message_size: int, compression: bool) -> dict[str, Any
     )
 
 
-def peer_address(transport: Any) -> str:
-    """``ip:port`` of the peer (``[::1]:port`` for IPv6)."""
-    peer = transport.getPeer()
-    host = getattr(peer, "host", "")
-    port = getattr(peer, "port", 0)
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
 def _is_utf8(data: bytes) -> bool:
     try:
         data.decode("utf-8")
@@ -167,19 +159,7 @@ class ClientWebSocketProtocol(WebSocketServerProtocol):
             raise ConnectionDeny(ConnectionDeny.NOT_FOUND, "Not Found")
         if not origin_allowed(request.headers.get("origin"), factory.origins):
             raise ConnectionDeny(ConnectionDeny.FORBIDDEN, "Origin Not Allowed")
-        conn = ClientConnection(factory.ids.next_id(), peer_address(self.transport), self)
-        self.conn = conn
-        factory.connections.add(conn)
-        self.session = CallbackSession(
-            factory.script, conn, on_overflow=self._overflow, on_finished=self._finished,
-            on_error=self.meter.lua_error,
-        )
-        log.debug(
-            "client {client_id} connected from {remote_addr} on {port}",
-            client_id=conn.client_id,
-            remote_addr=conn.remote_addr,
-            port=factory.config.port,
-        )
+        self.conn, self.session = conn, _ = open_client(factory, self)
         runtime = factory.script.runtime
         server = {
             b"Method": b"GET",

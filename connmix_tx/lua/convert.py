@@ -70,6 +70,19 @@ def _key(key: object) -> str:
     raise ConvertError(f"cannot use a {lupa.lua_type(key) or type(key).__name__} as an object key")
 
 
+def lua_type_name(value: object) -> str:
+    """The Lua type name of a value handed to Python (for Lua-style argument errors)."""
+    if value is None:
+        return "nil"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    if isinstance(value, bytes):
+        return "string"
+    return lupa.lua_type(value) or "userdata"
+
+
 def lua_to_py(value: object, _depth: int = 0, _seen: frozenset[str] = frozenset()) -> JsonValue:
     """Convert a Lua value to plain JSON-able Python (dict / list / str / int / float / bool / None)."""
     if value is None or isinstance(value, bool):

@@ -39,6 +39,8 @@ from twisted.web.client import (
 from twisted.web.http import PotentialDataLoss
 from twisted.web.iweb import IResponse
 
+from connmix_tx.lua.convert import lua_type_name
+
 #: Largest response body read into Lua (SPEC 5.4).
 MAX_BODY = 8 * 1024 * 1024
 MAX_REDIRECTS = 10
@@ -61,23 +63,11 @@ class _TooLarge(Exception):
 # --- arguments ----------------------------------------------------------------------------------
 
 
-def _type_name(value: object) -> str:
-    if value is None:
-        return "nil"
-    if isinstance(value, bool):
-        return "boolean"
-    if isinstance(value, (int, float)):
-        return "number"
-    if isinstance(value, bytes):
-        return "string"
-    return lupa.lua_type(value) or "userdata"
-
-
 def _bad(what: str, expected: str, value: object) -> TypeError:
     """Lua's argument error; ``what`` is an argument number or an option of argument #3."""
     if what.isdigit():
-        return TypeError(f"bad argument #{what} to 'request' ({expected} expected, got {_type_name(value)})")
-    return TypeError(f"bad argument #3 to 'request' ({what}: {expected} expected, got {_type_name(value)})")
+        return TypeError(f"bad argument #{what} to 'request' ({expected} expected, got {lua_type_name(value)})")
+    return TypeError(f"bad argument #3 to 'request' ({what}: {expected} expected, got {lua_type_name(value)})")
 
 
 def _string(value: object, what: str) -> bytes:

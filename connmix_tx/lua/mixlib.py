@@ -21,7 +21,7 @@ from connmix_tx.engine.queue import QueueError, QueueManager
 from connmix_tx.engine.router import Router
 from connmix_tx.ids import InvalidClientId, parse_client_id
 from connmix_tx.lua import stdlib
-from connmix_tx.lua.convert import ConvertError, json_to_lua, lua_to_json, lua_to_py, py_to_lua, text_of
+from connmix_tx.lua.convert import ConvertError, json_to_lua, lua_to_py, py_to_lua, text_of
 from connmix_tx.lua.http import HttpClient, HttpError
 from connmix_tx.lua.redis import RedisError, RedisPools, ReplyError
 from connmix_tx.lua.runtime import Script

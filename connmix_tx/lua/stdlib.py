@@ -24,7 +24,7 @@ from typing import Any, Callable
 
 from lupa import luajit21 as lupa
 
-from connmix_tx.lua.convert import py_to_lua
+from connmix_tx.lua.convert import lua_type_name, py_to_lua
 
 #: The largest string ``php_pack`` builds (ours: a format like "x2000000000" must not exhaust memory).
 MAX_PACK_SIZE = 64 * 1024 * 1024
@@ -33,21 +33,9 @@ _INT_MAX = 2**31 - 1
 # --- argument helpers ---------------------------------------------------------------------------
 
 
-def _type_name(value: object) -> str:
-    if value is None:
-        return "nil"
-    if isinstance(value, bool):
-        return "boolean"
-    if isinstance(value, (int, float)):
-        return "number"
-    if isinstance(value, bytes):
-        return "string"
-    return lupa.lua_type(value) or "userdata"
-
-
 def _bad(index: int, function: str, expected: str, value: object) -> TypeError:
     """The error Lua's own library raises for a wrong argument."""
-    return TypeError(f"bad argument #{index} to '{function}' ({expected} expected, got {_type_name(value)})")
+    return TypeError(f"bad argument #{index} to '{function}' ({expected} expected, got {lua_type_name(value)})")
 
 
 def _string(value: object, index: int, function: str) -> bytes:
@@ -134,7 +122,7 @@ def bytes_tostring(values: object = None) -> bytes:
     for key, value in items.items():
         if not isinstance(key, int) or isinstance(key, bool) or not 1 <= key <= len(items):
             raise ValueError("bad argument #1 to 'bytes_tostring' (array expected, got key "
-                             f"{_type_name(key)} {key!r})")
+                             f"{lua_type_name(key)} {key!r})")
         if isinstance(value, bool) or not isinstance(value, (int, float)) \
                 or not float(value).is_integer() or not 0 <= value <= 255:
             raise ValueError(f"bad argument #1 to 'bytes_tostring' (byte value expected at index {key})")
