@@ -38,6 +38,8 @@ from typing import Any
 
 import yaml
 
+from connmix_tx.testing import free_ports
+
 REPO = Path(__file__).resolve().parent.parent
 BENCH = REPO / "bench"
 DEFAULT_ENTRY = str(REPO / "lua" / "entry.websocket.lua")
@@ -83,18 +85,6 @@ class BenchError(Exception):
     """A process did not start, answer or connect as it should."""
 
 
-def free_ports(count: int) -> list[int]:
-    """``count`` distinct TCP ports of 127.0.0.1 that were free a moment ago."""
-    sockets = []
-    try:
-        for _ in range(count):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            sockets.append(s)
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
 
 
 def wait_port(port: int, proc: Proc, timeout: float = 30.0) -> None:

@@ -35,6 +35,8 @@ from typing import Any, Iterable
 
 import yaml
 
+from connmix_tx.testing import free_ports
+
 REPO = Path(__file__).resolve().parent.parent
 TOOLS = REPO / ".conformance"
 PY27_TARGET = TOOLS / "py27"
@@ -250,17 +252,6 @@ def pick_runner(choice: str, do_install: bool) -> tuple[str, list[str]]:
 
 # The engine under test -------------------------------------------------------------------------
 
-def free_ports(count: int) -> list[int]:
-    sockets = []
-    try:
-        for _ in range(count):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            sockets.append(s)
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
 
 
 def socket_echo_entry(outdir: Path) -> Path:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -18,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from connmix_tx.testing import free_ports  # noqa: F401 (re-exported for the tests)
 
 TWISTD = [sys.executable, "-c", "import sys; sys.argv[0] = 'twistd'; from twisted.scripts.twistd import run; run()"]
 START_TIMEOUT = 15.0
@@ -28,18 +28,6 @@ def twistd(*args: str) -> list[str]:
     return [*TWISTD, "-n", "--pidfile=", "connmix", *args]
 
 
-def free_ports(count: int) -> list[int]:
-    """``count`` distinct TCP ports of 127.0.0.1 that were free a moment ago."""
-    sockets = []
-    try:
-        for _ in range(count):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            sockets.append(s)
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
 
 
 def write_yaml(path: Path, data: dict[str, Any]) -> Path:
