@@ -14,6 +14,12 @@
 -- which input() has already answered: a ping gets its pong, a close gets the close reply and
 -- the connection is closed.
 --
+-- Text messages are checked to be UTF-8 frame by frame (a sequence may continue in the next
+-- fragment); invalid UTF-8 closes with 1007.  A close frame with a 1-byte payload or an invalid
+-- code is answered with 1002, one whose reason is not UTF-8 with 1007.  A data frame longer than
+-- the payload limit (M.MAX_PAYLOAD, or the server option "maxPayload") is answered with 1009.
+-- The engine's maxMessageSize still bounds a frame that does not arrive in one read.
+--
 -- The module keeps a little state per connection (handshake done, message type of a fragmented
 -- message); on_close must call websocket.forget(client_id).  After a hot reload the state is
 -- rebuilt from the "headers" context value.
@@ -27,8 +33,10 @@ local concat, unpack, floor = table.concat, unpack, math.floor
 
 local M = {}
 
--- Largest data frame payload accepted from a client (larger: the connection is closed).
-M.MAX_PAYLOAD = 65535
+-- Largest data frame payload accepted from a client (larger: close 1009).  The server option
+-- "maxPayload" overrides it.  Unmasking and checking a frame are Lua loops run in one callback:
+-- 1 MiB stays within the default engine.luavm.maxInstructions (10 000 000); 4 MiB does not.
+M.MAX_PAYLOAD = 1024 * 1024
 -- Largest opening handshake request accepted.
 M.MAX_HANDSHAKE = 8192
 
@@ -37,7 +45,9 @@ local OP_CONTINUATION, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0, 1, 2,
 local KIND = { [OP_TEXT] = "text", [OP_BINARY] = "binary" }
 local REASONS = { [400] = "Bad Request", [404] = "Not Found", [426] = "Upgrade Required" }
 
--- client id -> { kind = type of the current data frame, frag = type of an unfinished message }
+-- client id -> { kind = type of the current data frame, frag = type of an unfinished message,
+--   tail = incomplete UTF-8 sequence at the end of the last text fragment,
+--   payload, packet_size = the unmasked payload of the frame input() checked, for decode() }
 local states = {}
 
 -- The Sec-WebSocket-Accept value for a Sec-WebSocket-Key.
@@ -74,8 +84,15 @@ local function unmask(s, key, first, n)
     local size = n - offset
     if size > UNMASK_STEP then size = UNMASK_STEP end
     local t = { byte(s, first + offset, first + offset + size - 1) }
-    for i = 1, size do
-      t[i] = bxor(t[i], m[(offset + i - 1) % 4 + 1])
+    -- UNMASK_STEP is a multiple of 4: every step starts at mask byte 1.
+    local m1, m2, m3, m4 = m[1], m[2], m[3], m[4]
+    local i = 1
+    while i + 3 <= size do
+      t[i], t[i + 1], t[i + 2], t[i + 3] = bxor(t[i], m1), bxor(t[i + 1], m2), bxor(t[i + 2], m3), bxor(t[i + 3], m4)
+      i = i + 4
+    end
+    for j = i, size do
+      t[j] = bxor(t[j], m[(j - 1) % 4 + 1])
     end
     count = count + 1
     parts[count] = char(unpack(t, 1, size))
@@ -107,6 +124,61 @@ local function header(s)
   end
   if masked then size = size + 4 end
   return true, fin, opcode, masked, size, len
+end
+
+-- UTF-8 ------------------------------------------------------------------------------------------
+
+-- Check that s is UTF-8 (RFC 3629: no overlong forms, no surrogates, nothing above U+10FFFF).
+-- Returns nil at the first invalid byte (also when an unfinished sequence at the end can no longer
+-- become valid), else the index where an unfinished sequence at the end starts (#s + 1 if none).
+-- ASCII runs are skipped by string.find.
+local function utf8_scan(s)
+  local i, n = 1, #s
+  while true do
+    i = find(s, "[\128-\255]", i)
+    if i == nil then return n + 1 end
+    local c, c2, c3, c4 = byte(s, i, i + 3)
+    if c < 0xC2 then
+      return nil  -- a continuation byte, or an overlong 2-byte lead (C0, C1)
+    elseif c < 0xE0 then
+      if c2 == nil then return i end
+      if c2 < 0x80 or c2 > 0xBF then return nil end
+      i = i + 2
+    elseif c < 0xF0 then
+      if c2 == nil then return i end
+      local lo, hi = 0x80, 0xBF
+      if c == 0xE0 then lo = 0xA0 elseif c == 0xED then hi = 0x9F end  -- overlong; surrogates
+      if c2 < lo or c2 > hi then return nil end
+      if c3 == nil then return i end
+      if c3 < 0x80 or c3 > 0xBF then return nil end
+      i = i + 3
+    elseif c < 0xF5 then
+      if c2 == nil then return i end
+      local lo, hi = 0x80, 0xBF
+      if c == 0xF0 then lo = 0x90 elseif c == 0xF4 then hi = 0x8F end  -- overlong; > U+10FFFF
+      if c2 < lo or c2 > hi then return nil end
+      if c3 == nil then return i end
+      if c3 < 0x80 or c3 > 0xBF then return nil end
+      if c4 == nil then return i end
+      if c4 < 0x80 or c4 > 0xBF then return nil end
+      i = i + 4
+    else
+      return nil
+    end
+  end
+end
+
+-- Whether s is complete, valid UTF-8.
+local function utf8_valid(s)
+  return utf8_scan(s) == #s + 1
+end
+M.utf8_valid = utf8_valid
+
+-- Close codes a peer may send (RFC 6455 7.4.1 and the IANA registry; 3000-4999 are for
+-- libraries and applications).  1004-1006 and 1015 must not appear in a close frame.
+local function valid_close_code(code)
+  return (code >= 1000 and code <= 1003) or (code >= 1007 and code <= 1014)
+         or (code >= 3000 and code <= 4999)
 end
 
 -- The handshake ---------------------------------------------------------------------------------
@@ -178,6 +250,18 @@ end
 
 -- API ----------------------------------------------------------------------------------------
 
+-- Send a close frame with `code` and close the connection; the result for protocol_input.
+local function fail(conn, code)
+  conn:send(frame(0x80 + OP_CLOSE, char(rshift(code, 8), band(code, 255))))
+  conn:close()
+  return -1
+end
+
+local function payload_limit()
+  local option = mix.server and mix.server.option and mix.server.option("maxPayload")
+  return option and tonumber(option) or M.MAX_PAYLOAD
+end
+
 -- protocol_input: 0 (need more bytes), -1 (close) or the size of the next frame.
 function M.input(buf, path, on_handshake)
   local conn = mix.socket.tcp()
@@ -189,34 +273,61 @@ function M.input(buf, path, on_handshake)
   local ok, fin, opcode, masked, size, len = header(head)
   if ok == nil then return 0 end
   if not ok or not masked then return -1 end  -- clients must mask (RFC 6455 5.1)
+  st.payload = nil
   if opcode >= 8 then
     if not fin or len > 125 then return -1 end
-  elseif len > M.MAX_PAYLOAD then
-    return -1
+  else
+    local limit = st.limit
+    if limit == nil then
+      limit = payload_limit()  -- server options change for new connections only
+      st.limit = limit
+    end
+    if len > limit then return fail(conn, 1009) end  -- message too big
   end
   local total = size + len
   if avail < total then return 0 end
-  if opcode == OP_PING or opcode == OP_CLOSE then
+  local function payload()
     local s = total <= #head and sub(head, 1, total) or head .. buf:read(total - #head)
-    local payload = unmask(s, size - 3, size + 1, len)
-    if opcode == OP_PING then
-      conn:send(frame(0x80 + OP_PONG, payload))
-    else
-      if #payload == 1 then payload = char(0x03, 0xEA) else payload = sub(payload, 1, 2) end  -- 1002
-      conn:send(frame(0x80 + OP_CLOSE, payload))
-      conn:close()  -- a clean close: on_close gets nil
-      return -1
+    return unmask(s, size - 3, size + 1, len)
+  end
+  if opcode == OP_PING then
+    conn:send(frame(0x80 + OP_PONG, payload()))
+  elseif opcode == OP_CLOSE then
+    local data = payload()
+    local reply = ""
+    if #data == 1 then
+      return fail(conn, 1002)
+    elseif #data >= 2 then
+      local hi, lo = byte(data, 1, 2)
+      local code = hi * 256 + lo
+      if not valid_close_code(code) then return fail(conn, 1002) end
+      if not utf8_valid(sub(data, 3)) then return fail(conn, 1007) end
+      reply = sub(data, 1, 2)
     end
+    conn:send(frame(0x80 + OP_CLOSE, reply))
+    conn:close()  -- a clean close: on_close gets nil
+    return -1
   elseif opcode == OP_PONG then
     -- nothing to do; it still counted as activity
-  elseif opcode == OP_CONTINUATION then
-    if st.frag == nil then return -1 end
-    st.kind = st.frag
-    if fin then st.frag = nil end
-  elseif opcode == OP_TEXT or opcode == OP_BINARY then
-    if st.frag ~= nil then return -1 end
-    st.kind = KIND[opcode]
-    if not fin then st.frag = st.kind end
+  elseif opcode == OP_CONTINUATION or opcode == OP_TEXT or opcode == OP_BINARY then
+    if opcode == OP_CONTINUATION then
+      if st.frag == nil then return -1 end
+      st.kind = st.frag
+      if fin then st.frag = nil end
+    else
+      if st.frag ~= nil then return -1 end
+      st.kind = KIND[opcode]
+      st.tail = nil
+      if not fin then st.frag = st.kind end
+    end
+    if st.kind == "text" then
+      local data = payload()
+      local s = st.tail and (st.tail .. data) or data
+      local rest = utf8_scan(s)
+      if rest == nil or (fin and rest <= #s) then return fail(conn, 1007) end  -- invalid payload
+      st.tail = (not fin and rest <= #s) and sub(s, rest) or nil
+      st.payload, st.packet_size = data, total
+    end
   else
     return -1  -- reserved opcode
   end
@@ -227,12 +338,16 @@ end
 function M.decode(packet)
   local ok, fin, opcode, _, size, len = header(packet)
   if not ok or opcode >= 8 then return nil end
-  local kind = KIND[opcode]
-  if kind == nil then
-    local st = state_of(mix.socket.tcp())
-    kind = st and st.kind or "binary"
+  local st = state_of(mix.socket.tcp())
+  local kind = KIND[opcode] or (st and st.kind) or "binary"
+  local data
+  if st and st.payload and st.packet_size == #packet then
+    data = st.payload  -- unmasked already by input() for the UTF-8 check
+  else
+    data = unmask(packet, size - 3, size + 1, len)
   end
-  return { type = kind, data = unmask(packet, size - 3, size + 1, len), finish = fin }
+  if st then st.payload = nil end
+  return { type = kind, data = data, finish = fin }
 end
 
 -- protocol_encode: one unmasked final frame ("text" unless type is "binary").
