@@ -75,6 +75,9 @@ setup(
             "websockets>=13",
             "wheel",  # the packaging test builds a wheel without build isolation
             "selenium>=4.11",  # drives Debian's chromium + chromedriver for the debug console test
+            # the bench smoke test runs the load generator
+            "picows>=1.9",
+            "uvloop>=0.19",
         ],
         # bench/: the load generator (picows on uvloop) and the profiler of docs/performance.md.
         "bench": [
