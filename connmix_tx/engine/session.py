@@ -15,6 +15,8 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from connmix_tx.engine.connections import ClientConnection, peer_address
+from connmix_tx.engine.outbound import WriteWatch
+from connmix_tx.engine.timeouts import IdleWheel
 from connmix_tx.lua.runtime import Script
 
 log = Logger(namespace="connmix.lua")
@@ -181,3 +183,40 @@ def open_client(factory: Any, proto: Any) -> tuple[ClientConnection, CallbackSes
         port=proto.transport.getHost().port,
     )
     return conn, session
+
+
+class ProtocolServerFactory:
+    """What the factories of both protocol-server kinds (websocket, socket) share: the engine
+    objects their connections use, the idle wheels, the write watch and the clean stop.
+
+    A mixin: the concrete factory also derives from Autobahn's or Twisted's factory and calls
+    ``share(...)`` from its ``__init__``; its protocols implement ``shutdown()``.
+    """
+
+    def share(
+        self, script: Any, connections: Any, ids: Any, clock: Any, meter: Any, read_timeout: float
+    ) -> None:
+        self.script = script
+        self.connections = connections
+        self.ids = ids
+        self.clock = clock
+        self.meter = meter
+        self.write_watch = WriteWatch(clock)
+        self.wheel = IdleWheel(clock, read_timeout)
+        self._wheels = [self.wheel]
+        self.open_protocols: set[Any] = set()
+
+    def renew_wheel(self, read_timeout: float) -> None:
+        """A new readTimeout (SIGHUP): connections accepted from now on use a new wheel; open
+        ones keep the wheel (and timeout) they were accepted with."""
+        if read_timeout != self.wheel.timeout:
+            self.wheel = IdleWheel(self.clock, read_timeout)
+            self._wheels = [w for w in self._wheels if len(w)] + [self.wheel]
+
+    def shutdown(self) -> None:
+        """Close every client and stop the idle wheels and the write watch."""
+        for proto in list(self.open_protocols):
+            proto.shutdown()
+        for wheel in self._wheels:
+            wheel.stop()
+        self.write_watch.stop()

@@ -31,9 +31,8 @@ from connmix_tx.engine.connections import (
     ClientConnection,
     ConnectionRegistry,
 )
-from connmix_tx.engine.outbound import WriteWatch, buffered_bytes
-from connmix_tx.engine.session import CallbackSession, open_client
-from connmix_tx.engine.timeouts import IdleWheel
+from connmix_tx.engine.outbound import buffered_bytes
+from connmix_tx.engine.session import CallbackSession, ProtocolServerFactory, open_client
 from connmix_tx.engine.websocket import WRITE_TIMEOUT, NullMeter
 from connmix_tx.ids import Snowflake
 from connmix_tx.lua.runtime import Script, ScriptError
@@ -360,7 +359,7 @@ def _describe(value: object) -> str:
     return repr(value)
 
 
-class SocketServerFactory(Factory):
+class SocketServerFactory(ProtocolServerFactory, Factory):
     """Everything the connections of one ``protocol: socket`` server share."""
 
     protocol = SocketServerProtocol
@@ -376,31 +375,12 @@ class SocketServerFactory(Factory):
         meter: Any = None,
     ) -> None:
         self.config = config
-        self.script = script
-        self.connections = connections
-        self.ids = ids
-        self.clock = clock
-        self.meter = meter if meter is not None else NullMeter()
-        self.wheel = IdleWheel(clock, config.read_timeout)
-        self._wheels = [self.wheel]
-        self.write_watch = WriteWatch(clock)
-        self.open_protocols: set[SocketServerProtocol] = set()
-        # engine.new_buffer (bootstrap.lua) makes the Lua buffer object of SPEC 5.6.  Script has no
-        # public handle on its driver table, hence the private attribute.
+        self.share(script, connections, ids, clock, meter if meter is not None else NullMeter(),
+                   config.read_timeout)
+        # The Lua buffer object of SPEC 5.6 (engine.new_buffer in bootstrap.lua).
         self.new_buffer = script.new_buffer
 
     def reconfigure(self, config: ServerConfig) -> None:
         """Use ``config``'s "new conns" keys for the connections accepted from now on."""
         self.config = config
-        if config.read_timeout != self.wheel.timeout:
-            # Open connections keep the wheel (and timeout) they were accepted with.
-            self.wheel = IdleWheel(self.clock, config.read_timeout)
-            self._wheels = [w for w in self._wheels if len(w)] + [self.wheel]
-
-    def shutdown(self) -> None:
-        """Close every client (flush, then TCP close) and stop the idle wheels and write watch."""
-        for proto in list(self.open_protocols):
-            proto.shutdown()
-        for wheel in self._wheels:
-            wheel.stop()
-        self.write_watch.stop()
+        self.renew_wheel(config.read_timeout)

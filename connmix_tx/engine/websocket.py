@@ -32,9 +32,8 @@ from connmix_tx.engine.connections import (
     ConnectionRegistry,
 )
 from connmix_tx.engine.frames import frame, write_frame, write_message
-from connmix_tx.engine.outbound import WriteWatch, buffered_bytes
-from connmix_tx.engine.session import CallbackSession, open_client
-from connmix_tx.engine.timeouts import IdleWheel
+from connmix_tx.engine.outbound import buffered_bytes
+from connmix_tx.engine.session import CallbackSession, ProtocolServerFactory, open_client
 from connmix_tx.ids import Snowflake
 from connmix_tx.lua.convert import py_to_lua
 from connmix_tx.lua.runtime import Script
@@ -304,7 +303,7 @@ class ClientWebSocketProtocol(WebSocketServerProtocol):
         raise RuntimeError("clear_buffer is only available on socket servers")
 
 
-class ClientWebSocketFactory(WebSocketServerFactory):
+class ClientWebSocketFactory(ProtocolServerFactory, WebSocketServerFactory):
     """Everything the connections of one ``protocol: websocket`` server share."""
 
     protocol = ClientWebSocketProtocol
@@ -319,16 +318,9 @@ class ClientWebSocketFactory(WebSocketServerFactory):
         clock: IReactorTime,
         meter: Any = None,
     ) -> None:
-        super().__init__(server="connmix")
-        self.script = script
-        self.connections = connections
-        self.ids = ids
-        self.clock = clock
-        self.meter = meter if meter is not None else NullMeter()
-        self.write_watch = WriteWatch(clock)
-        self.wheel = IdleWheel(clock, config.read_timeout)
-        self._wheels = [self.wheel]
-        self.open_protocols: set[ClientWebSocketProtocol] = set()
+        WebSocketServerFactory.__init__(self, server="connmix")
+        self.share(script, connections, ids, clock, meter if meter is not None else NullMeter(),
+                   config.read_timeout)
         self.reconfigure(config)
 
     def reconfigure(self, config: ServerConfig) -> None:
@@ -336,17 +328,6 @@ class ClientWebSocketFactory(WebSocketServerFactory):
         self.config = config
         self.path = config.option("path") or "/"
         self.origins = origin_patterns(config.option("origins"))
-        if config.read_timeout != self.wheel.timeout:
-            # Open connections keep the wheel (and timeout) they were accepted with.
-            self.wheel = IdleWheel(self.clock, config.read_timeout)
-            self._wheels = [w for w in self._wheels if len(w)] + [self.wheel]
+        self.renew_wheel(config.read_timeout)
         self.setProtocolOptions(autoPingInterval=0,
                                 **websocket_options(config.max_message_size, config.compression))
-
-    def shutdown(self) -> None:
-        """Close every client with 1001 and stop the idle wheels and the write watch."""
-        for proto in list(self.open_protocols):
-            proto.shutdown()
-        for wheel in self._wheels:
-            wheel.stop()
-        self.write_watch.stop()
