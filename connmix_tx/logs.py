@@ -43,6 +43,11 @@ _JSON_CORE = frozenset(("time", "level", "namespace", "message", "traceback"))
 # Bookkeeping keys of twisted.python.log events; they are not user fields.
 _LEGACY_KEYS = frozenset(("message", "time", "system", "isError", "format", "why", "failure", "printed"))
 _ROTATED_SUFFIX = re.compile(r"^(\d+)_(\d+)_(\d+)$")
+#: What Twisted's listening ports log by themselves, unconditionally, through the legacy
+#: ``log.msg``: ``QuietSite starting on 6789`` and ``(TCP Port 6789 Closed)`` (``TLS``, ``UNIX``
+#: likewise).  Each listener already logs its own start line (``start the api server (…)``), so
+#: these are dropped: one start line per listener.
+_PORT_NOISE = re.compile(r"\S+ starting on \S+|\((?:\w+ )?Port \S+ Closed\)")
 
 
 def _level_name(event: dict[str, Any]) -> str:
@@ -77,6 +82,17 @@ def _message(event: dict[str, Any]) -> str:
 def _is_legacy(event: dict[str, Any]) -> bool:
     """True for events that came from ``twisted.python.log.msg`` / ``log.err``."""
     return "isError" in event and isinstance(event.get("message"), tuple)
+
+
+def is_port_noise(event: dict[str, Any]) -> bool:
+    """True for Twisted's own ``… starting on <port>`` / ``(TCP Port <port> Closed)`` lines."""
+    if event.get("log_namespace") != "log_legacy" or event.get("isError"):
+        return False
+    message = event.get("message")
+    return (
+        isinstance(message, tuple) and len(message) == 1 and isinstance(message[0], str)
+        and _PORT_NOISE.fullmatch(message[0]) is not None
+    )
 
 
 def format_text(event: dict[str, Any]) -> str:
@@ -266,7 +282,7 @@ class LogControl:
         """Filter, format and write one event.  Never raises."""
         try:
             level, fmt = self._settings
-            if _RANK[_level_name(event)] < _RANK[level]:
+            if _RANK[_level_name(event)] < _RANK[level] or is_port_noise(event):
                 return
             if getattr(self._local, "busy", False):
                 return  # a destination logged while we wrote to it: drop instead of looping
