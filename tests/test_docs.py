@@ -1,0 +1,145 @@
+"""The reference documents keep up with the code.
+
+* Every key of the configuration schema (the one table in ``connmix_tx.config`` that drives
+  validation and reload) is documented in ``docs/configuration.md``, written as a code span with
+  list indices as ``[]``: `` `engine.servers[].port` ``.  A key added to the schema without a line
+  in the document fails here.
+* Every method the API dispatcher serves, in both dialects, and every error code it answers with,
+  is documented in ``docs/api.md``.
+
+Both lists are read from the code at test time, so keys and methods added later are checked
+without touching this file.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+import re
+from collections.abc import Iterable, Iterator
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+from conftest import REPO
+
+CONFIGURATION = REPO / "docs" / "configuration.md"
+API = REPO / "docs" / "api.md"
+
+
+# --------------------------------------------------------------------------- the config schema
+
+
+def _schema_modules() -> Iterator[ModuleType]:
+    """``connmix_tx.config`` and, if it became a package, its submodules."""
+    package = importlib.import_module("connmix_tx.config")
+    yield package
+    for info in pkgutil.iter_modules(getattr(package, "__path__", [])):
+        yield importlib.import_module(f"{package.__name__}.{info.name}")
+
+
+def config_schema() -> Any:
+    """The schema table: the root mapping node (``_SCHEMA``) of the configuration walker."""
+    for module in _schema_modules():
+        for name in ("_SCHEMA", "SCHEMA"):
+            if hasattr(module, name):
+                return getattr(module, name)
+    raise AssertionError("no configuration schema table (_SCHEMA) found in connmix_tx.config")
+
+
+def _join(prefix: str, key: str) -> str:
+    return f"{prefix}.{key}" if prefix else key
+
+
+def key_paths(node: Any, prefix: str = "") -> Iterator[str]:
+    """Every key path below ``node``: mapping keys (sections included), the keys accepted for
+    compatibility, and list items as ``[]``.
+
+    Mapping nodes have ``fields`` (YAML key -> field with a ``node``) and ``unused`` (accepted,
+    ignored keys); list nodes have ``item``.
+    """
+    fields = getattr(node, "fields", None)
+    if isinstance(fields, dict):
+        for key, field in fields.items():
+            path = _join(prefix, key)
+            yield path
+            yield from key_paths(field.node, path)
+        for key in sorted(getattr(node, "unused", ())):
+            yield _join(prefix, key)
+    item = getattr(node, "item", None)
+    if item is not None:
+        yield from key_paths(item, prefix + "[]")
+
+
+def undocumented(paths: Iterable[str], text: str) -> list[str]:
+    """The paths that do not appear in ``text`` as a code span of their own."""
+    return [path for path in paths if f"`{path}`" not in text]
+
+
+def test_the_schema_walk_finds_keys_at_every_depth() -> None:
+    paths = list(key_paths(config_schema()))
+    for expected in ("logging", "logging.level", "access.users[].roles", "engine.servers[].options[].value",
+                     "engine.luavm.redis[].addr", "center.registry.tls.certificate",
+                     "engine.servers[].readBufferSize", "prometheus.summary.maxAge"):
+        assert expected in paths
+    assert len(paths) == len(set(paths))
+
+
+def test_a_key_missing_from_the_document_is_reported() -> None:
+    text = "`logging.level` and `engine.servers[].port` and engine.servers[].entry"
+    paths = ["logging.level", "engine.servers[].port", "engine.servers[].entry", "engine.servers"]
+    assert undocumented(paths, text) == ["engine.servers[].entry", "engine.servers"]
+
+
+def test_every_configuration_key_is_documented() -> None:
+    missing = undocumented(key_paths(config_schema()), CONFIGURATION.read_text(encoding="utf-8"))
+    assert not missing, "keys missing from docs/configuration.md: " + ", ".join(missing)
+
+
+# --------------------------------------------------------------------------- the API
+
+
+def api_method_names() -> set[str]:
+    """Every method name the WebSocket API answers: the dispatcher's methods (long names) and
+    the compact names that stand for them (``queue.pop``...)."""
+    from connmix_tx.engine import api
+
+    dispatcher = api.ApiDispatcher(None, None)  # type: ignore[arg-type] - only its table is read
+    names = set(dispatcher.methods)
+    names |= set(getattr(api, "METHOD_ROLES", {}))
+    names |= set(getattr(api.CompactForm, "ALIASES", {}))
+    return names
+
+
+def api_error_codes() -> set[int]:
+    """The error codes of the API: the code constants of ``connmix_tx.engine.api`` (application
+    codes 100-999 and the JSON-RPC range) and the access code of ``connmix_tx.auth``."""
+    from connmix_tx import auth
+    from connmix_tx.engine import api
+
+    codes = {auth.UNAUTHORIZED}
+    for name, value in vars(api).items():
+        if name.isupper() and type(value) is int and (100 <= value <= 999 or -32768 <= value <= -32000):
+            codes.add(value)
+    return codes
+
+
+def test_the_api_lists_are_read_from_the_code() -> None:
+    assert {"server.ping", "queue.consume", "queue.pop", "queue.unpop", "mesh.send"} <= api_method_names()
+    assert {101, 201, 202, 203, 301, 401, -32700, -32600, -32601, -32603, -32001} <= api_error_codes()
+
+
+def test_every_api_method_is_documented() -> None:
+    text = API.read_text(encoding="utf-8")
+    missing = sorted(name for name in api_method_names() if f"`{name}`" not in text)
+    assert not missing, "methods missing from docs/api.md: " + ", ".join(missing)
+
+
+@pytest.mark.parametrize("code", sorted(api_error_codes()))
+def test_every_error_code_has_a_row_and_an_example_reply(code: int) -> None:
+    text = API.read_text(encoding="utf-8")
+    assert re.search(rf"^\| `{code}` \|", text, re.M), f"no row for error {code} in docs/api.md"
+    long_form = f'"code":{code},'
+    compact = f'"c":{code},'
+    assert long_form in text or compact in text, f"no example reply with error {code} in docs/api.md"
