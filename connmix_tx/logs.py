@@ -48,6 +48,10 @@ _ROTATED_SUFFIX = re.compile(r"^(\d+)_(\d+)_(\d+)$")
 #: likewise).  Each listener already logs its own start line (``start the api server (…)``), so
 #: these are dropped: one start line per listener.
 _PORT_NOISE = re.compile(r"\S+ starting on \S+|\((?:\w+ )?Port \S+ Closed\)")
+#: What a factory with ``noisy = True`` logs when its first connection starts and its last one
+#: ends.  Ours are quiet; Twisted's HTTP client pool (``mix.http``) and the plain factories of
+#: client endpoints (``mix.redis``) are not, and would log two lines per outgoing connection.
+_FACTORY_NOISE = frozenset(("Starting factory {factory!r}", "Stopping factory {factory!r}"))
 
 
 def _level_name(event: dict[str, Any]) -> str:
@@ -84,8 +88,12 @@ def _is_legacy(event: dict[str, Any]) -> bool:
     return "isError" in event and isinstance(event.get("message"), tuple)
 
 
-def is_port_noise(event: dict[str, Any]) -> bool:
-    """True for Twisted's own ``… starting on <port>`` / ``(TCP Port <port> Closed)`` lines."""
+def is_twisted_noise(event: dict[str, Any]) -> bool:
+    """True for Twisted's own ``… starting on <port>`` / ``(TCP Port <port> Closed)`` lines and
+    ``Starting factory …`` / ``Stopping factory …``: the log observer drops them."""
+    fmt = event.get("log_format")
+    if isinstance(fmt, str) and fmt in _FACTORY_NOISE:
+        return True
     if event.get("log_namespace") != "log_legacy" or event.get("isError"):
         return False
     message = event.get("message")
@@ -282,7 +290,7 @@ class LogControl:
         """Filter, format and write one event.  Never raises."""
         try:
             level, fmt = self._settings
-            if _RANK[_level_name(event)] < _RANK[level] or is_port_noise(event):
+            if _RANK[_level_name(event)] < _RANK[level] or is_twisted_noise(event):
                 return
             if getattr(self._local, "busy", False):
                 return  # a destination logged while we wrote to it: drop instead of looping
