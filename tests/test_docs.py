@@ -3,7 +3,8 @@
 * Every key of the configuration schema (the one table in ``connmix_tx.config`` that drives
   validation and reload) is documented in ``docs/configuration.md``, written as a code span with
   list indices as ``[]``: `` `engine.servers[].port` ``.  A key added to the schema without a line
-  in the document fails here.
+  in the document fails here, and so does a table row whose default or reload column no longer
+  matches the schema.
 * Every method the API dispatcher serves, in both dialects, and every error code it answers with,
   is documented in ``docs/api.md``.
 
@@ -95,6 +96,57 @@ def test_a_key_missing_from_the_document_is_reported() -> None:
 def test_every_configuration_key_is_documented() -> None:
     missing = undocumented(key_paths(config_schema()), CONFIGURATION.read_text(encoding="utf-8"))
     assert not missing, "keys missing from docs/configuration.md: " + ", ".join(missing)
+
+
+def leaf_fields(node: Any, prefix: str = "", hot: str = "no") -> Iterator[tuple[str, Any, str]]:
+    """``(path, default, reload)`` of every key whose default is a plain scalar; ``reload`` is
+    the key's own hotness or the one it inherits (``hot``, ``new conns`` or ``no``)."""
+    fields = getattr(node, "fields", None)
+    if isinstance(fields, dict):
+        for key, field in fields.items():
+            path, own = _join(prefix, key), field.hot or hot
+            if type(field.default) in (str, int, float, bool):
+                yield path, field.default, own
+            yield from leaf_fields(field.node, path, own)
+    item = getattr(node, "item", None)
+    if item is not None:
+        yield from leaf_fields(item, prefix + "[]", hot)
+
+
+def table_rows(text: str) -> dict[str, list[str]]:
+    """The cells after the key of every table row that starts with a key code span."""
+    rows = {}
+    for match in re.finditer(r"^\| `([^`]+)` \|(.*)\|$", text, re.M):
+        rows[match.group(1)] = [cell.strip() for cell in match.group(2).split(" | ")]
+    return rows
+
+
+def shown(value: Any) -> str:
+    """A default as the document writes it: YAML spelling in a code span."""
+    if isinstance(value, bool):
+        return "`true`" if value else "`false`"
+    if value == "":
+        return '`""`'
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return f"`{value}`"
+
+
+def test_defaults_and_reload_columns_match_the_schema() -> None:
+    rows = table_rows(CONFIGURATION.read_text(encoding="utf-8"))
+    reload_words = {"hot": "hot", "new conns": "new conns", "no": "restart"}
+    wrong = []
+    for path, default, hot in leaf_fields(config_schema()):
+        cells = rows.get(path)
+        if cells is None:
+            wrong.append(f"{path}: no table row")
+            continue
+        _type, doc_default, doc_reload = cells[0], cells[1], cells[2]
+        if doc_default not in (shown(default), f'`"{default}"`'):  # YAML may need quotes: "*"
+            wrong.append(f"{path}: default {doc_default} in the document, {shown(default)} in the schema")
+        if not doc_reload.startswith(reload_words[hot]):
+            wrong.append(f"{path}: reload {doc_reload!r} in the document, {reload_words[hot]!r} in the schema")
+    assert not wrong, "docs/configuration.md disagrees with the schema:\n" + "\n".join(wrong)
 
 
 # --------------------------------------------------------------------------- the API
