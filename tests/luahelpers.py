@@ -1,4 +1,4 @@
-"""Shared helpers for the Lua tests: entry scripts on disk, a fake transport, a wired-up engine.
+"""Shared helpers for the Lua tests: entry scripts on disk and a wired-up engine.
 
 ``make_engine`` builds a ``Script`` bound to a real ``MixLibrary``, ``ConnectionRegistry``,
 ``QueueManager`` and ``Router`` (node 0, ``LocalOps``), all driven by one ``Clock``: no reactor,
@@ -22,6 +22,7 @@ from connmix_tx.engine.router import LocalOps, Router
 from connmix_tx.ids import TWITTER_EPOCH_MS, Snowflake
 from connmix_tx.lua.mixlib import MixLibrary
 from connmix_tx.lua.runtime import Script
+from connmix_tx.testing import FakeClientTransport
 
 STUBS = """
 on_handshake = on_handshake or function() end
@@ -45,32 +46,6 @@ def write_entry(tmp_path: Path, source: str, stubs: bool = True) -> Path:
 def client_ids(node: int = 0) -> Callable[[], int]:
     """A generator of client ids owned by engine ``node`` (fixed time: deterministic)."""
     return Snowflake(node, now_ms=lambda: TWITTER_EPOCH_MS + 1_000_000).next_id
-
-
-class FakeTransport:
-    """Records what the engine asked the protocol object to do."""
-
-    def __init__(self, error: str | None = None) -> None:
-        self.error = error
-        self.sent: list[tuple[bytes, bool]] = []
-        self.delivered: list[tuple[bytes, bool]] = []
-        self.closes = 0
-        self.clears = 0
-
-    def send_message(self, data: bytes, binary: bool) -> str | None:
-        self.sent.append((data, binary))
-        return self.error
-
-    def deliver(self, data: bytes, binary: bool, shared: dict[str, Any]) -> str | None:
-        self.delivered.append((data, binary))
-        return self.error
-
-    def close_connection(self) -> None:
-        self.closes += 1
-
-    def clear_buffer(self) -> str | None:
-        self.clears += 1
-        return None
 
 
 class Outcome:
@@ -113,9 +88,9 @@ class Engine:
     script: Script
     next_id: Callable[[], int] = field(default_factory=client_ids)
 
-    def connect(self, ready: bool = True, error: str | None = None) -> tuple[ClientConnection, FakeTransport]:
-        """A registered connection of this engine with a recording transport."""
-        transport = FakeTransport(error)
+    def connect(self, ready: bool = True, error: str | None = None) -> tuple[ClientConnection, FakeClientTransport]:
+        """A registered connection of this engine with a recording transport (refusing with ``error``)."""
+        transport = FakeClientTransport(error)
         conn = ClientConnection(self.next_id(), "127.0.0.1:50000", transport)
         conn.ready = ready
         self.connections.add(conn)

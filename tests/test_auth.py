@@ -25,7 +25,7 @@ from connmix_tx.auth import (
 )
 from connmix_tx.config import AccessConfig, UserConfig
 from connmix_tx.engine.api import ApiDispatcher
-from test_api_dispatch import SEED_CLIENT_ID, Engine
+from apihelpers import SEED_CLIENT_ID, Engine
 
 ALICE = UserConfig("alice", "s3cret", ("read", "write"), "*")
 BOB = UserConfig("bob", "b0b:with:colons", ("read",), "*")

@@ -14,10 +14,9 @@ from typing import Any
 
 import websockets
 
-from conftest import REPO, in_asyncio, loopback_config, start_engine
+from conftest import REPO, in_asyncio, loopback_config, start_engine, with_users
 from connmix_tx.cli import event_line, json_arg, nodes_table
 from connmix_tx.client import QueueMessage
-from test_client import with_users
 
 
 async def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 30) -> tuple[int, str, str]:

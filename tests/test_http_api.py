@@ -11,9 +11,7 @@ engine (Deferreds) and clients that leave before the answer.
 from __future__ import annotations
 
 import asyncio
-import base64
 import dataclasses
-import http.client
 import json
 from io import BytesIO
 from typing import Any
@@ -32,46 +30,9 @@ from connmix_tx.auth import UNAUTHORIZED_BODY
 from connmix_tx.config import AccessConfig, UserConfig
 from connmix_tx.engine.api_server import HttpApiMethod
 from connmix_tx.web import NOT_FOUND_BODY
-from test_api_dispatch import REMOTE_CLIENT_ID, Engine, FakeLink
-
-ALICE = UserConfig("alice", "s3cret", ("read", "write"), "*")
-BOB = UserConfig("bob", "reader", ("read",), "127.0.0.*")
-CAROL = UserConfig("carol", "carol-pw", ("read", "write"), "10.*")
-
-
-class Response:
-    def __init__(self, status: int, headers: Any, body: bytes) -> None:
-        self.status, self.headers, self.body = status, headers, body
-
-    @property
-    def json(self) -> Any:
-        assert self.headers["content-type"] == "application/json"
-        return json.loads(self.body)
-
-
-async def http_request(port: int, method: str, path: str, body: bytes | None = None,
-                       headers: dict[str, str] | None = None) -> Response:
-    def run() -> Response:
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-        try:
-            conn.request(method, path, body=body, headers=headers or {})
-            response = conn.getresponse()
-            return Response(response.status, response.headers, response.read())  # case-insensitive
-        finally:
-            conn.close()
-
-    return await asyncio.get_running_loop().run_in_executor(None, run)
-
-
-async def post(port: int, path: str, body: Any, headers: dict[str, str] | None = None) -> Response:
-    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
-    return await http_request(port, "POST", path, raw, headers)
-
-
-def basic(user: UserConfig, password: str | None = None) -> dict[str, str]:
-    token = base64.b64encode(f"{user.username}:{password or user.password}".encode()).decode()
-    return {"Authorization": f"Basic {token}"}
-
+from apihelpers import REMOTE_CLIENT_ID, Engine
+from netclients import ALICE, BOB, CAROL, basic, http_request, post
+from connmix_tx.testing import FakeLink
 
 async def compact(api: Any, method: str, p: Any, request_id: Any = 1) -> dict:
     await api.send(json.dumps({"m": method, "p": p, "i": request_id}))
@@ -305,7 +266,7 @@ def post_request(body: bytes) -> tuple[Request, DummyChannel]:
 
 
 def remote_send(pending: Deferred) -> tuple[Request, DummyChannel, Any]:
-    api = Engine(link=FakeLink(lambda: pending))
+    api = Engine(link=FakeLink.answering(lambda: pending))
     resource = HttpApiMethod(api.dispatcher, "mesh.send", "node", 1024)
     request, channel = post_request(json.dumps({"c": str(REMOTE_CLIENT_ID), "d": "x"}).encode())
     return request, channel, resource.render(request)

@@ -18,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from conftest import in_asyncio, loopback_config, start_engine
 from connmix_tx.engine.websocket import NullMeter
 from connmix_tx.metrics import EngineMetrics, MeteredQueueManager, ServerMeter
-from test_http_api import basic, http_request, post
+from netclients import basic, http_request, post
 
 ENGINE_NAMES = {
     "connmix_engine_servers_clients", "connmix_engine_servers_read_messages",

@@ -27,7 +27,7 @@ from cryptography.x509.oid import NameOID
 from conftest import in_asyncio, loopback_config, start_engine
 from connmix_tx.config import TLSConfig
 from connmix_tx.service import FatalError, endpoint_string, server_endpoint
-from test_limits import LogCapture
+from connmix_tx.testing import LogCapture
 
 # Twisted hands pyOpenSSL objects to pyOpenSSL, which now prefers cryptography's: not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:Passing pyOpenSSL:DeprecationWarning")
