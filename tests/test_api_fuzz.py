@@ -562,7 +562,7 @@ async def test_thousands_of_malformed_requests_get_error_replies() -> None:
                 break
             await asyncio.sleep(0.02)
         assert not engine.service.engine.api_factory.open_protocols
-        assert not engine.service.engine.queues._consuming
+        assert not any(topic.consumers for topic in engine.service.engine.queues.topics.values())
     finally:
         await engine.stop()
 

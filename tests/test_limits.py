@@ -75,7 +75,7 @@ def test_write_watch_aborts_only_without_progress() -> None:
     assert len(watch) == 1  # only "moving" is still watched
     moving.transport.take(10_000)
     clock.advance(0.5)
-    assert len(watch) == 0 and not watch._loop.running  # the timer stops when nothing is queued
+    assert len(watch) == 0 and clock.getDelayedCalls() == []  # the timer stops when nothing is queued
 
 
 def test_write_watch_ignores_connections_without_timeout() -> None:
@@ -122,7 +122,8 @@ def test_api_connection_over_its_write_buffer_is_closed_4008() -> None:
     assert closes == [(4008, b"slow consumer")]
     assert logs.find("close slow api connection 127.0.0.1:5000 buffered=164")  # two 82-byte frames
     assert Factory.queues.unconsumed == [proto.session]
-    assert Factory.metrics.slow_api._value.get() == 1
+    assert Factory.metrics.registry.get_sample_value(
+        "connmix_engine_slow_disconnects_total", {"kind": "api"}) == 1
 
 
 # Integration: slow clients, write timeout, sizes ---------------------------------------------

@@ -8,6 +8,7 @@ trees in one process keep separate registries.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 from typing import Any
 
@@ -201,7 +202,23 @@ def test_lua_errors_and_reloads_are_counted_per_entry() -> None:
     assert text.value("connmix_engine_lua_errors_total", entry="lua/entry.websocket.lua",
                       callback="on_message") == 2
     assert text.value("connmix_engine_lua_reloads_total", result="failed") == 1
-    NullMeter().lua_error("on_message")  # the meter of factories built without metrics
+
+
+def test_the_null_meter_takes_every_call_a_server_makes_and_keeps_nothing() -> None:
+    """Factories built without metrics (unit tests, tools) count into a ``NullMeter``: it offers
+    each counter of ``ServerMeter`` with the same methods, and ``lua_error`` with its signature."""
+    real = EngineMetrics().server("websocket", "lua/entry.websocket.lua")
+    null = NullMeter()
+    counters = [name for name in ServerMeter.__slots__ if not name.startswith("_")]
+    assert counters == ["read", "sent", "errors", "local_send", "slow"]
+    for name in counters:
+        methods = [m for m in ("inc", "observe") if hasattr(getattr(real, name), m)]
+        assert methods, name
+        for method in methods:
+            assert getattr(getattr(null, name), method)(1) is None
+    assert inspect.signature(NullMeter.lua_error) == inspect.signature(ServerMeter.lua_error)
+    assert null.lua_error("on_message", "boom") is None
+    assert vars(null) == {}  # nothing was kept
 
 
 def _text(metrics: EngineMetrics) -> str:

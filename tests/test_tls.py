@@ -216,9 +216,9 @@ async def test_engines_register_and_mesh_over_tls_with_client_certificates(tmp_p
             status, answer = await https(first.api_port, "POST", "/v1/mesh/send", context, body)
             assert (status, json.loads(answer)["E"]) == (200, None)
             assert await asyncio.wait_for(client.recv(), 5) == "across the tls mesh"
-        metrics = first.service.engine.metrics
-        assert metrics.batches_out._value.get() >= 1
-        assert second.engine.metrics.batches_in._value.get() >= 1
+        batches = "connmix_engine_mesh_batches_total"
+        assert first.service.engine.metrics.registry.get_sample_value(batches, {"direction": "out"}) >= 1
+        assert second.engine.metrics.registry.get_sample_value(batches, {"direction": "in"}) >= 1
         assert fatal == []
     finally:
         await wait_for(maybe_deferred(second.stopService()), 10)
