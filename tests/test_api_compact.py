@@ -13,9 +13,9 @@ from typing import Any
 import pytest
 from twisted.internet.defer import Deferred, succeed
 
+from apihelpers import NODE_ID, REMOTE_CLIENT_ID, SEED_CLIENT_ID, Engine, raise_boom
 from connmix_tx.engine.api import COMPACT, ApiError
 from connmix_tx.engine.connections import SLOW_CONSUMER
-from apihelpers import NODE_ID, REMOTE_CLIENT_ID, SEED_CLIENT_ID, Engine, raise_boom
 from connmix_tx.testing import FakeLink
 
 

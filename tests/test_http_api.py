@@ -25,14 +25,14 @@ from twisted.python.failure import Failure
 from twisted.web.server import NOT_DONE_YET, Request
 from twisted.web.test.requesthelper import DummyChannel
 
+from apihelpers import REMOTE_CLIENT_ID, Engine
 from conftest import in_asyncio, loopback_config, start_engine
 from connmix_tx.auth import UNAUTHORIZED_BODY
 from connmix_tx.config import AccessConfig, UserConfig
 from connmix_tx.engine.api_server import HttpApiMethod
-from connmix_tx.web import NOT_FOUND_BODY
-from apihelpers import REMOTE_CLIENT_ID, Engine
-from netclients import ALICE, BOB, CAROL, basic, http_request, post
 from connmix_tx.testing import FakeLink
+from connmix_tx.web import NOT_FOUND_BODY
+from netclients import ALICE, BOB, CAROL, basic, http_request, post
 
 async def compact(api: Any, method: str, p: Any, request_id: Any = 1) -> dict:
     await api.send(json.dumps({"m": method, "p": p, "i": request_id}))
