@@ -6,11 +6,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from procs import Process, free_ports, twistd, write_yaml
 
@@ -114,3 +115,17 @@ class Cluster:
     def stop(self) -> None:
         for process in self.processes:
             process.stop()
+
+
+@contextlib.contextmanager
+def running_cluster(folder: Path, engines: tuple[str, ...] = ("a", "b")) -> Iterator[Cluster]:
+    """A center and ``engines``, all registered; every process is stopped on the way out."""
+    cluster = Cluster(folder)
+    try:
+        cluster.start_center()
+        for name in engines:
+            cluster.start_engine(name)
+        cluster.wait_nodes(len(engines))
+        yield cluster
+    finally:
+        cluster.stop()

@@ -1,5 +1,5 @@
-"""Independent clients for integration tests: plain HTTP, a raw WebSocket that never reads, and
-a bounded wait.
+"""Independent clients for integration tests: plain HTTP, API requests over a ``websockets``
+connection, a raw WebSocket that never reads, and a bounded wait.
 
 ``http_request`` speaks HTTP/1.1 with ``http.client`` in a worker thread (so it never shares code
 with the server); ``raw_handshake`` completes a WebSocket handshake on a bare socket with a small
@@ -60,6 +60,23 @@ def basic(user: UserConfig, password: str | None = None) -> dict[str, str]:
     """The Basic ``Authorization`` header of ``user`` (with another ``password`` if given)."""
     token = base64.b64encode(f"{user.username}:{password or user.password}".encode()).decode()
     return {"Authorization": f"Basic {token}"}
+
+
+async def api_call(api: Any, method: str, params: Any, request_id: Any = 1) -> dict:
+    """One long-form request on the ``websockets`` connection ``api``; its decoded reply."""
+    await api.send(json.dumps({"method": method, "params": params, "id": request_id}))
+    return json.loads(await asyncio.wait_for(api.recv(), 5))
+
+
+async def compact_call(api: Any, method: str, p: Any, request_id: Any = 1) -> dict:
+    """One compact request (``m`` / ``p`` / ``i``) on ``api``; its decoded reply."""
+    await api.send(json.dumps({"m": method, "p": p, "i": request_id}))
+    return json.loads(await asyncio.wait_for(api.recv(), 5))
+
+
+async def next_event(api: Any) -> dict:
+    """The next message on ``api``, decoded (bounded to 5 s)."""
+    return json.loads(await asyncio.wait_for(api.recv(), 5))
 
 
 async def until(predicate: Any, timeout: float = 5.0) -> None:

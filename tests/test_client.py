@@ -18,7 +18,7 @@ from twisted.internet.defer import TimeoutError as DeferredTimeout
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
 
-from clusterprocs import Cluster
+from clusterprocs import Cluster, running_cluster
 from conftest import REPO, in_asyncio, loopback_config, start_engine, wait_for, with_users
 from connmix_tx.client import (
     Client, ConnmixError, EngineUnavailable, Event, PendingRequests, QueueMessage, Reply, RoutingTable,
@@ -433,15 +433,8 @@ async def test_reconnect_and_consume_again_after_the_engine_restarts() -> None:
 
 @pytest.fixture
 def two_engines(tmp_path: Path) -> Iterator[Cluster]:
-    running = Cluster(tmp_path)
-    try:
-        running.start_center()
-        running.start_engine("a")
-        running.start_engine("b")
-        running.wait_nodes(2)
+    with running_cluster(tmp_path) as running:
         yield running
-    finally:
-        running.stop()
 
 
 @in_asyncio

@@ -14,20 +14,13 @@ from typing import Any, Iterator
 import pytest
 from websockets.sync.client import connect
 
-from clusterprocs import Cluster
+from clusterprocs import Cluster, running_cluster
 
 
 @pytest.fixture
 def cluster(tmp_path: Path) -> Iterator[Cluster]:
-    running = Cluster(tmp_path)
-    try:
-        running.start_center()
-        running.start_engine("a")
-        running.start_engine("b")
-        running.wait_nodes(2)
+    with running_cluster(tmp_path) as running:
         yield running
-    finally:
-        running.stop()
 
 
 def call(api: Any, method: str, params: list, request_id: int = 1) -> dict:

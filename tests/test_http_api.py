@@ -32,21 +32,11 @@ from connmix_tx.config import AccessConfig, UserConfig
 from connmix_tx.engine.api_server import HttpApiMethod
 from connmix_tx.testing import FakeLink
 from connmix_tx.web import NOT_FOUND_BODY
-from netclients import ALICE, BOB, CAROL, basic, http_request, post
-
-async def compact(api: Any, method: str, p: Any, request_id: Any = 1) -> dict:
-    await api.send(json.dumps({"m": method, "p": p, "i": request_id}))
-    return json.loads(await asyncio.wait_for(api.recv(), 5))
-
-
-async def long(api: Any, method: str, params: list, request_id: Any = 1) -> dict:
-    await api.send(json.dumps({"method": method, "params": params, "id": request_id}))
-    return json.loads(await asyncio.wait_for(api.recv(), 5))
-
+from netclients import ALICE, BOB, CAROL, api_call, basic, compact_call, http_request, post
 
 async def client_id_of(client: Any, api: Any) -> str:
     """The id of ``client``: it sends a message, the API pops it from the default topic."""
-    assert await compact(api, "queue.pop", {"t": ["foo"]}) == {"E": None, "r": {"s": True}, "i": 1}
+    assert await compact_call(api, "queue.pop", {"t": ["foo"]}) == {"E": None, "r": {"s": True}, "i": 1}
     await client.send("hello")
     event = json.loads(await asyncio.wait_for(api.recv(), 5))
     assert event["e"] == "queue.pop" and event["p"]["t"] == "foo"
@@ -70,7 +60,7 @@ async def test_send_and_publish(engine: Any) -> None:
 
         reply = await post(engine.api_port, "/v1/mesh/publish", {"c": "room", "d": "nobody"})
         assert (reply.status, reply.json) == (200, {"E": None, "r": {"s": 0, "f": 0, "t": 0}})
-        assert await compact(api, "conn.call", {"c": cid, "f": "subscribe", "a": ["room"]}) == {
+        assert await compact_call(api, "conn.call", {"c": cid, "f": "subscribe", "a": ["room"]}) == {
             "E": None, "r": {"s": True}, "i": 1}
         reply = await post(engine.api_port, "/v1/mesh/publish", {"c": "room", "d": "to all"})
         assert (reply.status, reply.json) == (200, {"E": None, "r": {"s": 1, "f": 0, "t": 1}})
@@ -147,7 +137,7 @@ async def test_protected_mode_admits_loopback(engine: Any) -> None:
     assert (await http_request(engine.center_api_port, "GET", "/v1/nodes")).status == 200
     assert (await post(engine.api_port, "/v1/mesh/publish", {"c": "c", "d": "x"})).status == 200
     async with websockets.connect(engine.api_url) as api:
-        assert await compact(api, "queue.pop", ["foo"]) == {"E": None, "r": {"s": True}, "i": 1}
+        assert await compact_call(api, "queue.pop", ["foo"]) == {"E": None, "r": {"s": True}, "i": 1}
 
 
 # Users configured ---------------------------------------------------------------------------------------
@@ -191,23 +181,23 @@ async def test_ws_handshake_needs_credentials(secured: Any) -> None:
 @in_asyncio
 async def test_ws_handshake_with_basic_or_query_credentials(secured: Any) -> None:
     async with websockets.connect(secured.api_url, additional_headers=basic(ALICE)) as api:
-        assert await compact(api, "queue.pop", ["foo"]) == {"E": None, "r": {"s": True}, "i": 1}
+        assert await compact_call(api, "queue.pop", ["foo"]) == {"E": None, "r": {"s": True}, "i": 1}
     async with websockets.connect(secured.api_url + "?username=alice&password=s3cret") as api:
-        assert (await long(api, "queue.consume", ["foo"]))["result"] == {"success": True}
+        assert (await api_call(api, "queue.consume", ["foo"]))["result"] == {"success": True}
     async with websockets.connect(secured.api_url + "?username=bob&password=reader") as api:
-        assert await compact(api, "server.ping", {}) == {"E": None, "r": {"m": "server.pong"}, "i": 1}
+        assert await compact_call(api, "server.ping", {}) == {"E": None, "r": {"m": "server.pong"}, "i": 1}
 
 
 @in_asyncio
 async def test_read_only_user_over_ws_gets_32001_and_stays_connected(secured: Any) -> None:
     async with websockets.connect(secured.api_url, additional_headers=basic(BOB)) as api:
-        reply = await compact(api, "queue.pop", ["foo"], request_id=2)
+        reply = await compact_call(api, "queue.pop", ["foo"], request_id=2)
         assert reply["E"]["c"] == -32001 and reply["r"] is None and reply["i"] == 2
-        reply = await long(api, "mesh.publish", [{"channel": "c", "data": "x"}], request_id=3)
+        reply = await api_call(api, "mesh.publish", [{"channel": "c", "data": "x"}], request_id=3)
         assert reply["error"]["code"] == -32001 and reply["id"] == 3
-        reply = await compact(api, "mesh.send", {"c": "1463819408261513216", "d": "x"})
+        reply = await compact_call(api, "mesh.send", {"c": "1463819408261513216", "d": "x"})
         assert reply["E"]["c"] == -32001
-        reply = await long(api, "server.ping", [], 4)
+        reply = await api_call(api, "server.ping", [], 4)
         assert reply == {"error": None, "result": {"status": "server.pong"}, "id": 4}
 
 

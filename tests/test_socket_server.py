@@ -24,7 +24,7 @@ from twisted.logger import LogLevel
 from conftest import REPO, in_asyncio, loopback_config, start_engine
 from connmix_tx.engine.connections import ENCODE_FAILED
 from connmix_tx.testing import LogCapture
-from netclients import until
+from netclients import api_call, next_event, until
 from socketservers import (
     HANDSHAKE, Server, build_server, client_frame, codec_server, lost, module_function, open_websocket,
     server_frames,
@@ -596,15 +596,6 @@ def test_websocket_codec_state_survives_a_hot_reload(tmp_path: Path) -> None:
 
 def socket_config(entry: str, **overrides: Any) -> Any:
     return loopback_config(protocol="socket", entry=str(REPO / "lua" / entry), **overrides)
-
-
-async def api_call(api: Any, method: str, params: list, request_id: int = 1) -> dict:
-    await api.send(json.dumps({"method": method, "params": params, "id": request_id}))
-    return json.loads(await asyncio.wait_for(api.recv(), 5))
-
-
-async def next_event(api: Any) -> dict:
-    return json.loads(await asyncio.wait_for(api.recv(), 5))
 
 
 @in_asyncio
