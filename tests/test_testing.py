@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import inspect
+import json
 import socket
 from pathlib import Path
 
@@ -22,9 +23,10 @@ from connmix_tx.engine.connections import ClientConnection, ClientTransport, Con
 from connmix_tx.engine.mesh_link import MeshLink
 from connmix_tx.engine.outbound import buffered_bytes
 from connmix_tx.engine.router import LocalOps, MeshPeers, Router
+from connmix_tx.lua.convert import py_to_lua
 from connmix_tx.testing import (
-    FakeClientTransport, FakeLink, FakePeers, FakeSocketTransport, FakeTLS, LogCapture, MemoryEndpoint, free_port,
-    free_ports, tick,
+    FakeClientTransport, FakeLink, FakePeers, FakeSocketTransport, FakeTLS, LogCapture, MemoryEndpoint, Outcome,
+    free_port, free_ports, script_engine, tick,
 )
 
 TESTS = Path(__file__).resolve().parent
@@ -284,3 +286,36 @@ def test_free_ports_are_distinct_and_bindable() -> None:
     for port in [*ports, free_port()]:
         with socket.socket() as s:
             s.bind(("127.0.0.1", port))
+
+
+# script_engine --------------------------------------------------------------------------------
+
+
+def test_the_shipped_entry_script_under_script_engine() -> None:
+    """What a user does to test an entry script: the default one queues each message with its context."""
+    engine = script_engine(TESTS.parent / "lua" / "entry.websocket.lua")
+    conn, transport = engine.connect()
+    headers = py_to_lua(engine.script.runtime, {"x-user": "ann"})
+    assert engine.run("on_handshake", conn, conn.cid, headers, engine.script.table({})).values == (None,)
+    assert engine.message(conn, "hello").values == (None,)
+    assert engine.message(conn, b"\x00\xff", b"binary").values == (None,)
+    (_, first), (_, second) = engine.queues.topics["foo"].messages
+    assert json.loads(first) == {"msg": {"type": "text", "data": "hello", "finish": True},
+                                 "ctx": {"headers": {"x-user": "ann"}}}
+    assert json.loads(second)["msg"]["data"] == "AP8="  # base64 of the binary message
+    assert transport.sent == []
+
+
+def test_outcome_tells_values_from_errors(tmp_path: Path) -> None:
+    entry = tmp_path / "lua" / "entry.lua"
+    entry.parent.mkdir()
+    entry.write_text("function on_handshake() end\nfunction on_close() end\n"
+                     "function on_message(msg) if msg.data == 'bad' then error('no') end return 1, 'two' end\n")
+    engine = script_engine(entry)
+    conn, _ = engine.connect()
+    good, bad = engine.message(conn, "ok"), engine.message(conn, "bad")
+    assert good.finished and good.values == (1, b"two")
+    assert bad.error.endswith("lua/entry.lua:3: no")
+    with pytest.raises(AssertionError):
+        bad.values  # noqa: B018
+    assert not Outcome().finished
