@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.logger import LogLevel, formatEvent, globalLogPublisher
+from twisted.logger import ILogObserver, LogLevel, formatEvent, globalLogPublisher
+from zope.interface import implementer
 
 
+@implementer(ILogObserver)
 class LogCapture:
     """Collects the events sent to the global log publisher while the ``with`` block is open.
 
