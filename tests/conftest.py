@@ -17,7 +17,7 @@ import pytest
 import pytest_twisted
 from twisted.internet.defer import Deferred
 
-from connmix_tx.config import Config, default_config
+from connmix_tx.config import AccessConfig, Config, UserConfig, default_config
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -66,6 +66,12 @@ def loopback_config(**server_overrides: Any) -> Config:
             servers=servers,
         ),
     )
+
+
+def with_users(config: Config) -> Config:
+    """``config`` in protected mode with one user, alice / s3cret, who may read and write."""
+    alice = UserConfig("alice", "s3cret", ("read", "write"), "*")
+    return dataclasses.replace(config, access=AccessConfig(users=(alice,), protected=True))
 
 
 @dataclasses.dataclass
@@ -126,11 +132,6 @@ async def engine() -> Any:
 @pytest.fixture
 def free_port() -> Callable[[], int]:
     """A function returning a TCP port that was free a moment ago (for subprocess tests)."""
-    import socket
-
-    def pick() -> int:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            return s.getsockname()[1]
+    from connmix_tx.testing import free_port as pick
 
     return pick

@@ -1,7 +1,7 @@
 """A peer engine in memory for mesh-link tests: its clients, its real mesh point, a batch recorder.
 
-``Peer`` serves ``mesh_factory(LocalOps(registry), secret)`` through a ``pbmemory.MemoryEndpoint``;
-its clients are fake transports that record deliveries.  ``Batches`` wraps the mesh point's
+``Peer`` serves ``mesh_factory(LocalOps(registry), secret)`` through a ``connmix_tx.testing``
+``MemoryEndpoint``; its clients have ``FakeClientTransport``s that record deliveries.  ``Batches`` wraps the mesh point's
 ``perspective_batch`` to record every batch and, with ``holding`` set, keep replies back (a peer
 that does not answer) until ``release``.
 """
@@ -19,8 +19,8 @@ from connmix_tx.engine.mesh import MeshPeerAvatar, apply_batch, mesh_factory
 from connmix_tx.engine.mesh_link import MeshLink
 from connmix_tx.engine.router import LocalOps
 from connmix_tx.ids import TWITTER_EPOCH_MS
+from connmix_tx.testing import FakeClientTransport, MemoryEndpoint
 
-from pbmemory import MemoryEndpoint
 
 SECRET = "s3cret"
 OWN_ID = "c8u7jfbin5659oh0b13g"
@@ -44,25 +44,10 @@ def results(*deferreds: Deferred) -> list:
     return out
 
 
-class Client:
-    """A client transport that records deliveries and answers with ``error``."""
-
-    def __init__(self, error: str | None = None) -> None:
-        self.error = error
-        self.delivered: list[bytes] = []
-
-    def deliver(self, data: bytes, binary: bool, shared: dict[str, Any]) -> str | None:
-        if self.error is None:
-            self.delivered.append(data)
-        return self.error
-
-    def close_connection(self) -> None:
-        pass
-
-
 def add_client(connections: ConnectionRegistry, cid: int, error: str | None = None,
                channels: tuple = ()) -> ClientConnection:
-    conn = ClientConnection(cid, "203.0.113.9:5000", Client(error))
+    """A ready connection ``cid`` in ``connections``, subscribed to ``channels``."""
+    conn = ClientConnection(cid, "203.0.113.9:5000", FakeClientTransport(error))
     conn.ready = True
     connections.add(conn)
     connections.subscribe(conn, list(channels))

@@ -28,8 +28,6 @@ def twistd(*args: str) -> list[str]:
     return [*TWISTD, "-n", "--pidfile=", "connmix", *args]
 
 
-
-
 def write_yaml(path: Path, data: dict[str, Any]) -> Path:
     path.write_text(yaml.safe_dump(data))
     return path
@@ -38,6 +36,41 @@ def write_yaml(path: Path, data: dict[str, Any]) -> Path:
 def run(args: list[str], cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """Run a command to its end (bounded to 60 s)."""
     return subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=60, env=env)
+
+
+def config_data(ports: dict[str, int], **sections: Any) -> dict:
+    """A dev-mode configuration (as YAML data) with every listener on loopback at ``ports``.
+
+    ``ports`` has ``registry``, ``center_api``, ``mesh``, ``api`` and ``client``; ``sections``
+    replace top-level sections, except ``engine``, whose keys are merged.
+    """
+    data: dict[str, Any] = {
+        "center": {
+            "registry": {"bind": "127.0.0.1", "port": ports["registry"]},
+            "apiServer": {"bind": "127.0.0.1", "port": ports["center_api"]},
+        },
+        "engine": {
+            "meshPoint": {"bind": "127.0.0.1", "port": ports["mesh"]},
+            "apiServer": {"bind": "127.0.0.1", "port": ports["api"]},
+            "servers": [{"bind": "127.0.0.1", "port": ports["client"]}],
+        },
+    }
+    for name, value in sections.items():
+        if name == "engine":
+            data["engine"].update(value)
+        else:
+            data[name] = value
+    return data
+
+
+def build_wheel(folder: Path, repo: Path) -> Path:
+    """Build the wheel of the project at ``repo`` into ``folder`` (as ``pip install .`` would)."""
+    result = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(folder), str(repo)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    return next(folder.glob("connmix_tx-*.whl"))
 
 
 class Process:

@@ -13,9 +13,10 @@ from typing import Any
 import pytest
 from twisted.internet.defer import Deferred, succeed
 
+from apihelpers import NODE_ID, REMOTE_CLIENT_ID, SEED_CLIENT_ID, Engine, raise_boom
 from connmix_tx.engine.api import COMPACT, ApiError
 from connmix_tx.engine.connections import SLOW_CONSUMER
-from test_api_dispatch import NODE_ID, REMOTE_CLIENT_ID, SEED_CLIENT_ID, Engine, FakeLink, _raise
+from connmix_tx.testing import FakeLink
 
 
 @pytest.fixture
@@ -325,7 +326,7 @@ def test_both_dialects_share_the_method(long_method, params, compact_method, p, 
 
 def test_remote_answer_is_a_deferred_in_compact() -> None:
     pending: Deferred = Deferred()
-    api = Engine(link=FakeLink(lambda: pending))
+    api = Engine(link=FakeLink.answering(lambda: pending))
     reply = api.dispatcher.handle(api.session, json.dumps(
         {"m": "mesh.send", "p": {"c": str(REMOTE_CLIENT_ID), "d": "x"}, "i": 3}).encode())
     assert isinstance(reply, Deferred) and not reply.called
@@ -335,23 +336,23 @@ def test_remote_answer_is_a_deferred_in_compact() -> None:
 
 @pytest.mark.parametrize("method, code", [("mesh.send", 401), ("conn.call", 301)])
 def test_remote_errors_in_compact(method, code) -> None:
-    api = Engine(link=FakeLink(lambda: succeed("mesh timeout")))
+    api = Engine(link=FakeLink.answering(lambda: succeed("mesh timeout")))
     assert_compact_error(compact(api, method, {"c": str(REMOTE_CLIENT_ID), "d": "x", "f": "close"}), code)
 
 
 def test_remote_publish_is_summed_in_compact() -> None:
-    api = Engine(link=FakeLink(lambda: succeed((4, 1))))
+    api = Engine(link=FakeLink.answering(lambda: succeed((4, 1))))
     assert compact(api, "mesh.publish", {"c": "c", "d": "x"}) == r({"s": 4, "f": 1, "t": 5})
 
 
 def test_internal_error_in_compact() -> None:
-    api = Engine(link=FakeLink(_raise))
+    api = Engine(link=FakeLink.answering(raise_boom))
     assert_compact_error(compact(api, "mesh.send", {"c": str(REMOTE_CLIENT_ID), "d": "x"}), -32603)
 
 
 def test_formatting_bug_becomes_an_internal_error(monkeypatch) -> None:
     pending: Deferred = Deferred()
-    api = Engine(link=FakeLink(lambda: pending))
+    api = Engine(link=FakeLink.answering(lambda: pending))
     monkeypatch.setattr(type(COMPACT), "result", lambda self, method, result: result["missing"])
     reply = api.dispatcher.handle(api.session, json.dumps(
         {"m": "mesh.send", "p": {"c": str(REMOTE_CLIENT_ID), "d": "x"}, "i": 3}).encode())

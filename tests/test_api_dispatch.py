@@ -1,101 +1,21 @@
 """Tests for connmix_tx.engine.api: the long-form API and its error codes (SPEC 7.1, 7.2, 7.6).
 
-Real queues (on a Clock), connection registry and router; fake client transports and mesh links.
+Real queues (on a Clock), connection registry and router (``apihelpers.Engine``); fake client
+transports and mesh links from ``connmix_tx.testing``.
 Replies are compared by value (``json.loads``), never by text (SPEC 0).
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.task import Clock
 
-from connmix_tx.engine.api import ApiDispatcher, ApiSession
-from connmix_tx.engine.connections import SLOW_CONSUMER, ClientConnection, ConnectionRegistry
-from connmix_tx.engine.queue import QueueManager
-from connmix_tx.engine.router import LocalOps, Router
-from connmix_tx.ids import Snowflake
-
-NODE_ID = "c8u7jfbin5659oh0b13g"
-SEED_CLIENT_ID = 1463819408261513216  # node 0
-REMOTE_CLIENT_ID = Snowflake(5, lambda: 1_700_000_000_000).next_id()  # node 5
-
-
-class FakeTransport:
-    def __init__(self, error: str | None = None) -> None:
-        self.error = error
-        self.delivered: list[tuple[bytes, bool]] = []
-        self.closed = False
-
-    def deliver(self, data: bytes, binary: bool, shared: dict[str, Any]) -> str | None:
-        if self.error is None:
-            self.delivered.append((data, binary))
-        return self.error
-
-    def close_connection(self) -> None:
-        self.closed = True
-
-
-class FakeLink:
-    """The mesh link to engine 5: send, call and publish all return ``answer()``."""
-
-    def __init__(self, answer: Callable[[], Any]) -> None:
-        self.answer = answer
-
-    def send(self, *args: Any) -> Any:
-        return self.answer()
-
-    call = publish = send
-
-
-class FakePeers:
-    def __init__(self, link: FakeLink | None) -> None:
-        self.link = link
-
-    def link_for(self, number: int) -> FakeLink | None:
-        return self.link if number == 5 else None
-
-    def links(self) -> list[FakeLink]:
-        return [self.link] if self.link else []
-
-
-class Engine:
-    """Node 0 with one API session; ``request`` returns the decoded reply."""
-
-    def __init__(self, max_topics: int = 100, link: FakeLink | None = None) -> None:
-        self.clock = Clock()
-        self.queues = QueueManager(self.clock, topic_size=100, max_topics=max_topics)
-        self.connections = ConnectionRegistry()
-        router = Router(0, LocalOps(self.connections), FakePeers(link))
-        self.dispatcher = ApiDispatcher(router, self.queues)
-        self.written: list[bytes] = []
-        self.session = self.new_session()
-
-    def new_session(self) -> ApiSession:
-        return ApiSession(self.written.append, lambda: 0, NODE_ID, "127.0.0.1:50000")
-
-    def handle(self, raw: bytes, session: ApiSession | None = None) -> Any:
-        reply = self.dispatcher.handle(session or self.session, raw)
-        if isinstance(reply, Deferred):
-            got: list = []
-            reply.addCallback(got.append)
-            return json.loads(got[0])
-        assert isinstance(reply, bytes)
-        return json.loads(reply)
-
-    def request(self, method: str, params: Any = (), request_id: Any = 12345, **kw: Any) -> Any:
-        body = {"method": method, "params": list(params) if isinstance(params, tuple) else params,
-                "id": request_id}
-        return self.handle(json.dumps(body).encode(), **kw)
-
-    def connect(self, client_id: int = SEED_CLIENT_ID, error: str | None = None) -> ClientConnection:
-        conn = ClientConnection(client_id, "203.0.113.9:5000", FakeTransport(error))
-        conn.ready = True
-        self.connections.add(conn)
-        return conn
+from apihelpers import NODE_ID, REMOTE_CLIENT_ID, SEED_CLIENT_ID, Engine, raise_boom
+from connmix_tx.engine.connections import SLOW_CONSUMER
+from connmix_tx.testing import FakeLink
 
 
 @pytest.fixture
@@ -335,7 +255,7 @@ def test_mesh_publish_invalid_params(engine, spec) -> None:
 
 def test_remote_answers_arrive_as_deferreds() -> None:
     pending: Deferred = Deferred()
-    engine = Engine(link=FakeLink(lambda: pending))
+    engine = Engine(link=FakeLink.answering(lambda: pending))
     reply = engine.dispatcher.handle(engine.session, json.dumps(
         {"method": "mesh.send", "params": [{"client_id": str(REMOTE_CLIENT_ID), "data": "x"}], "id": 3}
     ).encode())
@@ -346,33 +266,33 @@ def test_remote_answers_arrive_as_deferreds() -> None:
 
 @pytest.mark.parametrize("method, code", [("mesh.send", 401), ("conn.call", 301)])
 def test_remote_errors(method, code) -> None:
-    engine = Engine(link=FakeLink(lambda: succeed("mesh timeout")))
+    engine = Engine(link=FakeLink.answering(lambda: succeed("mesh timeout")))
     spec = {"client_id": str(REMOTE_CLIENT_ID), "data": "x", "func": "close", "args": []}
     assert_error(engine.request(method, [spec]), code)
 
 
 def test_remote_publish_is_summed() -> None:
-    engine = Engine(link=FakeLink(lambda: succeed((4, 1))))
+    engine = Engine(link=FakeLink.answering(lambda: succeed((4, 1))))
     assert engine.request("mesh.publish", [{"channel": "c", "data": "x"}]) == ok(
         {"fail": 1, "success": True, "total": 5})
 
 
-def _raise() -> Any:
-    raise RuntimeError("boom")
-
-
-@pytest.mark.parametrize("answer", [_raise, lambda: fail(RuntimeError("boom"))], ids=["raises", "errback"])
+@pytest.mark.parametrize("answer", [raise_boom, lambda: fail(RuntimeError("boom"))], ids=["raises", "errback"])
 def test_internal_error(answer) -> None:
-    engine = Engine(link=FakeLink(answer))
+    engine = Engine(link=FakeLink.answering(answer))
     assert_error(engine.request("mesh.send", [{"client_id": str(REMOTE_CLIENT_ID), "data": "x"}]), -32603)
 
 
 # Bugs ----------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("raw", [b'{"method":"server.ping","id":"\\ud800"}', b'{"method":"\\ud800","id":1}'])
-def test_lone_surrogates_never_make_handle_raise(engine, raw) -> None:
-    assert "error" in json.loads(engine.dispatcher.handle(engine.session, raw))
+def test_lone_surrogates_never_make_handle_raise(engine) -> None:
+    # An escaped lone surrogate is valid JSON text: echoed as an id, named in the error message.
+    reply = json.loads(engine.dispatcher.handle(engine.session, b'{"method":"server.ping","id":"\\ud800"}'))
+    assert reply == ok({"status": "server.pong"}, "\ud800")
+    reply = json.loads(engine.dispatcher.handle(engine.session, b'{"method":"\\ud800","id":1}'))
+    assert_error(reply, -32601, 1)
+    assert reply["error"]["message"] == "method not found: \ud800"
 
 
 def _strict(constant: str) -> None:
@@ -384,4 +304,5 @@ def _strict(constant: str) -> None:
     ids=["NaN", "Inf"],
 )
 def test_replies_are_always_strict_json(engine, raw) -> None:
-    json.loads(engine.dispatcher.handle(engine.session, raw), parse_constant=_strict)
+    reply = json.loads(engine.dispatcher.handle(engine.session, raw), parse_constant=_strict)
+    assert_error(reply, -32700, None)  # NaN / Infinity are not JSON: a parse error, id null

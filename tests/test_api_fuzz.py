@@ -4,8 +4,10 @@ Thousands of generated malformed requests (seeded, so every run sends the same o
 real service tree over a few API connections: bad JSON, JSON that is not a request, wrong types
 in every field of every method in both dialects, unknown methods, huge and deep values, NaN,
 lone surrogates, invalid UTF-8 in binary frames.  Each one must get an error reply with the
-code the spec gives; an internal error (-32603) or a reply that is not strict JSON fails the
-test.  Protocol-level violations (invalid UTF-8 in a text frame, oversized messages, broken
+one code its input class calls for, in the request's dialect (the long form where the request
+cannot be read as one), echoing the request id (null where the id is unusable); an internal
+error (-32603) or a reply that is not strict JSON fails the test.  The same corpus also runs
+through the dispatcher without sockets.  Protocol-level violations (invalid UTF-8 in a text frame, oversized messages, broken
 frames) go over throw-away connections and must end in a clean close with the RFC 6455 code.
 Throughout, a well-behaved back-end on another connection keeps getting correct answers, and
 at the end the node still serves new connections.
@@ -22,7 +24,9 @@ from typing import Any, Callable, Iterator
 
 import pytest
 import websockets
+from twisted.internet.defer import Deferred
 
+from apihelpers import Engine
 from conftest import in_asyncio, loopback_config, start_engine
 
 SEED = 20240605
@@ -55,17 +59,34 @@ def strict_json(raw: str | bytes) -> Any:
 # Generators ----------------------------------------------------------------------------------
 #
 # Each returns ``(payload, codes, request_id)``: the bytes of one WebSocket message, the error
-# codes an answer may carry, and the id the reply must echo (``NO_ID`` when the reply cannot
-# know it: parse errors and requests that are not objects answer with id null).
+# code its answer must carry (a set of one), and the id the reply must echo (``NO_ID`` when the
+# reply cannot know it: parse errors and requests that are not objects answer with id null).
+# The reply's dialect follows from the payload (``reply_dialect``).
 
 NO_ID = object()
 
 
-class NullOr:
-    """The reply echoes ``value`` or null (SPEC 7.1 leaves it open for a request without a valid name)."""
+def not_a_request_code(payload: bytes) -> int:
+    """The code for a message that is no request: text that is not strict JSON and JSON scalars
+    are parse errors, arrays (batches) and objects without a "method" / "m" key invalid requests."""
+    try:
+        value = strict_json(payload)
+    except (ValueError, RecursionError):
+        return PARSE
+    return INVALID_REQUEST if isinstance(value, (list, dict)) else PARSE
 
-    def __init__(self, value: Any) -> None:
-        self.value = value
+
+def reply_dialect(payload: bytes, codes: set[int]) -> str:
+    """The dialect of the error reply to ``payload``: compact only for a request the engine parsed
+    as an object with an "m" key and no "method" key; parse errors, batches, scalars and objects
+    with neither or both keys answer in the long form."""
+    if codes == {PARSE}:
+        return "long"
+    try:
+        request = strict_json(payload)
+    except (ValueError, RecursionError):
+        return "long"
+    return "compact" if isinstance(request, dict) and "m" in request and "method" not in request else "long"
 
 
 class Fuzzer:
@@ -149,12 +170,12 @@ class Fuzzer:
     def garbage_bytes(self) -> tuple[bytes, set[int], Any]:
         size = self.rng.choice([1, 2, 7, 64, 300, 4096])
         data = bytes(self.rng.randrange(256) for _ in range(size))
-        return data, {PARSE, INVALID_REQUEST}, NO_ID
+        return data, {not_a_request_code(data)}, NO_ID
 
     def garbage_text(self) -> tuple[bytes, set[int], Any]:
         alphabet = '{}[]":,.-+0123456789eEtruefalsnl \\/abc\u00e9\u4e2d'
         text = "".join(self.rng.choice(alphabet) for _ in range(self.rng.randrange(0, 200)))
-        return text.encode(), {PARSE, INVALID_REQUEST}, NO_ID
+        return text.encode(), {not_a_request_code(text.encode())}, NO_ID
 
     def truncated(self) -> tuple[bytes, set[int], Any]:
         request, _ = self.request(self.dialect(), "mesh.send", [{"client_id": ABSENT, "data": "x" * 20}])
@@ -177,9 +198,10 @@ class Fuzzer:
         return self.encode(request), {INVALID_REQUEST}, None
 
     def method_wrong_type(self) -> tuple[bytes, set[int], Any]:
+        """Without a method name the request is invalid as a whole: its id is not echoed (null)."""
         dialect = self.dialect()
-        request, request_id = self.request(dialect, self.wrong_value(allow_str=False), [])
-        return self.encode(request), {INVALID_REQUEST}, NullOr(request_id)
+        request, _ = self.request(dialect, self.wrong_value(allow_str=False), [])
+        return self.encode(request), {INVALID_REQUEST}, None
 
     def id_wrong_type(self) -> tuple[bytes, set[int], Any]:
         dialect = self.dialect()
@@ -427,10 +449,13 @@ def _is_utf8(data: bytes) -> bool:
 # Checking replies ----------------------------------------------------------------------------
 
 def check_error_reply(raw: str | bytes, codes: set[int], request_id: Any, sent: bytes) -> int:
-    """Assert ``raw`` is a strict-JSON error reply with one of ``codes``; return the code."""
+    """Assert ``raw`` is a strict-JSON error reply in the dialect ``sent`` calls for, with one of
+    ``codes``, echoing ``request_id`` (null for ``NO_ID``); return the code."""
     where = f"request {sent[:200]!r}"
     reply = strict_json(raw)
     assert isinstance(reply, dict), where
+    dialect = reply_dialect(sent, codes)
+    assert ("E" in reply) == (dialect == "compact"), (f"expected a {dialect} reply", reply, where)
     if "E" in reply:
         assert set(reply) == {"E", "r", "i"} and reply["r"] is None, (reply, where)
         error, echoed = reply["E"], reply["i"]
@@ -442,8 +467,6 @@ def check_error_reply(raw: str | bytes, codes: set[int], request_id: Any, sent: 
     assert code != INTERNAL, f"internal error for {where}"
     assert code in codes, f"code {code} ({message}) not in {codes} for {where}"
     assert isinstance(message, str) and message, where
-    if isinstance(request_id, NullOr):
-        request_id = None if echoed is None else request_id.value
     if request_id is NO_ID:
         assert echoed is None, where
     elif isinstance(request_id, float):
@@ -562,7 +585,7 @@ async def test_thousands_of_malformed_requests_get_error_replies() -> None:
                 break
             await asyncio.sleep(0.02)
         assert not engine.service.engine.api_factory.open_protocols
-        assert not engine.service.engine.queues._consuming
+        assert not any(topic.consumers for topic in engine.service.engine.queues.topics.values())
     finally:
         await engine.stop()
 
@@ -576,6 +599,29 @@ def test_the_fuzz_corpus_is_deterministic() -> None:
     first = [r[0] for r in _take(Fuzzer(SEED), 300)]
     second = [r[0] for r in _take(Fuzzer(SEED), 300)]
     assert first == second
+
+
+def test_every_fuzz_request_has_one_expected_code_and_both_dialects_occur() -> None:
+    cases = list(_take(Fuzzer(SEED), REQUESTS))
+    assert all(len(codes) == 1 for _, codes, _, _ in cases)
+    dialects = {reply_dialect(payload, codes) for payload, codes, _, _ in cases}
+    assert dialects == {"long", "compact"}
+
+
+def test_the_fuzz_corpus_through_the_dispatcher_gets_exact_codes_ids_and_dialects() -> None:
+    """The same corpus without sockets: every reply is checked as over the wire (code, id, dialect)."""
+    engine = Engine()
+    seen: dict[int, int] = {}
+    for payload, codes, request_id, _ in _take(Fuzzer(SEED), REQUESTS):
+        reply = engine.dispatcher.handle(engine.session, payload)
+        if isinstance(reply, Deferred):
+            got: list = []
+            reply.addBoth(got.append)
+            reply = got[0]
+        code = check_error_reply(reply, codes, request_id, payload)
+        seen[code] = seen.get(code, 0) + 1
+    assert {PARSE, INVALID_REQUEST, NOT_FOUND, INVALID_PARAMS, UNCONSUME_FAILED, CALL_FAILED,
+            SEND_FAILED} <= set(seen)
 
 
 # Protocol-level violations: a clean close with the RFC 6455 code -------------------------------
@@ -676,14 +722,29 @@ async def test_protocol_violations_close_cleanly_and_the_node_keeps_serving() ->
 
 # Known bugs found by the fuzzer ------------------------------------------------------------------
 
+def assert_long_parse_error(raw: str | bytes) -> None:
+    """A parse error is answered in the long form with id null, whatever the request's dialect."""
+    reply = strict_json(raw)  # raises on Infinity / NaN
+    assert set(reply) == {"error", "id"} and reply["id"] is None, reply
+    assert reply["error"]["code"] == PARSE and reply["error"]["message"], reply
+
+
+async def assert_still_serving(api: Any, request_id: str) -> None:
+    await api.send('{"m":"server.ping","p":{},"i":"%s"}' % request_id)
+    assert strict_json(await asyncio.wait_for(api.recv(), 5)) == {
+        "E": None, "r": {"m": "server.pong"}, "i": request_id}
+
+
 @in_asyncio
-async def test_an_overflowing_id_still_gets_a_json_reply() -> None:
+async def test_an_overflowing_id_gets_a_parse_error_with_id_null_in_both_dialects() -> None:
     engine = await start_engine(loopback_config())
     try:
         async with websockets.connect(engine.api_url) as api:
-            await api.send('{"method":"server.ping","params":[],"id":1e400}')
-            reply = await asyncio.wait_for(api.recv(), 5)
-            strict_json(reply)  # raises on Infinity
+            for raw in ('{"method":"server.ping","params":[],"id":1e400}', '{"m":"server.ping","p":{},"i":1e400}',
+                        '{"method":"server.ping","params":[],"id":-1e400}'):
+                await api.send(raw)
+                assert_long_parse_error(await asyncio.wait_for(api.recv(), 5))
+            await assert_still_serving(api, "after")
     finally:
         await engine.stop()
 
@@ -691,24 +752,25 @@ async def test_an_overflowing_id_still_gets_a_json_reply() -> None:
 @pytest.mark.parametrize("value", ["1e400", "1" + "0" * 400], ids=["float-overflow", "int-overflow"])
 @in_asyncio
 async def test_conn_call_refuses_numbers_lua_cannot_hold(value: str) -> None:
+    """A number beyond any double (Lua numbers are doubles) is refused while parsing, in both
+    dialects; the connection it was meant for keeps working."""
     engine = await start_engine(loopback_config())
     try:
         async with websockets.connect(engine.client_url) as client, websockets.connect(engine.api_url) as api:
             await api.send('{"method":"queue.consume","params":["foo"],"id":1}')
-            await api.recv()
+            assert strict_json(await asyncio.wait_for(api.recv(), 5))["result"] == {"success": True}
             await client.send("first")
-            client_id = json.loads(await asyncio.wait_for(api.recv(), 5))["result"]["client_id"]
+            client_id = strict_json(await asyncio.wait_for(api.recv(), 5))["result"]["client_id"]
             spec = '{"client_id":"%s","func":"set_context_value","args":["n",%s]}' % (client_id, value)
             await api.send('{"method":"conn.call","params":[%s],"id":2}' % spec)
-            reply = json.loads(await asyncio.wait_for(api.recv(), 5), parse_constant=_refuse)
-            # Either the call is refused as invalid ...
-            if reply.get("error") is not None:
-                assert reply["error"]["code"] in (PARSE, INVALID_PARAMS)
-                return
-            # ... or the connection keeps working: its next message still reaches the queue.
+            assert_long_parse_error(await asyncio.wait_for(api.recv(), 5))
+            compact = '{"c":"%s","f":"set_context_value","a":["n",%s]}' % (client_id, value)
+            await api.send('{"m":"conn.call","p":%s,"i":3}' % compact)
+            assert_long_parse_error(await asyncio.wait_for(api.recv(), 5))
             await client.send("second")
-            event = json.loads(await asyncio.wait_for(api.recv(), 3))
+            event = strict_json(await asyncio.wait_for(api.recv(), 5))
             assert event["result"]["data"]["msg"]["data"] == "second"
+            assert "n" not in event["result"]["data"]["ctx"]  # nothing was set
     finally:
         await engine.stop()
 
@@ -718,8 +780,10 @@ async def test_binary_request_with_encoded_surrogates_is_a_parse_error() -> None
     engine = await start_engine(loopback_config())
     try:
         async with websockets.connect(engine.api_url) as api:
-            await api.send(b'{"method":"server.ping","params":[],"id":"\xed\xa0\x80"}')
-            reply = strict_json(await asyncio.wait_for(api.recv(), 5))
-            assert reply.get("error") is not None and reply["error"]["code"] == PARSE, reply
+            for raw in (b'{"method":"server.ping","params":[],"id":"\xed\xa0\x80"}',
+                        b'{"m":"server.ping","p":{},"i":"\xed\xa0\x80"}'):
+                await api.send(raw)
+                assert_long_parse_error(await asyncio.wait_for(api.recv(), 5))
+            await assert_still_serving(api, "after")
     finally:
         await engine.stop()

@@ -18,6 +18,7 @@ from twisted.logger import LogLevel, capturedLogs, formatEvent
 from twisted.web.resource import Resource, getChildForRequest
 from twisted.web.test.requesthelper import DummyRequest
 
+from apihelpers import SEED_CLIENT_ID, Engine
 from connmix_tx import auth
 from connmix_tx.auth import (
     PROTECTED_BODY, UNAUTHORIZED_BODY, AccessControl, AccessGuard, basic_credentials, is_loopback,
@@ -25,7 +26,6 @@ from connmix_tx.auth import (
 )
 from connmix_tx.config import AccessConfig, UserConfig
 from connmix_tx.engine.api import ApiDispatcher
-from test_api_dispatch import SEED_CLIENT_ID, Engine
 
 ALICE = UserConfig("alice", "s3cret", ("read", "write"), "*")
 BOB = UserConfig("bob", "b0b:with:colons", ("read",), "*")

@@ -1,7 +1,7 @@
 """Tests for connmix_tx.engine.center_link: an engine registering at the center (SPEC 8.1, 8.2).
 
 ``CenterLink`` talks to a real ``registry_factory(Registry(clock), secret)`` joined in memory by
-``pbmemory.MemoryEndpoint``; a ``Clock`` drives its ClientService, heartbeats and deadline.
+``connmix_tx.testing.MemoryEndpoint``; a ``Clock`` drives its ClientService, heartbeats and deadline.
 """
 
 from __future__ import annotations
@@ -15,8 +15,7 @@ from twisted.internet.task import Clock
 from connmix_tx.center.pb import registry_factory
 from connmix_tx.center.registry import Registry
 from connmix_tx.engine.center_link import CenterLink
-
-from pbmemory import LogCapture, MemoryEndpoint, tick
+from connmix_tx.testing import LogCapture, MemoryEndpoint, tick
 
 SECRET = "s3cret"
 NODE_ID = "c8u7jfbin5659oh0b13g"

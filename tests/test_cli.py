@@ -14,10 +14,10 @@ from typing import Any
 
 import websockets
 
-from conftest import REPO, in_asyncio, loopback_config, start_engine
+from conftest import REPO, in_asyncio, loopback_config, start_engine, with_users
 from connmix_tx.cli import event_line, json_arg, nodes_table
 from connmix_tx.client import QueueMessage
-from test_client import with_users
+from netclients import api_call
 
 
 async def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 30) -> tuple[int, str, str]:
@@ -34,11 +34,6 @@ async def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 30
             await process.wait()
     assert process.returncode is not None
     return process.returncode, out.decode(), err.decode()
-
-
-async def api_call(api: Any, method: str, params: list) -> dict:
-    await api.send(json.dumps({"method": method, "params": params, "id": 1}))
-    return json.loads(await asyncio.wait_for(api.recv(), 5))
 
 
 async def client_id_of(engine: Any, ws: Any) -> str:

@@ -18,14 +18,14 @@ from twisted.internet.defer import TimeoutError as DeferredTimeout
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
 
-from conftest import REPO, in_asyncio, loopback_config, start_engine, wait_for
+from clusterprocs import Cluster, running_cluster
+from conftest import REPO, in_asyncio, loopback_config, start_engine, wait_for, with_users
 from connmix_tx.client import (
     Client, ConnmixError, EngineUnavailable, Event, PendingRequests, QueueMessage, Reply, RoutingTable,
     close_reason, connect_api, engine_url, parse_frame,
 )
-from connmix_tx.config import AccessConfig, Config, UserConfig
+from connmix_tx.config import Config
 from connmix_tx.ids import Snowflake
-from test_cluster import Cluster
 
 
 def client_id(number: int, sequence: int = 0) -> str:
@@ -350,11 +350,6 @@ async def test_one_api_connection_without_reconnection(engine: Any, free_port: A
         await wait_for(connect_api(reactor, f"ws://127.0.0.1:{port}/ws/v1"))
 
 
-def with_users(config: Config) -> Config:
-    alice = UserConfig("alice", "s3cret", ("read", "write"), "*")
-    return dataclasses.replace(config, access=AccessConfig(users=(alice,), protected=True))
-
-
 @in_asyncio
 async def test_credentials_go_to_the_center_and_the_engine() -> None:
     running = await start_engine(with_users(loopback_config()))
@@ -438,15 +433,8 @@ async def test_reconnect_and_consume_again_after_the_engine_restarts() -> None:
 
 @pytest.fixture
 def two_engines(tmp_path: Path) -> Iterator[Cluster]:
-    running = Cluster(tmp_path)
-    try:
-        running.start_center()
-        running.start_engine("a")
-        running.start_engine("b")
-        running.wait_nodes(2)
+    with running_cluster(tmp_path) as running:
         yield running
-    finally:
-        running.stop()
 
 
 @in_asyncio

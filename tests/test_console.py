@@ -26,8 +26,8 @@ from conftest import REPO, in_asyncio, loopback_config, start_engine
 from connmix_tx.config import AccessConfig
 from connmix_tx.console import page
 from connmix_tx.web import NOT_FOUND_BODY
+from netclients import ALICE, BOB, basic, http_request
 from procs import Process, free_ports, twistd, write_yaml
-from test_http_api import ALICE, BOB, basic, http_request
 
 SCREENSHOT = REPO / "docs" / "images" / "console.png"
 

@@ -11,9 +11,7 @@ engine (Deferreds) and clients that leave before the answer.
 from __future__ import annotations
 
 import asyncio
-import base64
 import dataclasses
-import http.client
 import json
 from io import BytesIO
 from typing import Any
@@ -27,65 +25,18 @@ from twisted.python.failure import Failure
 from twisted.web.server import NOT_DONE_YET, Request
 from twisted.web.test.requesthelper import DummyChannel
 
+from apihelpers import REMOTE_CLIENT_ID, Engine
 from conftest import in_asyncio, loopback_config, start_engine
 from connmix_tx.auth import UNAUTHORIZED_BODY
 from connmix_tx.config import AccessConfig, UserConfig
 from connmix_tx.engine.api_server import HttpApiMethod
+from connmix_tx.testing import FakeLink
 from connmix_tx.web import NOT_FOUND_BODY
-from test_api_dispatch import REMOTE_CLIENT_ID, Engine, FakeLink
-
-ALICE = UserConfig("alice", "s3cret", ("read", "write"), "*")
-BOB = UserConfig("bob", "reader", ("read",), "127.0.0.*")
-CAROL = UserConfig("carol", "carol-pw", ("read", "write"), "10.*")
-
-
-class Response:
-    def __init__(self, status: int, headers: Any, body: bytes) -> None:
-        self.status, self.headers, self.body = status, headers, body
-
-    @property
-    def json(self) -> Any:
-        assert self.headers["content-type"] == "application/json"
-        return json.loads(self.body)
-
-
-async def http_request(port: int, method: str, path: str, body: bytes | None = None,
-                       headers: dict[str, str] | None = None) -> Response:
-    def run() -> Response:
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-        try:
-            conn.request(method, path, body=body, headers=headers or {})
-            response = conn.getresponse()
-            return Response(response.status, response.headers, response.read())  # case-insensitive
-        finally:
-            conn.close()
-
-    return await asyncio.get_running_loop().run_in_executor(None, run)
-
-
-async def post(port: int, path: str, body: Any, headers: dict[str, str] | None = None) -> Response:
-    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
-    return await http_request(port, "POST", path, raw, headers)
-
-
-def basic(user: UserConfig, password: str | None = None) -> dict[str, str]:
-    token = base64.b64encode(f"{user.username}:{password or user.password}".encode()).decode()
-    return {"Authorization": f"Basic {token}"}
-
-
-async def compact(api: Any, method: str, p: Any, request_id: Any = 1) -> dict:
-    await api.send(json.dumps({"m": method, "p": p, "i": request_id}))
-    return json.loads(await asyncio.wait_for(api.recv(), 5))
-
-
-async def long(api: Any, method: str, params: list, request_id: Any = 1) -> dict:
-    await api.send(json.dumps({"method": method, "params": params, "id": request_id}))
-    return json.loads(await asyncio.wait_for(api.recv(), 5))
-
+from netclients import ALICE, BOB, CAROL, api_call, basic, compact_call, http_request, post
 
 async def client_id_of(client: Any, api: Any) -> str:
     """The id of ``client``: it sends a message, the API pops it from the default topic."""
-    assert await compact(api, "queue.pop", {"t": ["foo"]}) == {"E": None, "r": {"s": True}, "i": 1}
+    assert await compact_call(api, "queue.pop", {"t": ["foo"]}) == {"E": None, "r": {"s": True}, "i": 1}
     await client.send("hello")
     event = json.loads(await asyncio.wait_for(api.recv(), 5))
     assert event["e"] == "queue.pop" and event["p"]["t"] == "foo"
@@ -109,7 +60,7 @@ async def test_send_and_publish(engine: Any) -> None:
 
         reply = await post(engine.api_port, "/v1/mesh/publish", {"c": "room", "d": "nobody"})
         assert (reply.status, reply.json) == (200, {"E": None, "r": {"s": 0, "f": 0, "t": 0}})
-        assert await compact(api, "conn.call", {"c": cid, "f": "subscribe", "a": ["room"]}) == {
+        assert await compact_call(api, "conn.call", {"c": cid, "f": "subscribe", "a": ["room"]}) == {
             "E": None, "r": {"s": True}, "i": 1}
         reply = await post(engine.api_port, "/v1/mesh/publish", {"c": "room", "d": "to all"})
         assert (reply.status, reply.json) == (200, {"E": None, "r": {"s": 1, "f": 0, "t": 1}})
@@ -186,7 +137,7 @@ async def test_protected_mode_admits_loopback(engine: Any) -> None:
     assert (await http_request(engine.center_api_port, "GET", "/v1/nodes")).status == 200
     assert (await post(engine.api_port, "/v1/mesh/publish", {"c": "c", "d": "x"})).status == 200
     async with websockets.connect(engine.api_url) as api:
-        assert await compact(api, "queue.pop", ["foo"]) == {"E": None, "r": {"s": True}, "i": 1}
+        assert await compact_call(api, "queue.pop", ["foo"]) == {"E": None, "r": {"s": True}, "i": 1}
 
 
 # Users configured ---------------------------------------------------------------------------------------
@@ -230,23 +181,23 @@ async def test_ws_handshake_needs_credentials(secured: Any) -> None:
 @in_asyncio
 async def test_ws_handshake_with_basic_or_query_credentials(secured: Any) -> None:
     async with websockets.connect(secured.api_url, additional_headers=basic(ALICE)) as api:
-        assert await compact(api, "queue.pop", ["foo"]) == {"E": None, "r": {"s": True}, "i": 1}
+        assert await compact_call(api, "queue.pop", ["foo"]) == {"E": None, "r": {"s": True}, "i": 1}
     async with websockets.connect(secured.api_url + "?username=alice&password=s3cret") as api:
-        assert (await long(api, "queue.consume", ["foo"]))["result"] == {"success": True}
+        assert (await api_call(api, "queue.consume", ["foo"]))["result"] == {"success": True}
     async with websockets.connect(secured.api_url + "?username=bob&password=reader") as api:
-        assert await compact(api, "server.ping", {}) == {"E": None, "r": {"m": "server.pong"}, "i": 1}
+        assert await compact_call(api, "server.ping", {}) == {"E": None, "r": {"m": "server.pong"}, "i": 1}
 
 
 @in_asyncio
 async def test_read_only_user_over_ws_gets_32001_and_stays_connected(secured: Any) -> None:
     async with websockets.connect(secured.api_url, additional_headers=basic(BOB)) as api:
-        reply = await compact(api, "queue.pop", ["foo"], request_id=2)
+        reply = await compact_call(api, "queue.pop", ["foo"], request_id=2)
         assert reply["E"]["c"] == -32001 and reply["r"] is None and reply["i"] == 2
-        reply = await long(api, "mesh.publish", [{"channel": "c", "data": "x"}], request_id=3)
+        reply = await api_call(api, "mesh.publish", [{"channel": "c", "data": "x"}], request_id=3)
         assert reply["error"]["code"] == -32001 and reply["id"] == 3
-        reply = await compact(api, "mesh.send", {"c": "1463819408261513216", "d": "x"})
+        reply = await compact_call(api, "mesh.send", {"c": "1463819408261513216", "d": "x"})
         assert reply["E"]["c"] == -32001
-        reply = await long(api, "server.ping", [], 4)
+        reply = await api_call(api, "server.ping", [], 4)
         assert reply == {"error": None, "result": {"status": "server.pong"}, "id": 4}
 
 
@@ -305,7 +256,7 @@ def post_request(body: bytes) -> tuple[Request, DummyChannel]:
 
 
 def remote_send(pending: Deferred) -> tuple[Request, DummyChannel, Any]:
-    api = Engine(link=FakeLink(lambda: pending))
+    api = Engine(link=FakeLink.answering(lambda: pending))
     resource = HttpApiMethod(api.dispatcher, "mesh.send", "node", 1024)
     request, channel = post_request(json.dumps({"c": str(REMOTE_CLIENT_ID), "d": "x"}).encode())
     return request, channel, resource.render(request)

@@ -2,7 +2,7 @@
 deadline, origins, compression, the API's HTTP read timeout.
 
 Unit tests drive ``WriteWatch`` and the protocols' slow-consumer checks with a fake transport
-whose write queue the test controls (Twisted's ``StringTransport`` keeps no such queue).
+whose write queue the test controls (``connmix_tx.testing.FakeSocketTransport``).
 Integration tests run the real service tree on port 0; a client that "never reads" is a raw
 socket with a small receive buffer that completes the WebSocket handshake and then reads
 nothing more.
@@ -11,10 +11,8 @@ nothing more.
 from __future__ import annotations
 
 import asyncio
-import base64
 import dataclasses
 import json
-import os
 import socket
 from pathlib import Path
 from typing import Any
@@ -22,47 +20,14 @@ from typing import Any
 import pytest
 import websockets
 from twisted.internet.task import Clock
-from twisted.logger import formatEvent, globalLogPublisher
 
 from conftest import in_asyncio, loopback_config, start_engine
 from connmix_tx.engine.outbound import WriteWatch, buffered_bytes
-from test_http_api import http_request, post
+from connmix_tx.testing import FakeSocketTransport, FakeTLS, LogCapture
+from netclients import http_request, post, raw_handshake, until
 
 
 # Helpers ------------------------------------------------------------------------------------
-
-
-class FakeSocketTransport:
-    """The parts of ``FileDescriptor`` the outbound guards read; ``take()`` plays the kernel."""
-
-    def __init__(self) -> None:
-        self.dataBuffer = b""
-        self.offset = 0
-        self._tempDataBuffer: list[bytes] = []
-        self._tempDataLen = 0
-        self.aborted = False
-
-    def write(self, data: bytes) -> None:
-        self._tempDataBuffer.append(data)
-        self._tempDataLen += len(data)
-
-    def take(self, count: int) -> None:
-        """The kernel accepts ``count`` bytes (as ``doWrite`` would)."""
-        if len(self.dataBuffer) - self.offset < count:
-            self.dataBuffer = self.dataBuffer[self.offset:] + b"".join(self._tempDataBuffer)
-            self.offset, self._tempDataBuffer, self._tempDataLen = 0, [], 0
-        self.offset += min(count, len(self.dataBuffer) - self.offset)
-
-    def abortConnection(self) -> None:
-        self.aborted = True
-
-
-class FakeTLS:
-    """A TLS wrapper in front of a socket transport (``TLSMemoryBIOProtocol``'s shape)."""
-
-    def __init__(self, inner: Any) -> None:
-        self.transport = inner
-        self._appSendBuffer = [b"abc"]
 
 
 class Conn:
@@ -73,68 +38,6 @@ class Conn:
 
     def write_timed_out(self) -> None:
         self.expired += 1
-
-
-class LogCapture:
-    """Formatted log messages emitted while the context is open."""
-
-    def __init__(self) -> None:
-        self.lines: list[str] = []
-
-    def __call__(self, event: dict) -> None:
-        text = formatEvent(event)
-        if text:
-            self.lines.append(text)
-
-    def __enter__(self) -> LogCapture:
-        globalLogPublisher.addObserver(self)
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        globalLogPublisher.removeObserver(self)
-
-    def find(self, fragment: str) -> list[str]:
-        return [line for line in self.lines if fragment in line]
-
-
-async def until(predicate: Any, timeout: float = 5.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not predicate():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.02)
-
-
-async def raw_handshake(port: int, path: str = "/", extra: str = "", rcvbuf: int = 4096) -> socket.socket:
-    """A raw WebSocket client: handshake done, the socket is never read again."""
-    loop = asyncio.get_running_loop()
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-    sock.setblocking(False)
-    await loop.sock_connect(sock, ("127.0.0.1", port))
-    key = base64.b64encode(os.urandom(16)).decode()
-    request = (f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
-               f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
-               f"{extra}\r\n")
-    await loop.sock_sendall(sock, request.encode())
-    head = b""
-    while b"\r\n\r\n" not in head:
-        chunk = await asyncio.wait_for(loop.sock_recv(sock, 1), 5)
-        assert chunk, head
-        head += chunk
-    assert head.startswith(b"HTTP/1.1 101"), head
-    return sock
-
-
-def masked_frame(payload: bytes, opcode: int = 1) -> bytes:
-    mask = os.urandom(4)
-    body = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-    size = len(payload)
-    if size < 126:
-        header = bytes([0x80 | opcode, 0x80 | size])
-    else:
-        header = bytes([0x80 | opcode, 0x80 | 126]) + size.to_bytes(2, "big")
-    return header + mask + body
 
 
 def only_client(running: Any) -> int:
@@ -172,7 +75,7 @@ def test_write_watch_aborts_only_without_progress() -> None:
     assert len(watch) == 1  # only "moving" is still watched
     moving.transport.take(10_000)
     clock.advance(0.5)
-    assert len(watch) == 0 and not watch._loop.running  # the timer stops when nothing is queued
+    assert len(watch) == 0 and clock.getDelayedCalls() == []  # the timer stops when nothing is queued
 
 
 def test_write_watch_ignores_connections_without_timeout() -> None:
@@ -219,7 +122,8 @@ def test_api_connection_over_its_write_buffer_is_closed_4008() -> None:
     assert closes == [(4008, b"slow consumer")]
     assert logs.find("close slow api connection 127.0.0.1:5000 buffered=164")  # two 82-byte frames
     assert Factory.queues.unconsumed == [proto.session]
-    assert Factory.metrics.slow_api._value.get() == 1
+    assert Factory.metrics.registry.get_sample_value(
+        "connmix_engine_slow_disconnects_total", {"kind": "api"}) == 1
 
 
 # Integration: slow clients, write timeout, sizes ---------------------------------------------

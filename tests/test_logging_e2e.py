@@ -12,8 +12,7 @@ import signal
 import time
 from pathlib import Path
 
-from procs import Process, free_ports, twistd, write_yaml
-from test_reload import config_data
+from procs import Process, config_data, free_ports, twistd, write_yaml
 
 
 def file_lines(path: Path, until: str, timeout: float = 10.0) -> list[str]:

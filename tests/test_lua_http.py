@@ -8,7 +8,6 @@ answers with large bodies, or holds a request until the test lets it go.
 from __future__ import annotations
 
 import json
-import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from connmix_tx.lua.http import MAX_BODY, HttpClient, parse_timeout
+from connmix_tx.testing import free_port
 from luahelpers import Engine, make_engine
 
 
@@ -272,9 +272,7 @@ async def test_timeout_as_a_number(engine: Engine, server: Server) -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_connection_refused(engine: Engine) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # nothing listens there
     code = f"""return mix.http.request("GET", "http://127.0.0.1:{port}/")"""
     assert await lua(engine, code) == (None, b"connection refused")
 

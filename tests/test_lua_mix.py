@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from connmix_tx.engine.connections import ClientConnection
-from luahelpers import EXEC_ENTRY, Engine, Outcome, client_ids, make_engine
+from connmix_tx.testing import Outcome, client_ids
+from luahelpers import EXEC_ENTRY, Engine, make_engine
 
 
 @pytest.fixture

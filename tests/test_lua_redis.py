@@ -37,13 +37,8 @@ from connmix_tx.lua.redis import (
     RespParser,
     encode_command,
 )
+from connmix_tx.testing import free_port
 from luahelpers import Engine, make_engine
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _answers(host: str, port: int) -> bool:
@@ -69,7 +64,7 @@ def redis_address(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HostPort
     if binary is None:
         pytest.skip("no Redis: CONNMIX_TEST_REDIS is not set and redis-server is not installed "
                     "(.ci/run installs and starts one)")
-    port = _free_port()
+    port = free_port()
     folder = tmp_path_factory.mktemp("redis")
     process = subprocess.Popen(
         [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
@@ -222,7 +217,7 @@ async def test_connection_refused(tmp_path: Path) -> None:
     from twisted.internet import reactor
 
     engine = make_engine(tmp_path)
-    engine.library.redis = RedisPools([config(HostPort("127.0.0.1", _free_port()))], reactor)
+    engine.library.redis = RedisPools([config(HostPort("127.0.0.1", free_port()))], reactor)
     code = 'return mix.redis.connection("default"):command("PING")'
     assert await run(engine, code) == (None, b"redis: connection refused")
     assert engine.library.redis.pool("default").size == 0

@@ -153,11 +153,17 @@ def test_a_broken_version_is_not_retried_until_the_files_change_again(
 
 
 def test_unchanged_files_are_not_recompiled(
-    engine: Engine, reloader: HotReloader, monkeypatch: pytest.MonkeyPatch
+    engine: Engine, entry: Path, reloader: HotReloader, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(engine.script, "compile", lambda: pytest.fail("compiled again"))
+    compiles = []
+    original = engine.script.compile
+    monkeypatch.setattr(engine.script, "compile", lambda: compiles.append(1) or original())
     for _ in range(5):
         engine.clock.advance(10)
+    assert compiles == []
+    edit(entry, entry_v("new"))  # the poll kept running all along: a change is still seen
+    engine.clock.advance(10)
+    assert compiles == [1] and answer(engine) == b"new"
 
 
 def test_a_module_change_triggers_a_reload(tmp_path: Path, logs: list) -> None:

@@ -1,6 +1,6 @@
 """Tests for connmix_tx.engine.mesh_link.MeshLink: one engine's link to a peer (SPEC 8.2, 8.4).
 
-Each link dials a real ``mesh_factory`` mesh point joined in memory (``pbmemory``); the peer's
+Each link dials a real ``mesh_factory`` mesh point joined in memory (``connmix_tx.testing.MemoryEndpoint``); the peer's
 clients are fake transports (``meshpeer``).  ``Batches`` records what the mesh point receives and
 can hold its replies back; a ``Clock`` drives flushes, meshTimeout, pings and retries.
 """
@@ -15,8 +15,8 @@ from connmix_tx.engine.connections import CLIENT_NOT_FOUND, SLOW_CONSUMER
 from connmix_tx.engine.mesh_link import MAX_BLOB, MAX_IN_FLIGHT, MeshLink
 from connmix_tx.engine.router import NODE_UNAVAILABLE
 
+from connmix_tx.testing import LogCapture, tick
 from meshpeer import MESH_TIMEOUT, WAITING, Batches, Peer, client_id, results
-from pbmemory import LogCapture, tick
 
 
 @pytest.fixture
@@ -66,7 +66,7 @@ def test_send_publish_call_are_answered_and_delivered(peer, link) -> None:
     ]
     peer.endpoint.flush()
     assert results(*ops) == [None, None, (2, 1), (0, 0), None, None]
-    assert conn.transport.delivered == [b"hello", b"\x00\xff", b"flash"]
+    assert conn.transport.payloads == [b"hello", b"\x00\xff", b"flash"]
     assert conn.context == {"user_id": 10000} and conn.channels == {"news", "room1"}
     assert link.pending == 0
 
@@ -93,7 +93,7 @@ def test_ops_submitted_while_connecting_go_out_once_up(peer, batches) -> None:
     link.start()
     d = link.send(conn.client_id, b"early", False)
     peer.endpoint.flush()
-    assert results(d) == [None] and conn.transport.delivered == [b"early"]
+    assert results(d) == [None] and conn.transport.payloads == [b"early"]
 
 
 # Batching ----------------------------------------------------------------------------------------
@@ -107,7 +107,7 @@ def test_one_reactor_turn_is_one_batch_in_order(peer, link, batches) -> None:
     assert [op[3] for op in batches.ops()] == [b"%d" % i for i in range(100)]
     assert len({op[1] for op in batches.ops()}) == 100  # seqs unique per link
     assert results(*ops) == [None] * 100
-    assert conn.transport.delivered == [b"%d" % i for i in range(100)]
+    assert conn.transport.payloads == [b"%d" % i for i in range(100)]
 
 
 def test_more_than_256_kib_is_split_into_blobs_in_order(peer, link, batches) -> None:
@@ -118,7 +118,7 @@ def test_more_than_256_kib_is_split_into_blobs_in_order(peer, link, batches) -> 
     assert len(batches.received) == 3  # 2 + 2 + (1 + small)
     assert max(batches.sizes) <= MAX_BLOB
     assert results(*ops) == [None] * 6
-    assert conn.transport.delivered == payloads
+    assert conn.transport.payloads == payloads
 
 
 def test_a_full_blob_is_at_most_256_kib(peer, link, batches) -> None:
@@ -142,7 +142,7 @@ def test_op_over_600_kib_is_refused_without_sending(peer, link, batches) -> None
     assert batches.received == [] and link.pending == 0
     big = link.send(conn.client_id, b"x" * (590 * 1024), False)  # under the limit: its own blob
     peer.endpoint.flush()
-    assert results(big) == [None] and len(conn.transport.delivered[0]) == 590 * 1024
+    assert results(big) == [None] and len(conn.transport.payloads[0]) == 590 * 1024
 
 
 def test_at_most_8_batches_in_flight(peer, link, batches) -> None:
@@ -160,7 +160,7 @@ def test_at_most_8_batches_in_flight(peer, link, batches) -> None:
     batches.release()
     peer.endpoint.flush()
     assert results(*ops) == [None] * len(ops)
-    assert conn.transport.delivered == [b"%d" % i for i in range(MAX_IN_FLIGHT + 1)]
+    assert conn.transport.payloads == [b"%d" % i for i in range(MAX_IN_FLIGHT + 1)]
 
 
 # meshTimeout -------------------------------------------------------------------------------------
@@ -181,7 +181,7 @@ def test_unanswered_ops_time_out_and_late_replies_are_ignored(peer, link, batche
     assert link.state == "up" and link.pending == 0
     assert results(link.send(conn.client_id, b"again", False)) == [WAITING]
     peer.endpoint.flush()
-    assert conn.transport.delivered[-1] == b"again"
+    assert conn.transport.payloads[-1] == b"again"
 
 
 def test_op_timed_out_while_queued_is_never_sent(peer, link, batches) -> None:
@@ -236,7 +236,7 @@ def test_link_reconnects_after_loss(peer, link, batches) -> None:
     assert len(peer.endpoint.pumps) == 2 and link.state == "up"
     d = link.send(conn.client_id, b"after", False)
     peer.endpoint.flush()
-    assert results(d) == [None] and conn.transport.delivered == [b"after"]
+    assert results(d) == [None] and conn.transport.payloads == [b"after"]
 
 
 def test_connection_closed_before_pb_negotiation_is_redialled(peer, batches) -> None:

@@ -1,7 +1,7 @@
 """Tests for connmix_tx.engine.mesh_link.MeshPeers and the Router over it (SPEC 8.4, 8.5).
 
 ``MeshPeers`` turns node lists into ``MeshLink``s to real ``mesh_factory`` mesh points joined in
-memory (``pbmemory``, ``meshpeer``); the ``Router`` then sends, calls and publishes through them.
+memory (``connmix_tx.testing.MemoryEndpoint``, ``meshpeer``); the ``Router`` then sends, calls and publishes through them.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from connmix_tx.engine.connections import SLOW_CONSUMER, ConnectionRegistry
 from connmix_tx.engine.mesh_link import MeshLink, MeshPeers
 from connmix_tx.engine.router import NODE_UNAVAILABLE, LocalOps, Router
 
+from connmix_tx.testing import tick
 from meshpeer import MESH_TIMEOUT, OWN_ID, WAITING, Batches, Peer, add_client, client_id, results
-from pbmemory import tick
 
 
 @pytest.fixture
@@ -136,8 +136,8 @@ def test_router_sends_calls_and_publishes_over_the_mesh(clock, batches) -> None:
     assert isinstance(sent, Deferred)
     cluster.tick(0.25, 1)
     assert results(sent, called, published) == [None, None, (3, 1)]
-    assert remote.transport.delivered == [b"via mesh", b"all"] and remote.context == {"k": "v"}
-    assert local.transport.delivered == [b"all"]
+    assert remote.transport.payloads == [b"via mesh", b"all"] and remote.context == {"k": "v"}
+    assert local.transport.payloads == [b"all"]
     assert router.send(client_id(2), b"x", False) == NODE_UNAVAILABLE  # no such peer
 
 

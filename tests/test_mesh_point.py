@@ -26,24 +26,10 @@ from connmix_tx.engine.connections import (
 )
 from connmix_tx.engine.mesh import apply_batch, mesh_factory
 from connmix_tx.engine.router import LocalOps
+from connmix_tx.testing import FakeClientTransport
 
 CLIENT = 1463819408261513216
 OTHER = CLIENT + 1
-
-
-class FakeTransport:
-    def __init__(self, error: str | None = None) -> None:
-        self.error = error
-        self.delivered: list[tuple[bytes, bool]] = []
-        self.closed = False
-
-    def deliver(self, data: bytes, binary: bool, shared: dict[str, Any]) -> str | None:
-        if self.error is None:
-            self.delivered.append((data, binary))
-        return self.error
-
-    def close_connection(self) -> None:
-        self.closed = True
 
 
 @pytest.fixture
@@ -52,7 +38,7 @@ def local() -> LocalOps:
 
 
 def connect(local: LocalOps, client_id: int = CLIENT, error: str | None = None) -> ClientConnection:
-    conn = ClientConnection(client_id, "203.0.113.9:5000", FakeTransport(error))
+    conn = ClientConnection(client_id, "203.0.113.9:5000", FakeClientTransport(error))
     conn.ready = True
     local.connections.add(conn)
     return conn

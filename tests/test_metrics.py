@@ -8,6 +8,7 @@ trees in one process keep separate registries.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 from typing import Any
 
@@ -18,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from conftest import in_asyncio, loopback_config, start_engine
 from connmix_tx.engine.websocket import NullMeter
 from connmix_tx.metrics import EngineMetrics, MeteredQueueManager, ServerMeter
-from test_http_api import basic, http_request, post
+from netclients import api_call, basic, http_request, post
 
 ENGINE_NAMES = {
     "connmix_engine_servers_clients", "connmix_engine_servers_read_messages",
@@ -56,11 +57,6 @@ async def scrape(port: int, headers: dict[str, str] | None = None) -> Scrape:
     return Scrape(response.body.decode())
 
 
-async def long_form(api: Any, method: str, params: Any, request_id: int = 1) -> dict:
-    await api.send(json.dumps({"method": method, "params": params, "id": request_id}))
-    return json.loads(await asyncio.wait_for(api.recv(), 5))
-
-
 @in_asyncio
 async def test_engine_metrics_move_with_traffic() -> None:
     running = await start_engine(loopback_config())
@@ -74,13 +70,13 @@ async def test_engine_metrics_move_with_traffic() -> None:
                 websockets.connect(running.api_url) as api:
             await client.send("one")
             await client.send("two")
-            assert (await long_form(api, "queue.consume", ["foo"]))["result"] == {"success": True}
+            assert (await api_call(api, "queue.consume", ["foo"]))["result"] == {"success": True}
             events = [json.loads(await asyncio.wait_for(api.recv(), 5)) for _ in range(2)]
             client_id = events[0]["result"]["client_id"]
-            reply = await long_form(api, "mesh.send", [{"client_id": client_id, "data": "hello"}], 2)
+            reply = await api_call(api, "mesh.send", [{"client_id": client_id, "data": "hello"}], 2)
             assert reply["error"] is None
             assert await asyncio.wait_for(client.recv(), 5) == "hello"
-            bad = await long_form(api, "mesh.send", [{"client_id": "1", "data": "x"}], 3)
+            bad = await api_call(api, "mesh.send", [{"client_id": "1", "data": "x"}], 3)
             assert bad["error"]["code"] == 401
             await api.send("not json")
             await asyncio.wait_for(api.recv(), 5)
@@ -201,7 +197,23 @@ def test_lua_errors_and_reloads_are_counted_per_entry() -> None:
     assert text.value("connmix_engine_lua_errors_total", entry="lua/entry.websocket.lua",
                       callback="on_message") == 2
     assert text.value("connmix_engine_lua_reloads_total", result="failed") == 1
-    NullMeter().lua_error("on_message")  # the meter of factories built without metrics
+
+
+def test_the_null_meter_takes_every_call_a_server_makes_and_keeps_nothing() -> None:
+    """Factories built without metrics (unit tests, tools) count into a ``NullMeter``: it offers
+    each counter of ``ServerMeter`` with the same methods, and ``lua_error`` with its signature."""
+    real = EngineMetrics().server("websocket", "lua/entry.websocket.lua")
+    null = NullMeter()
+    counters = [name for name in ServerMeter.__slots__ if not name.startswith("_")]
+    assert counters == ["read", "sent", "errors", "local_send", "slow"]
+    for name in counters:
+        methods = [m for m in ("inc", "observe") if hasattr(getattr(real, name), m)]
+        assert methods, name
+        for method in methods:
+            assert getattr(getattr(null, name), method)(1) is None
+    assert inspect.signature(NullMeter.lua_error) == inspect.signature(ServerMeter.lua_error)
+    assert null.lua_error("on_message", "boom") is None
+    assert vars(null) == {}  # nothing was kept
 
 
 def _text(metrics: EngineMetrics) -> str:

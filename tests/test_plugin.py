@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import zipfile
 from pathlib import Path
 
@@ -12,6 +10,7 @@ from twisted.application.service import IServiceMaker
 from twisted.plugin import getPlugins
 
 from conftest import REPO
+from procs import build_wheel
 
 
 def test_getplugins_finds_connmix() -> None:
@@ -51,18 +50,8 @@ def test_tap_builds_the_tree_of_each_role() -> None:
     }
 
 
-def build_wheel(folder: Path) -> Path:
-    """Build the project's wheel into ``folder`` (as ``pip install .`` would)."""
-    result = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(folder), str(REPO)],
-        capture_output=True, text=True, timeout=300,
-    )
-    assert result.returncode == 0, result.stderr
-    return next(folder.glob("connmix_tx-*.whl"))
-
-
 def test_wheel_carries_home_and_plugin_without_twisted_init(tmp_path: Path) -> None:
-    wheel = build_wheel(tmp_path)
+    wheel = build_wheel(tmp_path, REPO)
     names = set(zipfile.ZipFile(wheel).namelist())
     assert "twisted/plugins/connmix_plugin.py" in names
     assert "twisted/plugins/__init__.py" not in names and "twisted/__init__.py" not in names

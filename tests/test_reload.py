@@ -12,7 +12,6 @@ import signal
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any
 
 import pytest
 from websockets.exceptions import ConnectionClosed
@@ -21,28 +20,8 @@ from websockets.sync.client import connect
 from conftest import in_asyncio, start_engine
 from connmix_tx.config import load_config, reload_diff
 from connmix_tx.reload import Reloader, effective_config
-from procs import Process, free_ports, twistd, write_yaml
-from test_limits import LogCapture
-
-
-def config_data(ports: dict[str, int], **sections: Any) -> dict:
-    data: dict[str, Any] = {
-        "center": {
-            "registry": {"bind": "127.0.0.1", "port": ports["registry"]},
-            "apiServer": {"bind": "127.0.0.1", "port": ports["center_api"]},
-        },
-        "engine": {
-            "meshPoint": {"bind": "127.0.0.1", "port": ports["mesh"]},
-            "apiServer": {"bind": "127.0.0.1", "port": ports["api"]},
-            "servers": [{"bind": "127.0.0.1", "port": ports["client"]}],
-        },
-    }
-    for name, value in sections.items():
-        if name == "engine":
-            data["engine"].update(value)
-        else:
-            data[name] = value
-    return data
+from connmix_tx.testing import LogCapture
+from procs import Process, config_data, free_ports, twistd, write_yaml
 
 
 def get(port: int, path: str, user: tuple[str, str] | None = None) -> int:

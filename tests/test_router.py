@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred
 
 from connmix_tx.engine.connections import (
     CLIENT_NOT_FOUND,
@@ -16,64 +14,9 @@ from connmix_tx.engine.connections import (
 )
 from connmix_tx.engine.router import CALL_FUNCS, NODE_UNAVAILABLE, LocalOps, Router, apply_call
 from connmix_tx.ids import Snowflake, node_number_of
+from connmix_tx.testing import FakeClientTransport, FakeLink, FakePeers
 
 NOW_MS = 1_700_000_000_000
-
-
-class FakeTransport:
-    """A client transport that records deliveries and answers with ``error``."""
-
-    def __init__(self, error: str | None = None) -> None:
-        self.error = error
-        self.delivered: list[tuple[bytes, bool]] = []
-        self.shared: list[dict] = []
-        self.closed = False
-
-    def send_message(self, data: bytes, binary: bool) -> str | None:
-        return self.deliver(data, binary, {})
-
-    def deliver(self, data: bytes, binary: bool, shared: dict[str, Any]) -> str | None:
-        self.shared.append(shared)
-        if self.error is None:
-            self.delivered.append((data, binary))
-        return self.error
-
-    def close_connection(self) -> None:
-        self.closed = True
-
-    def clear_buffer(self) -> str | None:
-        return None
-
-
-class FakeLink:
-    """A mesh link to another engine: answers with prepared values and records the calls."""
-
-    def __init__(self, send: Any = None, call: Any = None, publish: Any = (0, 0)) -> None:
-        self.answers = {"send": send, "call": call, "publish": publish}
-        self.calls: list[tuple] = []
-
-    def send(self, client_id: int, data: bytes, binary: bool) -> Any:
-        self.calls.append(("send", client_id, data, binary))
-        return self.answers["send"]
-
-    def call(self, client_id: int, func: str, args: list) -> Any:
-        self.calls.append(("call", client_id, func, args))
-        return self.answers["call"]
-
-    def publish(self, channel: str, data: bytes, binary: bool) -> Any:
-        self.calls.append(("publish", channel, data, binary))
-        return succeed(self.answers["publish"])
-
-
-class FakePeers:
-    def __init__(self, links: dict[int, FakeLink]) -> None:
-        self.by_number = links
-
-    def link_for(self, number: int) -> FakeLink | None:
-        return self.by_number.get(number)
-
-    def links(self) -> list[FakeLink]:
-        return list(self.by_number.values())
 
 
 class Node:
@@ -85,7 +28,7 @@ class Node:
         self._ids = Snowflake(number, lambda: NOW_MS)
 
     def connect(self, error: str | None = None, ready: bool = True) -> ClientConnection:
-        conn = ClientConnection(self._ids.next_id(), "203.0.113.9:5000", FakeTransport(error))
+        conn = ClientConnection(self._ids.next_id(), "203.0.113.9:5000", FakeClientTransport(error))
         conn.ready = ready
         self.registry.add(conn)
         return conn

@@ -27,8 +27,8 @@ import websockets
 from conftest import in_asyncio, loopback_config, start_engine
 from connmix_tx.engine.api import CONSUMER_BUFFER_LIMIT
 from connmix_tx.engine.outbound import buffered_bytes
-from test_http_api import http_request
-from test_limits import LogCapture, masked_frame, raw_handshake, until
+from connmix_tx.testing import LogCapture
+from netclients import http_request, masked_frame, raw_handshake, until
 
 CONSUME = '{"method":"queue.consume","params":["foo"],"id":"consume"}'
 

@@ -10,28 +10,25 @@ client library.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 import os
-import shutil
 import struct
 from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
 import websockets
-from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone, ConnectionLost
-from twisted.internet.testing import StringTransport
-from twisted.logger import LogLevel, formatEvent, globalLogPublisher
-from twisted.python.failure import Failure
+from twisted.logger import LogLevel
 
 from conftest import REPO, in_asyncio, loopback_config, start_engine
-from connmix_tx.config import ServerConfig, default_config
 from connmix_tx.engine.connections import ENCODE_FAILED
-from connmix_tx.engine.socket_server import SocketServerFactory, SocketServerProtocol
-from connmix_tx.ids import Snowflake
-from luahelpers import Engine, make_engine
+from connmix_tx.testing import LogCapture
+from netclients import api_call, next_event, until
+from socketservers import (
+    HANDSHAKE, Server, build_server, client_frame, codec_server, lost, module_function, open_websocket,
+    server_frames,
+)
 
 # A newline codec with commands that exercise every branch of the input loop.
 ENTRY = r"""
@@ -110,39 +107,10 @@ function on_close(client_id, err) end
 """
 
 
-def server_config(**overrides: Any) -> ServerConfig:
-    return dataclasses.replace(default_config().engine.servers[0], protocol="socket", **overrides)
-
-
-@dataclasses.dataclass
-class Server:
-    engine: Engine
-    factory: SocketServerFactory
-
-    def connect(self) -> tuple[SocketServerProtocol, StringTransport]:
-        proto = self.factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 50000))
-        transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 50000))
-        proto.makeConnection(transport)
-        return proto, transport
-
-    def log(self) -> list[str]:
-        topic = self.engine.queues.topics.get("log")
-        return [json.loads(data) for _, data in topic.messages] if topic else []
-
-
 def make_server(
     tmp_path: Path, source: str = ENTRY, options: dict[str, str] | None = None, **config: Any
 ) -> Server:
-    shutil.copytree(REPO / "lua" / "protocols", tmp_path / "lua" / "protocols", dirs_exist_ok=True)
-    engine = make_engine(tmp_path, source, kind="socket", stubs=False, options=options, topic_size=10_000)
-    factory = SocketServerFactory(server_config(**config), engine.script, engine.connections,
-                                  Snowflake(0), engine.clock)
-    return Server(engine, factory)
-
-
-def lost(proto: SocketServerProtocol, reason: Exception | None = None) -> None:
-    """The transport reports the end of the connection (StringTransport never does)."""
-    proto.connectionLost(Failure(reason or ConnectionDone()))
+    return build_server(tmp_path, source, options, **config)
 
 
 @pytest.fixture
@@ -151,17 +119,9 @@ def server(tmp_path: Path) -> Server:
 
 
 @pytest.fixture
-def events() -> Iterator[list[dict[str, Any]]]:
-    collected: list[dict[str, Any]] = []
-    globalLogPublisher.addObserver(collected.append)
-    try:
-        yield collected
-    finally:
-        globalLogPublisher.removeObserver(collected.append)
-
-
-def texts(events: list[dict[str, Any]], level: LogLevel | None = None) -> list[str]:
-    return [formatEvent(e) for e in events if level is None or e["log_level"] == level]
+def events() -> Iterator[LogCapture]:
+    with LogCapture() as logs:
+        yield logs
 
 
 # Input loop ---------------------------------------------------------------------------------
@@ -244,13 +204,13 @@ def test_minus_one_closes_with_input_rejected(server: Server) -> None:
         ("WAIT", "protocol error: lua error"),
     ],
 )
-def test_bad_protocol_input_results_close(server: Server, events: list, word: str, err: str) -> None:
+def test_bad_protocol_input_results_close(server: Server, events: LogCapture, word: str, err: str) -> None:
     proto, transport = server.connect()
     proto.dataReceived(word.encode() + b"\n")
     assert transport.disconnecting
     lost(proto)
     assert server.log()[-1] == f"close {err}"
-    errors = texts(events, LogLevel.error)
+    errors = events.texts(level=LogLevel.error)
     assert len(errors) == 1
     if word == "ERROR":
         assert errors[0].startswith("lua error in protocol_input (lua/entry.lua) client ")
@@ -346,7 +306,7 @@ def test_mesh_send_to_itself_from_on_message(server: Server) -> None:
 
 
 @pytest.mark.parametrize("data", [b"fail", b"empty", b"boom"])
-def test_encode_failure_fails_that_delivery_only(server: Server, events: list, data: bytes) -> None:
+def test_encode_failure_fails_that_delivery_only(server: Server, events: LogCapture, data: bytes) -> None:
     proto, transport = server.connect()
     connections = server.engine.connections
     assert connections.subscribe(proto.conn, ["room"]) is None
@@ -355,7 +315,7 @@ def test_encode_failure_fails_that_delivery_only(server: Server, events: list, d
     assert router.publish("room", data, False) == (0, 1)
     assert router.publish("room", b"fine", False) == (1, 0)
     assert transport.value() == b"<fine>text\n" and not transport.disconnecting
-    errors = texts(events, LogLevel.error)
+    errors = events.texts(level=LogLevel.error)
     if data == b"boom":
         assert len(errors) == 2 and "lua error in protocol_encode (lua/entry.lua)" in errors[0]
     else:
@@ -396,13 +356,13 @@ def test_on_connect_waiting_pauses_reading_beyond_max_message_size(tmp_path: Pat
     assert server.log()[2:] == ["msg 0123456789", "msg 0123456789"]
 
 
-def test_on_connect_error_closes_and_runs_on_close(tmp_path: Path, events: list) -> None:
+def test_on_connect_error_closes_and_runs_on_close(tmp_path: Path, events: LogCapture) -> None:
     server = make_server(tmp_path, options={"connect": "error"})
     proto, transport = server.connect()
     assert transport.disconnecting
     lost(proto)
     assert server.log() == ["connect", "close lua error"]
-    assert any("lua error in on_connect" in t for t in texts(events, LogLevel.error))
+    assert any("lua error in on_connect" in t for t in events.texts(level=LogLevel.error))
 
 
 def test_close_while_on_connect_waits(tmp_path: Path) -> None:
@@ -468,41 +428,19 @@ def test_shutdown_closes_with_server_stopping(server: Server) -> None:
     assert server.log()[-1] == "close server stopping"
 
 
-def test_connect_and_close_log_lines(server: Server, events: list) -> None:
+def test_connect_and_close_log_lines(server: Server, events: LogCapture) -> None:
     proto, _ = server.connect()
     lost(proto, ConnectionLost())
     client_id = proto.conn.client_id
-    debug = texts(events, LogLevel.debug)
+    debug = events.texts(level=LogLevel.debug)
     assert f"client {client_id} connected from 127.0.0.1:50000 on 12345" in debug  # the bound port
     assert f"client {client_id} closed: connection lost" in debug
     proto2, _ = server.connect()
     lost(proto2)
-    assert f"client {proto2.conn.client_id} closed: normal" in texts(events, LogLevel.debug)
+    assert f"client {proto2.conn.client_id} closed: normal" in events.texts(level=LogLevel.debug)
 
 
 # Shipped codecs -------------------------------------------------------------------------------
-
-CODEC_ENTRY = r"""
-local codec = require('protocols.{name}')
-function on_connect(client_id) end
-function protocol_input(buf) return codec.input(buf{input_args}) end
-function protocol_decode(packet) return codec.decode(packet) end
-function protocol_encode(data, type) return codec.encode(data, type) end
-function on_message(v)
-  if type(v) == 'table' then v = mix.json_encode(v) end
-  mix.queue.push('log', v)
-end
-function on_close(client_id, err)
-  if codec.forget then codec.forget(client_id) end
-  mix.queue.push('log', 'close ' .. tostring(err))
-end
-"""
-
-
-def codec_server(tmp_path: Path, name: str, input_args: str = "", **config: Any) -> Server:
-    source = CODEC_ENTRY.replace("{name}", name).replace("{input_args}", input_args)
-    return make_server(tmp_path, source, **config)
-
 
 def test_text_codec(tmp_path: Path) -> None:
     server = codec_server(tmp_path, "text", max_message_size=1 << 20)
@@ -541,14 +479,6 @@ def test_jsonrpc_codec_closes_on_bad_requests(tmp_path: Path, line: bytes) -> No
     assert transport.disconnecting and server.log() == []
 
 
-def module_function(server: Server, module: str, name: str) -> Any:
-    """Function ``name`` of a shipped codec module, as the entry's ``require`` loads it."""
-    script = server.engine.script
-    env = script._generation.env  # type: ignore[union-attr]
-    return script.runtime.execute(b"local env, m, f = ... return env.require(m)[f]", env,
-                                  module.encode(), name.encode())
-
-
 def test_jsonrpc_encode_table(tmp_path: Path) -> None:
     server = codec_server(tmp_path, "jsonrpc")
     encode_table = module_function(server, "protocols.jsonrpc", "encode_table")
@@ -561,49 +491,6 @@ def test_websocket_accept_key(tmp_path: Path) -> None:
     server = codec_server(tmp_path, "websocket", ", '/'")
     accept = module_function(server, "protocols.websocket", "accept_key")
     assert accept(b"dGhlIHNhbXBsZSBub25jZQ==") == b"s3pPLMBiTxaQ9kYGzzhZRbK+xOo="  # RFC 6455 1.3
-
-
-HANDSHAKE = (
-    b"GET /chat?x=1 HTTP/1.1\r\nHost: example\r\nUpgrade: WebSocket\r\nConnection: keep-alive, Upgrade\r\n"
-    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\nX-Twice: a\r\n"
-    b"X-Twice: b\r\n\r\n"
-)
-
-
-def client_frame(opcode: int, payload: bytes, fin: bool = True, mask: bytes = b"\x01\x02\x03\x04") -> bytes:
-    head = bytes([(0x80 if fin else 0) | opcode])
-    size = len(payload)
-    if size < 126:
-        head += bytes([0x80 | size])
-    elif size < 65536:
-        head += bytes([0x80 | 126]) + struct.pack("!H", size)
-    else:
-        head += bytes([0x80 | 127]) + struct.pack("!Q", size)
-    return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-
-
-def server_frames(data: bytes) -> list[tuple[int, bytes]]:
-    frames = []
-    while data:
-        first, second = data[0], data[1]
-        assert second & 0x80 == 0  # the server never masks
-        size, offset = second & 0x7F, 2
-        if size == 126:
-            size, offset = struct.unpack("!H", data[2:4])[0], 4
-        elif size == 127:
-            size, offset = struct.unpack("!Q", data[2:10])[0], 10
-        assert first & 0x80
-        frames.append((first & 0x0F, data[offset:offset + size]))
-        data = data[offset + size:]
-    return frames
-
-
-def open_websocket(tmp_path: Path, **config: Any) -> tuple[Server, SocketServerProtocol, StringTransport]:
-    server = codec_server(tmp_path, "websocket", ", '/chat'", **config)
-    proto, transport = server.connect()
-    for i in range(0, len(HANDSHAKE), 50):
-        proto.dataReceived(HANDSHAKE[i:i + 50])
-    return server, proto, transport
 
 
 def test_websocket_codec_handshake(tmp_path: Path) -> None:
@@ -709,22 +596,6 @@ def test_websocket_codec_state_survives_a_hot_reload(tmp_path: Path) -> None:
 
 def socket_config(entry: str, **overrides: Any) -> Any:
     return loopback_config(protocol="socket", entry=str(REPO / "lua" / entry), **overrides)
-
-
-async def api_call(api: Any, method: str, params: list, request_id: int = 1) -> dict:
-    await api.send(json.dumps({"method": method, "params": params, "id": request_id}))
-    return json.loads(await asyncio.wait_for(api.recv(), 5))
-
-
-async def next_event(api: Any) -> dict:
-    return json.loads(await asyncio.wait_for(api.recv(), 5))
-
-
-async def until(predicate: Any, timeout: float = 5.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not predicate():
-        assert asyncio.get_running_loop().time() < deadline, "condition not reached"
-        await asyncio.sleep(0.01)
 
 
 @in_asyncio

@@ -14,8 +14,7 @@ from typing import Iterator
 import pytest
 
 from conftest import REPO
-from procs import TWISTD, Process, free_ports, run, twistd, write_yaml
-from test_plugin import build_wheel
+from procs import TWISTD, Process, build_wheel, free_ports, run, twistd, write_yaml
 
 def write_config(path: Path, ports: dict[str, int], **engine_extra: object) -> Path:
     return write_yaml(path, {
@@ -191,7 +190,7 @@ def test_regular_install_runs_from_another_folder(
 ) -> None:
     """A non-editable install carries its default config and Lua scripts (SPEC 2.1)."""
     target = tmp_path / "site"
-    wheel = build_wheel(tmp_path / "wheel")
+    wheel = build_wheel(tmp_path / "wheel", REPO)
     subprocess.run(
         [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(wheel)],
         check=True, capture_output=True, timeout=300,

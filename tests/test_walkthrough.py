@@ -13,16 +13,13 @@ from typing import Any
 import websockets
 
 from conftest import in_asyncio, loopback_config, start_engine
+from netclients import next_event
 
 SEED_CONSUME = '{"method":"queue.consume","params":["foo"],"id":12345}'
 
 
 async def call(api: Any, method: str, params: list, request_id: Any = 1) -> dict:
     await api.send(json.dumps({"method": method, "params": params, "id": request_id}))
-    return json.loads(await asyncio.wait_for(api.recv(), 5))
-
-
-async def next_event(api: Any) -> dict:
     return json.loads(await asyncio.wait_for(api.recv(), 5))
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from test_socket_server import client_frame, lost, module_function, open_websocket, server_frames
+from socketservers import client_frame, lost, module_function, open_websocket, server_frames
 
 EURO = "\u20ac".encode()  # e2 82 ac
 GRIN = "\U0001f600".encode()  # f0 9f 98 80

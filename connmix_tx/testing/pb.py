@@ -1,9 +1,10 @@
-"""In-memory PB connections for link tests: a client endpoint joined to a real server factory.
+"""In-memory PB connections: a client endpoint joined to a real server factory, driven by a Clock.
 
 ``MemoryEndpoint.connect(factory)`` builds the client protocol with ``factory.buildProtocol`` (what
 ``ClientService`` hands it is a proxy: that is what we return), builds the server protocol from the
 real server factory, joins both with ``twisted.test.iosim`` transports and keeps the ``IOPump``.
-Nothing moves until a test pumps; time moves only when a test advances the ``Clock``.
+Nothing moves until a test pumps; time moves only when a test advances the ``Clock``.  The center
+link and the mesh links take such an endpoint in place of a TCP one.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.task import Clock
-from twisted.logger import globalLogPublisher
 from twisted.test import iosim
 
 SERVER_ADDR = IPv4Address("TCP", "127.0.0.1", 6788)
@@ -22,9 +22,10 @@ CLIENT_ADDR = IPv4Address("TCP", "127.0.0.1", 50123)
 
 
 class MemoryEndpoint:
-    """A client endpoint whose connections reach ``server_factory`` in memory.
+    """A client endpoint (``IStreamClientEndpoint``) whose connections reach ``server_factory`` in memory.
 
     ``refuse`` fails attempts at once (connection refused); ``hang`` leaves them pending forever.
+    ``attempts`` counts every ``connect``.
     """
 
     def __init__(self, server_factory: Any, clock: Clock) -> None:
@@ -73,25 +74,3 @@ def tick(clock: Clock, seconds: float, endpoints: Iterable[MemoryEndpoint] = (),
         clock.advance(step)
         for endpoint in endpoints:
             endpoint.flush()
-
-
-class LogCapture:
-    """Collects events sent to the global log publisher; ``texts`` formats them."""
-
-    def __init__(self) -> None:
-        self.events: list[dict] = []
-
-    def __call__(self, event: dict) -> None:
-        self.events.append(event)
-
-    def __enter__(self) -> "LogCapture":
-        globalLogPublisher.addObserver(self)
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        globalLogPublisher.removeObserver(self)
-
-    def texts(self, namespace: str | None = None) -> list[str]:
-        from twisted.logger import formatEvent
-
-        return [formatEvent(e) for e in self.events if namespace in (None, e.get("log_namespace"))]

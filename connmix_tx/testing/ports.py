@@ -1,4 +1,4 @@
-"""Helpers for tests, benchmarks and the conformance run, shipped with the package."""
+"""Free TCP ports of 127.0.0.1, for tests, benchmarks and the conformance run that start processes."""
 
 from __future__ import annotations
 
@@ -21,3 +21,8 @@ def free_ports(count: int) -> list[int]:
     finally:
         for s in sockets:
             s.close()
+
+
+def free_port() -> int:
+    """One TCP port of 127.0.0.1 that was free a moment ago (nothing listens there now)."""
+    return free_ports(1)[0]
