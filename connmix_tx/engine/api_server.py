@@ -126,6 +126,16 @@ class ApiWebSocketProtocol(WebSocketServerProtocol):
         elif buffered and self.write_timeout:
             self.factory.write_watch.written(self)
 
+    def onPing(self, payload: bytes) -> None:
+        """Autobahn's automatic pong counts against maxWriteBuffer / writeTimeout like a reply."""
+        if self.state == self.STATE_OPEN:
+            self.sendPong(payload)
+            buffered = buffered_bytes(self.transport)
+            if buffered > self.max_write_buffer:
+                self.close_slow(buffered)
+            elif buffered and self.write_timeout:
+                self.factory.write_watch.written(self)
+
     def close_slow(self, buffered: int) -> None:
         """Close with 4008; Autobahn's 1 s close-handshake timeout aborts a peer that never reads."""
         if self._slow:
@@ -348,11 +358,13 @@ def api_site(factory: ApiWebSocketFactory, metrics: Resource | None = None) -> S
     if metrics is not None:
         root.putChild(b"metrics", metrics)
     root.putChild(b"console", ConsolePage())
+    # Bodies above maxMessageSize are refused (413) before they are read or authenticated.
+    max_body = lambda: factory.config.max_message_size  # noqa: E731 - read per request
     if dispatcher.access is None:
-        site = QuietSite(root, timeout=config.read_timeout or None)
+        site = QuietSite(root, timeout=config.read_timeout or None, max_body=max_body)
     else:
         dispatcher.access.add_listener("api", config.bind, config.port)
         guarded = AccessGuard(root, dispatcher.access, query_paths=[b"/ws/v1"])
-        site = QuietSite(guarded, timeout=config.read_timeout or None)
+        site = QuietSite(guarded, timeout=config.read_timeout or None, max_body=max_body)
     factory.site = site
     return site
