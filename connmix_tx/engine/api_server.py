@@ -37,7 +37,7 @@ from connmix_tx.engine.api import (
     strict_loads,
 )
 from connmix_tx.engine.frames import write_message
-from connmix_tx.engine.outbound import WriteWatch, buffered_bytes
+from connmix_tx.engine.outbound import WriteWatch, buffered_bytes, pause_reading
 from connmix_tx.engine.queue import QueueManager
 from connmix_tx.engine.connections import peer_address
 from connmix_tx.engine.websocket import CLOSE_SLOW, WRITE_TIMEOUT, websocket_options
@@ -146,6 +146,8 @@ class ApiWebSocketProtocol(WebSocketServerProtocol):
             self.factory.metrics.slow_api.inc()
         if self.session is not None:
             self.factory.queues.unconsume(self.session)  # stop feeding it events at once
+        # Read nothing more (requests, pings) from a peer that takes nothing.
+        pause_reading(self.transport)
         self.sendCloseFrame(CLOSE_SLOW, b"slow consumer", isReply=False)
 
     def write_timed_out(self) -> None:

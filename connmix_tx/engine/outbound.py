@@ -43,6 +43,24 @@ def _socket_transport(transport: Any) -> tuple[Any, int]:
     return None, held
 
 
+def pause_reading(transport: Any) -> None:
+    """Stop reading from the socket below ``transport`` (TLS wrappers have no pauseProducing)."""
+    fd, _ = _socket_transport(transport)
+    target = fd if fd is not None else transport
+    pause = getattr(target, "pauseProducing", None)
+    if pause is not None:
+        pause()
+
+
+def resume_reading(transport: Any) -> None:
+    """Undo ``pause_reading``."""
+    fd, _ = _socket_transport(transport)
+    target = fd if fd is not None else transport
+    resume = getattr(target, "resumeProducing", None)
+    if resume is not None:
+        resume()
+
+
 def buffered_bytes(transport: Any) -> int:
     """Bytes written to ``transport`` and not yet accepted by the kernel (0 when unknown)."""
     fd, held = _socket_transport(transport)

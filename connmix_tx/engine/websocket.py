@@ -32,7 +32,7 @@ from connmix_tx.engine.connections import (
     ConnectionRegistry,
 )
 from connmix_tx.engine.frames import frame, write_frame, write_message
-from connmix_tx.engine.outbound import buffered_bytes
+from connmix_tx.engine.outbound import buffered_bytes, pause_reading, resume_reading
 from connmix_tx.engine.session import CallbackSession, ProtocolServerFactory, open_client
 from connmix_tx.ids import Snowflake
 from connmix_tx.lua.convert import py_to_lua
@@ -199,7 +199,7 @@ class ClientWebSocketProtocol(WebSocketServerProtocol):
             self.data += data
             if len(self.data) > self.limits.max_message_size and not self._paused:
                 self._paused = True
-                self.transport.pauseProducing()
+                pause_reading(self.transport)
             return False
         if len(self.data) + len(data) > MAX_HANDSHAKE:
             end = (self.data + data).find(_END_OF_HEADER, 0, MAX_HANDSHAKE + 4)
@@ -244,7 +244,7 @@ class ClientWebSocketProtocol(WebSocketServerProtocol):
             self.conn.ready = True
         if self._paused:
             self._paused = False
-            self.transport.resumeProducing()
+            resume_reading(self.transport)
 
     def onPing(self, payload: bytes) -> None:
         """Autobahn answers a ping itself; the pong counts against the outbound limits like
@@ -330,6 +330,9 @@ class ClientWebSocketProtocol(WebSocketServerProtocol):
             client_id = self.conn.client_id if self.conn is not None else "-"
             log.warn("close slow client {client_id} buffered={bytes}", client_id=client_id, bytes=buffered)
             self.meter.slow.inc()
+            # Read nothing more from a peer that takes nothing: its frames (pings, messages)
+            # would only make more work until the close-handshake timeout drops it.
+            pause_reading(self.transport)
         self._close(CLOSE_SLOW, SLOW_CONSUMER, SLOW_CONSUMER)
 
     def _close(self, code: int, reason: str, err: str | None = None) -> None:
