@@ -270,6 +270,77 @@ async def test_pipelined_upgrades_open_one_websocket(tmp_path: Path, together: b
         await running.stop()
 
 
+@in_asyncio
+async def test_a_peer_leaving_while_on_handshake_waits_gets_no_upgrade(tmp_path: Path) -> None:
+    import gc
+
+    logged: list[str] = []
+
+    def observe(event: dict) -> None:
+        logged.append(formatEvent(event) + str(event.get("log_failure", "")))
+
+    globalLogPublisher.addObserver(observe)
+    running = await start_engine(loopback_config(entry=entry(tmp_path, WAITING_HANDSHAKE)))
+    try:
+        engine = running.service.engine
+        factory = engine.client_factories[0]
+        port = engine.protocol_listeners[0].actual_port
+        sock = await connect(port)
+        # The request and a frame after it, then gone before on_handshake returns.
+        await asyncio.get_running_loop().sock_sendall(sock, upgrade_request(port) + b"junk")
+        await until(lambda: len(factory.open_protocols) == 1)
+        proto = next(iter(factory.open_protocols))
+        sock.close()
+        await until(lambda: not factory.open_protocols)
+        await asyncio.sleep(0.5)  # on_handshake's wait ends
+        gc.collect()
+        assert proto.state == proto.STATE_CLOSED
+        assert not engine.connections.by_id
+        # Before: a 101 to nobody, the kept bytes parsed, and AlreadyCalledError unhandled.
+        assert not [line for line in logged if "AlreadyCalledError" in line or "Unhandled" in line]
+    finally:
+        globalLogPublisher.removeObserver(observe)
+        await running.stop()
+
+
+LONG_HANDSHAKE = """
+function on_handshake(client_id, headers, server)
+  mix.websocket():wait_context_value("never", 3)
+end
+function on_message(msg) end
+function on_close(client_id, err) end
+"""
+
+
+@in_asyncio
+async def test_bytes_sent_while_on_handshake_waits_are_bounded(tmp_path: Path) -> None:
+    running = await start_engine(loopback_config(entry=entry(tmp_path, LONG_HANDSHAKE)))
+    try:
+        engine = running.service.engine
+        factory = engine.client_factories[0]
+        port = engine.protocol_listeners[0].actual_port
+        limit = factory.config.max_message_size
+        sock = await connect(port)
+        loop = asyncio.get_running_loop()
+        await loop.sock_sendall(sock, upgrade_request(port))
+        await until(lambda: len(factory.open_protocols) == 1)
+        proto = next(iter(factory.open_protocols))
+        junk = upgrade_request(port) * 2000
+        sent = 0
+        while sent < 8 * limit:
+            try:
+                await asyncio.wait_for(loop.sock_sendall(sock, junk), 1)
+            except asyncio.TimeoutError:
+                break
+            sent += len(junk)
+        # Reading paused: the engine holds at most maxMessageSize and one read more.
+        assert proto._paused
+        assert len(proto.data) <= limit + 65536
+        sock.close()
+    finally:
+        await running.stop()
+
+
 REFUSING = """
 function on_handshake(client_id, headers, server)
   local case = headers["x-case"]

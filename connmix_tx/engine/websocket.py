@@ -239,6 +239,11 @@ class ClientWebSocketProtocol(WebSocketServerProtocol):
             raise ConnectionDeny(*refusal(values))
         return None
 
+    def succeedHandshake(self, res: Any) -> None:
+        if self.state != self.STATE_CONNECTING:
+            return  # the peer left (or was dropped) while on_handshake ran: no 101 to nobody
+        super().succeedHandshake(res)
+
     def onOpen(self) -> None:
         if self.conn is not None:
             self.conn.ready = True
