@@ -518,3 +518,28 @@ def test_a_stuck_queue_still_times_out() -> None:
     for _ in range(6):
         clock.advance(0.5)
     assert conn.timed_out
+
+
+@pytest.mark.parametrize("together", [True, False])
+@in_asyncio
+async def test_pipelined_upgrades_on_the_api_server_open_one_websocket(together: bool) -> None:
+    running = await start_engine(loopback_config())
+    try:
+        factory = running.service.engine.api_factory
+        port = running.api_port
+        loop = asyncio.get_running_loop()
+        sock = await connect(port)
+        requests = [upgrade_request(port, "/ws/v1") for _ in range(3)]
+        if together:
+            await loop.sock_sendall(sock, b"".join(requests))
+        else:
+            for request in requests:
+                await loop.sock_sendall(sock, request)
+                await asyncio.sleep(0.05)
+        answer = await read_all(sock, timeout=2)
+        assert answer.count(b"HTTP/1.1 101") == 1, answer[:300]
+        assert len(factory.open_protocols) <= 1
+        sock.close()
+        await until(lambda: not factory.open_protocols)
+    finally:
+        await running.stop()
