@@ -290,16 +290,23 @@ async def test_pipelined_handshakes(node: Node) -> None:
     await survived(node, before)
 
 
+@pytest.mark.parametrize("where", ["echo", "api"])
 @in_asyncio
-async def test_reader_that_never_reads(node: Node) -> None:
+async def test_reader_that_never_reads(node: Node, where: str) -> None:
     await round_trip(node)
     before = node.rss()
-    port = node.ports["echo"]
+    port = node.ports[where]
     sock = await connect(port, rcvbuf=4096)
-    await send(sock, upgrade_request(port))
+    if where == "api":
+        await send(sock, upgrade_request(port, "/ws/v1", f"Authorization: {BASIC}\r\n"))
+        request = json.dumps({"method": "server.ping", "params": [], "id": "i" * 8000}).encode()
+        frame = masked_frame(request)
+    else:
+        await send(sock, upgrade_request(port))
+        frame = masked_frame(b"e" * 8000, 2)
     assert (await read_head(sock)).startswith(b"HTTP/1.1 101")
-    sent = await flood(sock, masked_frame(b"e" * 8000, 2), 80 << 20)
-    assert sent < 80 << 20, "the engine kept echoing to a peer that reads nothing"
+    sent = await flood(sock, frame, 80 << 20)
+    assert sent < 80 << 20, "the engine kept answering a peer that reads nothing"
     sock.close()
     await survived(node, before)
 
