@@ -370,7 +370,8 @@ async def test_refusal_status_and_reason_are_sanitised(tmp_path: Path, case: str
     try:
         port = running.service.engine.protocol_listeners[0].actual_port
         sock = await connect(port)
-        await asyncio.get_running_loop().sock_sendall(sock, upgrade_request(port, extra=f"X-Case: {case}\r\n"))
+        request = upgrade_request(port, extra=f"X-Case: {case}\r\n")
+        await asyncio.get_running_loop().sock_sendall(sock, request)
         head = await read_head(sock)
         lines = head.split(b"\r\n")
         assert lines[0] == status_line

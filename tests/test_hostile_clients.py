@@ -18,8 +18,7 @@ import base64
 import json
 import os
 import socket
-from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 import pytest
 import websockets
