@@ -172,6 +172,24 @@ async def test_pongs_count_against_write_timeout() -> None:
 
 
 @in_asyncio
+async def test_pongs_count_against_write_timeout_on_the_api_server() -> None:
+    running = await start_engine(with_api(loopback_config(), max_write_buffer=64 << 20, write_timeout=1))
+    try:
+        factory = running.service.engine.api_factory
+        port = running.api_port
+        sock = await connect(port, rcvbuf=4096)
+        await asyncio.get_running_loop().sock_sendall(sock, upgrade_request(port, "/ws/v1"))
+        assert (await read_head(sock)).startswith(b"HTTP/1.1 101")
+        await until(lambda: len(factory.open_protocols) == 1)
+        small_send_buffer(next(iter(factory.open_protocols)).transport)
+        await flood(sock, masked_frame(b"p" * 125, PING), 2 << 20, lambda: True)
+        await until(lambda: not factory.open_protocols, timeout=6)
+        sock.close()
+    finally:
+        await running.stop()
+
+
+@in_asyncio
 async def test_ping_flood_without_reading_closes_the_api_connection() -> None:
     running = await start_engine(with_api(loopback_config(), max_write_buffer=65536, write_timeout=0))
     try:
