@@ -37,7 +37,7 @@ from connmix_tx.engine.api import (
     strict_loads,
 )
 from connmix_tx.engine.frames import write_message
-from connmix_tx.engine.outbound import WriteWatch, buffered_bytes
+from connmix_tx.engine.outbound import WriteWatch, buffered_bytes, pause_reading
 from connmix_tx.engine.queue import QueueManager
 from connmix_tx.engine.connections import peer_address
 from connmix_tx.engine.websocket import CLOSE_SLOW, WRITE_TIMEOUT, websocket_options
@@ -126,6 +126,16 @@ class ApiWebSocketProtocol(WebSocketServerProtocol):
         elif buffered and self.write_timeout:
             self.factory.write_watch.written(self)
 
+    def onPing(self, payload: bytes) -> None:
+        """Autobahn's automatic pong counts against maxWriteBuffer / writeTimeout like a reply."""
+        if self.state == self.STATE_OPEN:
+            self.sendPong(payload)
+            buffered = buffered_bytes(self.transport)
+            if buffered > self.max_write_buffer:
+                self.close_slow(buffered)
+            elif buffered and self.write_timeout:
+                self.factory.write_watch.written(self)
+
     def close_slow(self, buffered: int) -> None:
         """Close with 4008; Autobahn's 1 s close-handshake timeout aborts a peer that never reads."""
         if self._slow:
@@ -136,6 +146,8 @@ class ApiWebSocketProtocol(WebSocketServerProtocol):
             self.factory.metrics.slow_api.inc()
         if self.session is not None:
             self.factory.queues.unconsume(self.session)  # stop feeding it events at once
+        # Read nothing more (requests, pings) from a peer that takes nothing.
+        pause_reading(self.transport)
         self.sendCloseFrame(CLOSE_SLOW, b"slow consumer", isReply=False)
 
     def write_timed_out(self) -> None:
@@ -348,11 +360,13 @@ def api_site(factory: ApiWebSocketFactory, metrics: Resource | None = None) -> S
     if metrics is not None:
         root.putChild(b"metrics", metrics)
     root.putChild(b"console", ConsolePage())
+    # Bodies above maxMessageSize are refused (413) before they are read or authenticated.
+    max_body = lambda: factory.config.max_message_size  # noqa: E731 - read per request
     if dispatcher.access is None:
-        site = QuietSite(root, timeout=config.read_timeout or None)
+        site = QuietSite(root, timeout=config.read_timeout or None, max_body=max_body)
     else:
         dispatcher.access.add_listener("api", config.bind, config.port)
         guarded = AccessGuard(root, dispatcher.access, query_paths=[b"/ws/v1"])
-        site = QuietSite(guarded, timeout=config.read_timeout or None)
+        site = QuietSite(guarded, timeout=config.read_timeout or None, max_body=max_body)
     factory.site = site
     return site

@@ -43,6 +43,24 @@ def _socket_transport(transport: Any) -> tuple[Any, int]:
     return None, held
 
 
+def pause_reading(transport: Any) -> None:
+    """Stop reading from the socket below ``transport`` (TLS wrappers have no pauseProducing)."""
+    fd, _ = _socket_transport(transport)
+    target = fd if fd is not None else transport
+    pause = getattr(target, "pauseProducing", None)
+    if pause is not None:
+        pause()
+
+
+def resume_reading(transport: Any) -> None:
+    """Undo ``pause_reading``."""
+    fd, _ = _socket_transport(transport)
+    target = fd if fd is not None else transport
+    resume = getattr(target, "resumeProducing", None)
+    if resume is not None:
+        resume()
+
+
 def buffered_bytes(transport: Any) -> int:
     """Bytes written to ``transport`` and not yet accepted by the kernel (0 when unknown)."""
     fd, held = _socket_transport(transport)
@@ -52,12 +70,39 @@ def buffered_bytes(transport: Any) -> int:
         return held
 
 
-def _progress_mark(transport: Any) -> tuple[int, int, int]:
-    """Changes whenever the kernel accepted bytes from the queue (or the queue was refilled)."""
+class _SentCounter:
+    """Wraps a socket transport's ``writeSomeData`` to count the bytes the kernel accepted.
+
+    Installed on a transport the first time ``WriteWatch`` looks at it (once per connection,
+    only for connections that ever had bytes queued): a monotonic count is the only exact
+    progress mark, since the queue can drain and refill between two looks.
+    """
+
+    __slots__ = ("inner", "sent")
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.sent = 0
+
+    def __call__(self, data: Any) -> Any:
+        result = self.inner(data)
+        if type(result) is int and result > 0:
+            self.sent += result
+        return result
+
+
+def _progress_mark(transport: Any) -> tuple[Any, ...]:
+    """Changes whenever the kernel accepted bytes from the queue since the last mark."""
     fd, held = _socket_transport(transport)
     if fd is None:
-        return (0, 0, held)
-    return (id(fd.dataBuffer), getattr(fd, "offset", 0), held)
+        return (0, held)
+    counter = fd.__dict__.get("writeSomeData") if hasattr(fd, "__dict__") else None
+    if not isinstance(counter, _SentCounter):
+        inner = getattr(fd, "writeSomeData", None)
+        if inner is None:
+            return (id(fd.dataBuffer), getattr(fd, "offset", 0), held)
+        counter = fd.writeSomeData = _SentCounter(inner)
+    return (counter.sent, held)
 
 
 class Watched(Protocol):

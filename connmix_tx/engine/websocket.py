@@ -32,7 +32,7 @@ from connmix_tx.engine.connections import (
     ConnectionRegistry,
 )
 from connmix_tx.engine.frames import frame, write_frame, write_message
-from connmix_tx.engine.outbound import buffered_bytes
+from connmix_tx.engine.outbound import buffered_bytes, pause_reading, resume_reading
 from connmix_tx.engine.session import CallbackSession, ProtocolServerFactory, open_client
 from connmix_tx.ids import Snowflake
 from connmix_tx.lua.convert import py_to_lua
@@ -46,6 +46,12 @@ CLOSE_SLOW = 4008
 WRITE_TIMEOUT = "write timeout"
 #: SPEC 4.2: the whole opening handshake, ``on_handshake`` included.
 HANDSHAKE_TIMEOUT = 10
+#: The largest opening handshake request (request line and headers) a protocol server reads;
+#: a bigger one is answered ``431`` and closed before more of it is buffered.
+MAX_HANDSHAKE = 16384
+_END_OF_HEADER = b"\r\n\r\n"
+#: A refusal reason from ``on_handshake`` is cut to this many characters.
+MAX_REASON = 120
 log = Logger(namespace="connmix.server")
 
 
@@ -105,6 +111,26 @@ def websocket_options(max_message_size: int, compression: bool) -> dict[str, Any
     )
 
 
+def refusal(values: tuple) -> tuple[int, str]:
+    """The HTTP status and reason of ``return false, status, reason`` from ``on_handshake``.
+
+    Both go into the HTTP status line, so they are sanitised: a status outside 400-599 (or not
+    an integer) becomes 403; the reason keeps only printable characters (no CR LF: no response
+    splitting), at most ``MAX_REASON`` of them, "Forbidden" when nothing is left.
+    """
+    status = values[1] if len(values) > 1 else None
+    if isinstance(status, float) and status.is_integer():
+        status = int(status)
+    if isinstance(status, bool) or not isinstance(status, int) or not 400 <= status <= 599:
+        status = 403
+    raw = values[2] if len(values) > 2 else None
+    reason = ""
+    if isinstance(raw, bytes):
+        text = raw[: MAX_REASON * 4].decode("utf-8", "replace")
+        reason = "".join(ch for ch in text if ch.isprintable()).strip()[:MAX_REASON]
+    return status, reason or "Forbidden"
+
+
 def _is_utf8(data: bytes) -> bool:
     try:
         data.decode("utf-8")
@@ -126,6 +152,9 @@ class ClientWebSocketProtocol(WebSocketServerProtocol):
     limits: ServerConfig
     write_timeout = 0
     max_write_buffer = 0
+    #: ``on_handshake`` was started: later bytes wait for the upgrade, never a second handshake.
+    _handshaking = False
+    _paused = False
 
     # Twisted / Autobahn events ---------------------------------------------------------------
 
@@ -149,7 +178,37 @@ class ClientWebSocketProtocol(WebSocketServerProtocol):
         # Any bytes count as activity (frames, pings, pongs).  Autobahn's own dataReceived only
         # adds a debug log call per chunk, so go straight to the framing code.
         self.last_received = self.factory.clock.seconds()
+        if self.state != self.STATE_OPEN and not self._before_open(data):
+            return
         self._dataReceived(data)
+
+    def _before_open(self, data: bytes) -> bool:
+        """Whether Autobahn may take ``data`` now (the connection is not open yet).
+
+        One WebSocket per TCP connection: once ``on_handshake`` runs, whatever else arrives is
+        kept for after the upgrade (as frames) and never parsed as another handshake; reading
+        pauses while more than ``maxMessageSize`` waits.  The request itself is capped at
+        ``MAX_HANDSHAKE`` bytes (431), so Autobahn never buffers and re-scans a huge header.
+        """
+        state = self.state
+        if state == self.STATE_CLOSED:
+            return False
+        if state != self.STATE_CONNECTING:
+            return True
+        if self._handshaking:
+            self.data += data
+            if len(self.data) > self.limits.max_message_size and not self._paused:
+                self._paused = True
+                pause_reading(self.transport)
+            return False
+        if len(self.data) + len(data) > MAX_HANDSHAKE:
+            end = (self.data + data).find(_END_OF_HEADER, 0, MAX_HANDSHAKE + 4)
+            if end < 0 or end + 4 > MAX_HANDSHAKE:
+                log.info("refuse handshake from {peer}: request header over {limit} bytes",
+                         peer=self.peer, limit=MAX_HANDSHAKE)
+                self.failHandshake("Request Header Fields Too Large", 431)
+                return False
+        return True
 
     def onConnect(self, request: Any) -> Deferred:
         factory = self.factory
@@ -158,6 +217,7 @@ class ClientWebSocketProtocol(WebSocketServerProtocol):
             raise ConnectionDeny(ConnectionDeny.NOT_FOUND, "Not Found")
         if not origin_allowed(request.headers.get("origin"), factory.origins):
             raise ConnectionDeny(ConnectionDeny.FORBIDDEN, "Origin Not Allowed")
+        self._handshaking = True
         self.conn, self.session = conn, _ = open_client(factory, self)
         runtime = factory.script.runtime
         server = {
@@ -176,14 +236,31 @@ class ClientWebSocketProtocol(WebSocketServerProtocol):
         if not ok:
             raise ConnectionDeny(ConnectionDeny.INTERNAL_SERVER_ERROR, "Internal Server Error")
         if values and values[0] is False:
-            status = values[1] if len(values) > 1 and isinstance(values[1], int) else 403
-            reason = values[2] if len(values) > 2 and isinstance(values[2], bytes) else b"Forbidden"
-            raise ConnectionDeny(status, reason.decode("utf-8", "replace"))
+            raise ConnectionDeny(*refusal(values))
         return None
+
+    def succeedHandshake(self, res: Any) -> None:
+        if self.state != self.STATE_CONNECTING:
+            return  # the peer left (or was dropped) while on_handshake ran: no 101 to nobody
+        super().succeedHandshake(res)
 
     def onOpen(self) -> None:
         if self.conn is not None:
             self.conn.ready = True
+        if self._paused:
+            self._paused = False
+            resume_reading(self.transport)
+
+    def onPing(self, payload: bytes) -> None:
+        """Autobahn answers a ping itself; the pong counts against the outbound limits like
+        any message (a client that pings and never reads is a slow consumer)."""
+        if self.state == self.STATE_OPEN:
+            self.sendPong(payload)
+            buffered = buffered_bytes(self.transport)
+            if buffered > self.max_write_buffer:
+                self._slow(buffered)
+            elif buffered and self.write_timeout:
+                self.factory.write_watch.written(self)
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         if self.session is not None:
@@ -213,7 +290,10 @@ class ClientWebSocketProtocol(WebSocketServerProtocol):
         if local == CLOSE_TOO_BIG:
             return "message too large"
         if local is not None and local != CLOSE_NORMAL:
-            return f"protocol error: {self.localCloseReason or local}"
+            reason = self.localCloseReason
+            if isinstance(reason, bytes):
+                reason = reason.decode("utf-8", "replace")
+            return f"protocol error: {reason or local}"
         if was_clean:
             return None
         return "connection lost"
@@ -255,6 +335,9 @@ class ClientWebSocketProtocol(WebSocketServerProtocol):
             client_id = self.conn.client_id if self.conn is not None else "-"
             log.warn("close slow client {client_id} buffered={bytes}", client_id=client_id, bytes=buffered)
             self.meter.slow.inc()
+            # Read nothing more from a peer that takes nothing: its frames (pings, messages)
+            # would only make more work until the close-handshake timeout drops it.
+            pause_reading(self.transport)
         self._close(CLOSE_SLOW, SLOW_CONSUMER, SLOW_CONSUMER)
 
     def _close(self, code: int, reason: str, err: str | None = None) -> None:
