@@ -35,6 +35,7 @@ from connmix_tx.engine.center_link import CenterLink
 from connmix_tx.engine.connections import ConnectionRegistry
 from connmix_tx.engine.mesh_link import MeshPeers
 from connmix_tx.engine.router import LocalOps
+from connmix_tx.engine.queue import QueueManager
 from connmix_tx.engine.socket_server import SocketServerFactory
 from connmix_tx.engine.websocket import ClientWebSocketFactory
 from connmix_tx.ids import Snowflake, new_node_id
@@ -44,7 +45,7 @@ from connmix_tx.lua.redis import RedisPools
 from connmix_tx.lua.runtime import Script, ScriptError
 from connmix_tx.metrics import (
     CenterMetrics, EngineMetrics, MeshPointOps, MeteredApiDispatcher, MeteredHotReloader,
-    MeteredMeshLink, MeteredMeshRealm, MeteredQueueManager, MeteredRouter, MetricsResource,
+    MeteredMeshLink, MeteredMeshRealm, MeteredRouter, MetricsResource,
 )
 from connmix_tx.tls import TLSError, check_server_files, client_endpoint, server_options
 
@@ -237,8 +238,9 @@ class EnginePart(service.MultiService):
         engine = config.engine
         self.metrics = EngineMetrics()
         self.connections = ConnectionRegistry()
-        self.queues = MeteredQueueManager(
-            self.metrics, reactor, engine.luavm.queue.topic_size, engine.luavm.queue.max_topics
+        self.queues = QueueManager(
+            reactor, engine.luavm.queue.topic_size, engine.luavm.queue.max_topics,
+            engine.luavm.queue.ack_timeout, meter=self.metrics,
         )
         self.local = LocalOps(self.connections)
         self.peers = MeshPeers(self._mesh_link, self.node_id)
