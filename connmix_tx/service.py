@@ -36,6 +36,7 @@ from connmix_tx.engine.connections import ConnectionRegistry
 from connmix_tx.engine.mesh_link import MeshPeers
 from connmix_tx.engine.router import LocalOps
 from connmix_tx.engine.queue import QueueManager
+from connmix_tx.engine.queue_redis import RedisQueueManager
 from connmix_tx.engine.socket_server import SocketServerFactory
 from connmix_tx.engine.websocket import ClientWebSocketFactory
 from connmix_tx.ids import Snowflake, new_node_id
@@ -217,6 +218,16 @@ class CenterPart(service.MultiService):
         return super().stopService()
 
 
+def _queues(luavm: Any, reactor: Any, node_id: str, meter: Any) -> QueueManager:
+    """The queue manager of the configured backend (docs/queues.md)."""
+    queue = luavm.queue
+    if queue.backend == "redis":
+        redis = next(r for r in luavm.redis if r.name == queue.redis)
+        return RedisQueueManager(reactor, redis, node_id, queue.topic_size, queue.prefix,
+                                 queue.ack_timeout, meter=meter)
+    return QueueManager(reactor, queue.topic_size, queue.max_topics, queue.ack_timeout, meter=meter)
+
+
 class EnginePart(service.MultiService):
     """Mesh point, engine API, registration and, once registered, the protocol servers."""
 
@@ -238,10 +249,7 @@ class EnginePart(service.MultiService):
         engine = config.engine
         self.metrics = EngineMetrics()
         self.connections = ConnectionRegistry()
-        self.queues = QueueManager(
-            reactor, engine.luavm.queue.topic_size, engine.luavm.queue.max_topics,
-            engine.luavm.queue.ack_timeout, meter=self.metrics,
-        )
+        self.queues = _queues(engine.luavm, reactor, self.node_id, self.metrics)
         self.local = LocalOps(self.connections)
         self.peers = MeshPeers(self._mesh_link, self.node_id)
         self.router = MeteredRouter(self.metrics, 0, self.local, self.peers)
@@ -351,6 +359,9 @@ class EnginePart(service.MultiService):
         self.center_link.startService()
         for reloader in self.reloaders:
             reloader.start()
+        start = getattr(self.queues, "start", None)
+        if start is not None:
+            start()  # the redis backend connects
 
     def _nodes(self, nodes: list) -> None:
         """A node list from the center: keep one mesh link per other live engine."""

@@ -119,6 +119,15 @@ class RedisProtocol(Protocol):
         self.transport.write(encode_command(args))
         return d
 
+    def pipeline(self, commands: Sequence[Sequence[bytes]]) -> list[Deferred]:
+        """Send several commands in one write; one Deferred per command, as ``execute``."""
+        if not self.open:
+            return [_failed(RedisError("redis: connection lost")) for _ in commands]
+        results = [Deferred() for _ in commands]
+        self.pending.extend(results)
+        self.transport.write(b"".join(encode_command(args) for args in commands))
+        return results
+
     @property
     def idle(self) -> bool:
         return self.open and not self.pending
@@ -353,6 +362,12 @@ class RedisPool:
             idle.conn.transport.loseConnection()
         for conn in list(self.busy):
             conn.abort()
+
+
+def _failed(error: Exception) -> Deferred:
+    d: Deferred = Deferred()
+    d.errback(error)
+    return d
 
 
 def _raise_reply_error(reply: Reply) -> Reply:
