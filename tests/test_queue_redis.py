@@ -18,10 +18,9 @@ import subprocess
 import time
 import uuid
 from pathlib import Path
-from typing import Any, AsyncIterator, Iterator
+from typing import Any, Iterator
 
 import pytest
-import pytest_twisted
 import websockets
 from twisted.internet.defer import Deferred
 from twisted.logger import globalLogPublisher
@@ -392,3 +391,94 @@ async def test_redis_restart_is_survived(tmp_path: Path, logs: Logs) -> None:
         if running is not None:
             await running.stop()
         server.stop()
+
+
+# A real engine process killed with SIGKILL ---------------------------------------------------------
+
+
+def redis_call(address: HostPort, *args: bytes) -> Any:
+    """One command on a fresh socket (test-side checks, independent of the engine's client)."""
+    import hiredis
+
+    reader = hiredis.Reader()
+    with socket.create_connection((address.host, address.port), timeout=5) as s:
+        s.sendall(b"*%d\r\n" % len(args) + b"".join(b"$%d\r\n%s\r\n" % (len(a), a) for a in args))
+        while True:
+            reader.feed(s.recv(65536))
+            reply = reader.gets()
+            if reply is not False:
+                return reply
+
+
+def engine_process(folder: Path, address: HostPort, prefix: str, ports: list[int]) -> Any:
+    from procs import Process, twistd, write_yaml
+
+    registry, center_api, mesh, api, client = ports
+    repo = Path(__file__).resolve().parent.parent
+    config = write_yaml(folder / "engine.yaml", {
+        "center": {"registry": {"bind": "127.0.0.1", "port": registry},
+                   "apiServer": {"bind": "127.0.0.1", "port": center_api}},
+        "engine": {
+            "centerRegistry": f"127.0.0.1:{registry}",
+            "meshPoint": {"bind": "127.0.0.1", "port": mesh},
+            "apiServer": {"bind": "127.0.0.1", "port": api},
+            "servers": [{"bind": "127.0.0.1", "port": client,
+                         "entry": str(repo / "lua" / "entry.websocket.lua")}],
+            "luavm": {"queue": {"backend": "redis", "prefix": prefix, "ackTimeout": 1},
+                      "redis": [{"name": "default", "addr": str(address)}]},
+        },
+    })
+    process = Process(twistd("--dev", "-f", str(config)), folder)
+    try:
+        process.wait_for_line(r"start the protocol server")
+        process.wait_for_line(r"queue backend redis .* up", new=False)
+    except BaseException:
+        process.kill()
+        raise
+    return process
+
+
+def consume_all(api_port: int, count: int, params: Any) -> list[dict]:
+    from websockets.sync.client import connect
+
+    with connect(f"ws://127.0.0.1:{api_port}/ws/v1") as api:
+        api.send(json.dumps({"method": "queue.consume", "params": params, "id": 1}))
+        assert json.loads(api.recv(timeout=10))["result"] == {"success": True}
+        return [json.loads(api.recv(timeout=15))["result"] for _ in range(count)]
+
+
+def test_sigkill_loses_no_waiting_and_no_unacked_message(tmp_path: Path, redis_address: HostPort) -> None:
+    from websockets.sync.client import connect
+
+    from procs import free_ports
+
+    prefix = new_prefix()
+    key = f"{prefix}foo".encode()
+    ports = free_ports(5)
+    process = engine_process(tmp_path, redis_address, prefix, ports)
+    try:
+        with connect(f"ws://127.0.0.1:{ports[4]}/") as client:
+            for i in range(50):
+                client.send(f"m{i}")
+            deadline = time.monotonic() + 15
+            while redis_call(redis_address, b"XLEN", key) < 50:
+                assert time.monotonic() < deadline, "the 50 pushes were not stored"
+                time.sleep(0.05)
+        process.kill()  # SIGKILL while the 50 messages wait
+
+        process = engine_process(tmp_path, redis_address, prefix, ports)
+        manual = [{"queues": ["foo"], "ack": "manual"}]
+        events = consume_all(ports[3], 50, manual)
+        assert [e["data"]["msg"]["data"] for e in events] == [f"m{i}" for i in range(50)]
+        assert all("redelivered" not in e for e in events)
+        process.kill()  # SIGKILL again, with the 50 delivered and none acknowledged
+
+        process = engine_process(tmp_path, redis_address, prefix, ports)
+        again = consume_all(ports[3], 50, ["foo"])  # claimed after ackTimeout (1 s), auto-ack
+        assert [e["data"]["msg"]["data"] for e in again] == [f"m{i}" for i in range(50)]
+        deadline = time.monotonic() + 10
+        while redis_call(redis_address, b"XLEN", key) != 0:  # auto-acked: gone from the stream
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    finally:
+        process.stop()
