@@ -482,3 +482,69 @@ def test_sigkill_loses_no_waiting_and_no_unacked_message(tmp_path: Path, redis_a
             time.sleep(0.05)
     finally:
         process.stop()
+
+
+# mix.queue.push as a script sees it ------------------------------------------------------------------
+
+PUSHER = r"""
+function on_handshake(client_id, headers, server) end
+function on_message(msg)
+  local ok, err = mix.queue.push("foo", msg.data)
+  mix.websocket():send(tostring(ok) .. " " .. tostring(err))
+end
+function on_close(client_id, err) end
+"""
+
+
+@in_asyncio
+async def test_lua_push_returns_true_full_and_unavailable(tmp_path: Path) -> None:
+    server = RedisServer(tmp_path)
+    server.start()
+    entry = tmp_path / "pusher.lua"
+    entry.write_text(PUSHER)
+    config = redis_engine_config(server.address, new_prefix(), topic_size=1)
+    config = dataclasses.replace(config, engine=dataclasses.replace(
+        config.engine, servers=(dataclasses.replace(config.engine.servers[0], entry=str(entry)),)))
+    running = None
+    try:
+        running = await started(config)
+        async with websockets.connect(running.client_url) as client:
+            await client.send("one")
+            assert await asyncio.wait_for(client.recv(), 5) == "true nil"
+            await client.send("two")
+            assert await asyncio.wait_for(client.recv(), 5) == "nil queue full"
+            server.stop()
+            await until(lambda: not running.service.engine.queues.up)
+            await client.send("three")
+            assert await asyncio.wait_for(client.recv(), 5) == "nil queue unavailable"
+    finally:
+        if running is not None:
+            await running.stop()
+        server.stop()
+
+
+@in_asyncio
+async def test_redis_that_does_not_answer_fails_pushes_within_2_s(tmp_path: Path) -> None:
+    import signal
+
+    from twisted.internet import reactor
+
+    server = RedisServer(tmp_path)
+    server.start()
+    queues = RedisQueueManager(reactor, redis_config(server.address), "x", prefix=new_prefix())
+    queues.start()
+    try:
+        await until(lambda: queues.up)
+        assert server.process is not None
+        os.kill(server.process.pid, signal.SIGSTOP)  # alive, connected, silent
+        with pytest.raises(QueueError, match="queue unavailable"):
+            await settled(queues.push("foo", "", b"1"))  # settled() waits at most 5 s
+        assert not queues.up
+        os.kill(server.process.pid, signal.SIGCONT)
+        await until(lambda: queues.up, timeout=15)
+        assert await settled(queues.push("foo", "", b"2")) is True
+    finally:
+        if server.process is not None and server.process.poll() is None:
+            os.kill(server.process.pid, signal.SIGCONT)
+        queues.stop()
+        server.stop()
