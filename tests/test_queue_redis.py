@@ -252,6 +252,7 @@ async def test_manual_ack_and_redelivery_after_disconnect(redis_address: HostPor
             assert [e["d"]["msg"]["data"] for e in again] == ["a", "c"]
             assert [e["r"] for e in again] == [1, 1]
             assert [e["i"] for e in again] == [events[0]["message_id"], events[2]["message_id"]]
+            assert 'connmix_engine_queue_unacked{topic="foo"} 2.0' in await metrics_text(running)
             await second.send(json.dumps({"m": "queue.ack", "p": {"t": "foo", "i": [e["i"] for e in again]}, "i": 2}))
             assert await recv_json(second) == {"E": None, "r": {"n": 2, "s": True}, "i": 2}
             queues = running.service.engine.queues
@@ -349,6 +350,9 @@ async def test_push_refusals_are_clear(redis_address: HostPort) -> None:
         assert await settled(queues.push("foo", "", b"1")) is True
         with pytest.raises(QueueError, match="queue full"):
             await settled(queues.push("foo", "", b"2"))
+        # maxTopics (100 by default) does not apply: Redis holds the topics.
+        queues.consume(Consumer(), [f"t{i}" for i in range(150)])
+        assert len(queues.topics) >= 150
     finally:
         queues.stop()
 

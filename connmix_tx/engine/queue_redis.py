@@ -42,7 +42,7 @@ from twisted.python.failure import Failure
 
 from connmix_tx.config import RedisConfig
 from connmix_tx.engine.queue import (
-    ACK_TIMEOUT, NULL_METER, Consumer, Message, QueueError, QueueManager, QueueMeter, Topic, valid_name,
+    ACK_TIMEOUT, DISPATCH_BATCH, NULL_METER, Consumer, Message, QueueError, QueueManager, QueueMeter, Topic, valid_name,
 )
 from connmix_tx.engine.redis_link import RedisLink
 from connmix_tx.lua.redis import RedisError, ReplyError
@@ -153,13 +153,20 @@ class RedisQueueManager(QueueManager):
         sent = self.link.command([b"EVALSHA", self._sha, b"1", self._key(topic),
                                   b"%d" % self.topic_size, client_id.encode(), data])
         sent.addCallbacks(self._pushed, self._push_failed, callbackArgs=(topic, d), errbackArgs=(topic, d))
+        entry = self.topics.get(topic)
+        if entry is not None and entry.consumers and not entry.waiting:
+            # A consumer here waits: read in the same pipeline, right behind the XADD (saves a
+            # round trip; Redis runs the pipeline in order, so the read sees the new entry).
+            room = min(self.topic_size - len(entry.unacked), DISPATCH_BATCH)
+            if room > 0:
+                self._refill(entry, room)
         return d
 
     def _pushed(self, reply: Any, topic: str, d: Deferred) -> None:
         if isinstance(reply, bytes):
             self.meter.pushed(topic, "ok")
             entry = self.topics.get(topic)
-            if entry is not None and entry.consumers:
+            if entry is not None and entry.consumers and topic in self._idle:
                 self._idle.discard(topic)
                 self._schedule(topic)  # read it now rather than at the next poll
             d.callback(True)
