@@ -552,3 +552,25 @@ async def test_redis_that_does_not_answer_fails_pushes_within_2_s(tmp_path: Path
             os.kill(server.process.pid, signal.SIGCONT)
         queues.stop()
         server.stop()
+
+
+def test_push_cannot_wait_in_a_framing_callback_on_the_redis_backend(tmp_path: Path) -> None:
+    from luahelpers import make_engine
+
+    from connmix_tx.lua.runtime import ScriptError
+
+    source = """
+        function on_connect() end
+        function on_close() end
+        function on_message() end
+        function protocol_input(buf) return 0 end
+        function protocol_decode(s) return mix.queue.push("foo", s) end
+        function protocol_encode(s) return s end
+    """
+    engine = make_engine(tmp_path, source, kind="socket", stubs=False, load=False)
+    queues = RedisQueueManager(engine.clock, redis_config(HostPort("127.0.0.1", 9)), "x")  # never started
+    engine.library.queues = queues
+    engine.script.load()
+    with pytest.raises(ScriptError, match="cannot wait in protocol_"):
+        engine.script.call_protocol("protocol_decode", b"1", b"x")
+    assert queues.link._outbox == []  # refused before anything was sent

@@ -53,7 +53,7 @@ class RedisLink:
         self.on_up = on_up
         self.on_down = on_down
         self.timeout = timeout
-        self.endpoint = endpoint or HostnameEndpoint(reactor, config.addr.host, config.addr.port, timeout=timeout)
+        self.endpoint = endpoint  # made on the first connection when not given
         self.addr = str(config.addr)
         self.up = False
         self.conn: RedisProtocol | None = None
@@ -92,6 +92,9 @@ class RedisLink:
         self._connecting = True
         factory = Factory.forProtocol(RedisProtocol)
         factory.noisy = False
+        if self.endpoint is None:
+            self.endpoint = HostnameEndpoint(self.reactor, self.config.addr.host, self.config.addr.port,
+                                             timeout=self.timeout)
         connecting = self.endpoint.connect(factory)
         connecting.addCallbacks(self._connected, self._failed_to_connect)
 
