@@ -359,9 +359,7 @@ class EnginePart(service.MultiService):
         self.center_link.startService()
         for reloader in self.reloaders:
             reloader.start()
-        start = getattr(self.queues, "start", None)
-        if start is not None:
-            start()  # the redis backend connects
+        self.queues.start()  # the redis backend connects
 
     def _nodes(self, nodes: list) -> None:
         """A node list from the center: keep one mesh link per other live engine."""

@@ -359,6 +359,9 @@ class QueueManager:
         for name in blocked:
             self._schedule(name)
 
+    def start(self) -> None:
+        """The engine starts (nothing to do in memory; the redis backend connects)."""
+
     def stop(self) -> None:
         """Cancel scheduled dispatches (the engine stops)."""
         for call in (self._call, self._retry, self._expiry):
