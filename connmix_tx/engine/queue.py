@@ -43,11 +43,12 @@ class Consumer(Protocol):
     def eligible(self) -> bool:
         """True while the consumer can take one more message (its buffer is small)."""
 
-    def deliver(self, topic: str, client_id: str, data: bytes) -> None:
+    def deliver(self, topic: str, client_id: str, data: bytes, message_id: str | None = None,
+                redelivered: int = 0) -> None:
         """Write one message (JSON text ``data`` pushed by ``client_id``) to the consumer.
 
-        Consumers of manual topics are also called with the keywords ``message_id`` (str) and
-        ``redelivered`` (int, 0 on the first delivery).
+        Auto-ack deliveries pass the first three arguments only; deliveries to a manual consumer
+        add ``message_id`` and ``redelivered`` (0 on the first delivery) as keywords.
         """
 
 
@@ -58,7 +59,7 @@ class QueueMeter(Protocol):
         """One push: ``result`` ok, full or error."""
 
     def acked(self, topic: str, count: int) -> None:
-        """``count`` messages of ``topic`` acknowledged (manually or automatically, redis)."""
+        """``count`` messages of ``topic`` acknowledged with ``queue.ack``."""
 
     def redelivered(self, topic: str, count: int) -> None:
         """``count`` unacknowledged messages of ``topic`` put back for another delivery."""
