@@ -143,6 +143,8 @@ class RedisLink:
 
     def _failed_to_connect(self, failure: Failure) -> None:
         self._connecting = False
+        if self._stopped:
+            return
         self._down(network_error(failure))
         self._retry()
 
