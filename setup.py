@@ -68,6 +68,7 @@ setup(
         "pyOpenSSL>=24.0",
         "service-identity>=24.1",
         "treq>=23.11",  # mix.http.request
+        "hiredis>=2.0",  # RESP parsing (mix.redis, the redis queue backend)
     ],
     extras_require={
         "test": [

@@ -281,6 +281,8 @@ class Bench:
                              "raw Autobahn handshakes", 0.7),
             "scale": Row("scale", "2 engine processes vs 1 (inbound)", "msg/s",
                          "1 engine, same run", 1.7),
+            "queue_redis": Row("queue_redis", "client → Lua → queue → API consumer, redis backend", "msg/s",
+                               "memory backend, same run", 0.5),
         }
         self.latency: dict[str, dict[str, list[float]]] = {}
         self.max_connections: dict[str, Any] = {}
@@ -322,7 +324,7 @@ class Bench:
         return self.start(name, [sys.executable, str(BENCH / "raw_server.py"), mode, str(port)]), port
 
     def engine(self, name: str, role: str, servers: list[tuple[int, str]], center: dict[str, int],
-               ports: dict[str, int], read_timeout: int = READ_TIMEOUT) -> Proc:
+               ports: dict[str, int], read_timeout: int = READ_TIMEOUT, luavm: dict | None = None) -> Proc:
         """A ``twistd connmix`` process (``role`` dev or engine) with its YAML in the work folder."""
         config: dict[str, Any] = {
             "logging": {"level": "warn"},
@@ -337,6 +339,8 @@ class Bench:
                 ],
             },
         }
+        if luavm:
+            config["engine"]["luavm"] = luavm
         if role == "dev":
             config["center"] = {"registry": {"bind": "127.0.0.1", "port": center["registry"]},
                                 "apiServer": {"bind": "127.0.0.1", "port": center["api"]}}
@@ -356,11 +360,12 @@ class Bench:
         proc = self.start(name, [*TWISTD, "-n", "--pidfile=", "connmix", "--role", "center", "-f", str(path)])
         return proc, {"registry": registry, "api": api}
 
-    def dev_engine(self, name: str, entry: str, read_timeout: int = READ_TIMEOUT) -> tuple[Proc, dict[str, int]]:
+    def dev_engine(self, name: str, entry: str, read_timeout: int = READ_TIMEOUT,
+                   luavm: dict | None = None) -> tuple[Proc, dict[str, int]]:
         registry, capi, mesh, api, client = free_ports(5)
         ports = {"mesh": mesh, "api": api, "client": client}
         proc = self.engine(name, "dev", [(client, entry)], {"registry": registry, "api": capi}, ports,
-                           read_timeout)
+                           read_timeout, luavm)
         return proc, ports
 
     # Measuring -------------------------------------------------------------------------------
@@ -538,6 +543,52 @@ class Bench:
         for r in range(s.rounds):
             self.pair(self.rows["publish"], (ours, [engine.pid]), (base, [fanout.pid]), r)
         self.profile_runs([("publish", ours, [engine.pid])])
+        self.stop(list(self.procs))
+
+    def phase_queue(self) -> None:
+        """Inbound on the redis queue backend against the memory backend, with engine (and Redis)
+        CPU per message."""
+        s = self.s
+        binary = shutil.which("redis-server")
+        if binary is None:
+            self.say("  queue: redis-server is not installed; row skipped")
+            return
+        (redis_port,) = free_ports(1)
+        redis = self.start("redis-server", [binary, "--port", str(redis_port), "--bind", "127.0.0.1",
+                                            "--save", "", "--appendonly", "no"])
+        wait_port(redis_port, redis)
+        luavm = {"queue": {"backend": "redis"}, "redis": [{"name": "default", "addr": f"127.0.0.1:{redis_port}"}]}
+        memory, pm = self.dev_engine("engine-memory", DEFAULT_ENTRY)
+        durable, pr = self.dev_engine("engine-redis", DEFAULT_ENTRY, luavm=luavm)
+        for proc, ports in ((memory, pm), (durable, pr)):
+            wait_port(ports["client"], proc)
+            wait_port(ports["api"], proc)
+        common = ["--n", str(s.clients), "--window", str(s.window)]
+        drivers = {}
+        for name, ports in (("memory", pm), ("redis", pr)):
+            drivers[name] = self.driver(f"loadgen-queue-{name}", "inbound", "--clients",
+                                        f"ws://127.0.0.1:{ports['client']}", "--api",
+                                        f"ws://127.0.0.1:{ports['api']}/ws/v1", *common)
+            drivers[name].ready()
+        row = self.rows["queue_redis"]
+        redis_cpu: list[float] = []
+        for r in range(s.rounds):
+            self.check_time()
+            ticks = cpu_ticks(redis.pid)
+            self.pair(row, (drivers["redis"], [durable.pid]), (drivers["memory"], [memory.pid]), r)
+            # Redis worked during the redis run only (the memory run does not touch it).
+            redis_cpu.append((cpu_ticks(redis.pid) - ticks) / CLK_TCK)
+            o, b = row.ours[-1], row.base[-1]
+            self.say(f"  queue     round {r + 1}: engine CPU per message: redis "
+                     f"{row.ours_cpu[-1] / o * 1e6:.1f} µs, memory {row.base_cpu[-1] / b * 1e6:.1f} µs")
+        self.profile_runs([("queue_redis", drivers["redis"], [durable.pid])])
+        if row.ours and row.base:
+            per = statistics.median(c / r * 1e6 for c, r in zip(row.ours_cpu, row.ours))
+            base = statistics.median(c / r * 1e6 for c, r in zip(row.base_cpu, row.base))
+            seconds = s.warmup + s.duration
+            redis_per = statistics.median(c / (r * seconds) * 1e6 for c, r in zip(redis_cpu, row.ours))
+            row.note = (f"engine CPU per message: redis backend {per:.1f} µs, memory backend {base:.1f} µs; "
+                        f"redis-server about {redis_per:.1f} µs per message")
         self.stop(list(self.procs))
 
     def idle_rss(self, name: str, server: Proc, url: str, count: int) -> dict:
@@ -735,6 +786,7 @@ PHASES: dict[str, Callable[[Bench], None]] = {
     "publish": Bench.phase_publish,
     "memory": Bench.phase_memory,
     "max": Bench.phase_max,
+    "queue": Bench.phase_queue,
 }
 
 

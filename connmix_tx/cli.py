@@ -51,6 +51,9 @@ def parser() -> argparse.ArgumentParser:
     consume.add_argument("topics", nargs="+", metavar="TOPIC")
     consume.add_argument("--count", type=int, default=0, metavar="N", help="exit after N messages (default: never)")
     consume.add_argument("--json", action="store_true", help="print each event as one JSON object")
+    consume.add_argument("--ack", choices=("auto", "manual"), default="auto",
+                         help="manual: acknowledge each message after it was printed (at least once; "
+                              "a redelivered message is printed again)")
 
     send = commands.add_parser("send", help="send DATA to one connection (mesh.send)")
     send.add_argument("client_id", metavar="CLIENT_ID")
@@ -114,9 +117,13 @@ def event_line(message: QueueMessage, as_json: bool) -> str:
     """One printed line for a queue message."""
     data = json.dumps(message.data, ensure_ascii=False, separators=(",", ":"), sort_keys=True)
     if as_json:
-        return json.dumps({"client_id": message.client_id, "node_id": message.node_id, "topic": message.topic,
-                           "data": message.data}, ensure_ascii=False, separators=(",", ":"), sort_keys=True)
-    return f"{message.client_id or '-'} {message.topic} {data}"
+        fields = {"client_id": message.client_id, "node_id": message.node_id, "topic": message.topic,
+                  "data": message.data}
+        if message.message_id is not None:
+            fields.update(message_id=message.message_id, redelivered=message.redelivered)
+        return json.dumps(fields, ensure_ascii=False, separators=(",", ":"), sort_keys=True)
+    again = f" (redelivered {message.redelivered})" if message.redelivered else ""
+    return f"{message.client_id or '-'} {message.topic} {data}{again}"
 
 
 async def run(reactor: Any, args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> None:
@@ -171,16 +178,21 @@ async def _consume(client: Client, args: argparse.Namespace, out: TextIO) -> Non
     done: Deferred = Deferred()
     seen = 0
 
-    def printed(message: QueueMessage) -> None:
+    def printed(message: QueueMessage) -> Any:
         nonlocal seen
-        if done.called:
-            return
+        if done.called or (args.count and seen >= args.count):
+            return None  # not acknowledged: another consumer gets it
         print(event_line(message, args.json), file=out, flush=True)
         seen += 1
+        acked = client.ack(message) if message.message_id is not None else None
         if args.count and seen >= args.count:
-            done.callback(None)
+            if acked is None:
+                done.callback(None)
+            else:  # exit once the last ack was answered, so it is not redelivered
+                acked.addBoth(lambda _: done.called or done.callback(None))
+        return acked
 
-    await client.consume(args.topics, printed)
+    await client.consume(args.topics, printed, ack=args.ack)
     await done
 
 

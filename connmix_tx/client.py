@@ -457,6 +457,10 @@ class QueueMessage:
     topic: str
     data: Any
     engine: str
+    #: With ``ack="manual"``: the id to pass to ``Client.ack`` (else None), and how many times
+    #: the message was delivered before (docs/queues.md: handlers must tolerate redeliveries).
+    message_id: str | None = None
+    redelivered: int = 0
 
 
 @implementer(IStreamClientEndpoint)
@@ -506,6 +510,13 @@ class EngineLink:
 class _Consumption:
     topics: tuple[str, ...]
     callback: Callable[[QueueMessage], Any]
+    ack: str = "auto"
+
+    def params(self) -> list[Any]:
+        """The ``queue.consume`` params: the seed form, or the object of a manual consumption."""
+        if self.ack == "manual":
+            return [{"queues": list(self.topics), "ack": "manual"}]
+        return list(self.topics)
 
 
 @dataclass
@@ -617,24 +628,50 @@ class Client(MultiService):
 
     # -- requests
 
-    def consume(self, topics: Iterable[str] | str, callback: Callable[[QueueMessage], Any]) -> Deferred:
+    def consume(self, topics: Iterable[str] | str, callback: Callable[[QueueMessage], Any],
+                ack: str = "auto") -> Deferred:
         """Consume ``topics`` on every engine, now and after every reconnect.
 
         ``callback(QueueMessage)`` runs for each event; it may return a Deferred (failures are
         logged).  Fires with the results of the engines connected now (none is fine: they
         consume as they connect); fails with the first ``ConnmixError`` of one of them.
+
+        ``ack="manual"``: each message carries a ``message_id`` and is delivered again (to this
+        or another consumer) unless ``ack(message)`` confirms it within the engine's
+        ``ackTimeout``; handlers must then tolerate a message seen twice (docs/queues.md).
         """
         names = (topics,) if isinstance(topics, str) else tuple(topics)
         if not names:
             return fail(ConnmixError(101, "invalid params: no topic"))
+        if ack not in ("auto", "manual"):
+            return fail(ConnmixError(101, 'invalid params: ack must be "auto" or "manual"'))
         taken = [t for t in names if t in self._handlers]
         if taken:
             return fail(ConnmixError(202, f"duplicate consumption: {', '.join(taken)}"))
-        consumption = _Consumption(names, callback)
+        consumption = _Consumption(names, callback, ack)
         self._consumptions.append(consumption)
         self._handlers.update({t: callback for t in names})
-        requests = [link.call("queue.consume", list(names)) for link in self._open_links()]
+        requests = [link.call("queue.consume", consumption.params()) for link in self._open_links()]
         return _all_or_first_error(requests)
+
+    def ack(self, *messages: QueueMessage) -> Deferred:
+        """Acknowledge messages of manual consumptions (``queue.ack`` on the engine each came
+        from, one request per engine and topic).  Fires with how many the engines counted
+        (ids already acknowledged or redelivered elsewhere are not counted)."""
+        groups: dict[tuple[str, str], list[str]] = {}
+        for message in messages:
+            if message.message_id is None:
+                return fail(ConnmixError(101, "invalid params: not a manually acknowledged message"))
+            groups.setdefault((message.engine, message.topic), []).append(message.message_id)
+        requests = []
+        for (address, topic), ids in groups.items():
+            link = self.links.get(address)
+            if link is None:
+                requests.append(fail(EngineUnavailable(f"engine {address} left the cluster")))
+                continue
+            requests.append(link.call("queue.ack", [{"queue": topic, "ids": ids}]))
+        return _all_or_first_error(requests).addCallback(
+            lambda results: sum(int(r.get("acked", 0)) for r in results))
 
     def unconsume(self) -> Deferred:
         """Stop consuming every topic on every engine (``queue.unconsume``)."""
@@ -731,9 +768,11 @@ class Client(MultiService):
             log.debug("engine {address}: ignored event {name}", address=link.address, name=event.name)
             return
         result = event.result
+        message_id = result.get("message_id")
         message = QueueMessage(
             str(result.get("client_id", "")), str(result.get("node_id", "")), str(result.get("queue", "")),
             result.get("data"), link.address,
+            None if message_id is None else str(message_id), int(result.get("redelivered", 0) or 0),
         )
         if link.number is None and message.client_id:
             try:
@@ -781,7 +820,7 @@ class Client(MultiService):
         link.connection, link.last_error = conn, None
         log.info("api connection to engine {address} up", address=link.address)
         for consumption in self._consumptions:
-            conn.call("queue.consume", list(consumption.topics)).addErrback(
+            conn.call("queue.consume", consumption.params()).addErrback(
                 lambda f, topics=consumption.topics: log.error(
                     "engine {address}: consume {topics} failed: {reason}",
                     address=link.address, topics=topics, reason=reason_text(f),

@@ -173,10 +173,14 @@ class HostPort:
 
 @dataclass(frozen=True, slots=True)
 class QueueConfig:
-    """``engine.luavm.queue``: queue capacities."""
+    """``engine.luavm.queue``: queue capacities, backend and acknowledgement timeout."""
 
     topic_size: int
     max_topics: int
+    backend: str = "memory"
+    redis: str = "default"
+    prefix: str = "connmix:queue:"
+    ack_timeout: float = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -614,6 +618,10 @@ _SCHEMA = _Map(Config, (
             _Field("queue", _Map(QueueConfig, (
                 _Field("topicSize", _Int(1), 2000),
                 _Field("maxTopics", _Int(1), 100),
+                _Field("backend", _Enum("memory", "redis"), "memory", _COLD),
+                _Field("redis", _Str(non_empty=True), "default", _COLD),
+                _Field("prefix", _Str(), "connmix:queue:", _COLD),
+                _Field("ackTimeout", _Float(0), 30),
             )), {}, _HOT),
             _Field("redis", _List(_REDIS, unique="name"), [{}]),
         )), {}),
@@ -633,7 +641,16 @@ def _walk(data: object, cwd: str | None) -> Config:
     """Validate ``data`` against the schema (the role-independent checks); build the ``Config``."""
     ctx = _Context(cwd)
     config = cast(Config, _SCHEMA.parse(data, "", ctx))
+    _check_queue(config)
     return dataclasses.replace(config, unused_keys=tuple(ctx.unused))
+
+
+def _check_queue(config: Config) -> None:
+    """The ``redis`` queue backend needs a ``luavm.redis`` entry of the name it gives."""
+    luavm = config.engine.luavm
+    if luavm.queue.backend == "redis" and luavm.queue.redis not in {r.name for r in luavm.redis}:
+        raise ConfigError("engine.luavm.queue.redis",
+                          f"no engine.luavm.redis entry is named {_show(luavm.queue.redis)}")
 
 
 def _check_file(path: str, filename: str) -> None:

@@ -9,7 +9,8 @@ topic, per method...) so a hot path pays one ``inc()``.  Gauges (clients, channe
 and consumers, API connections, mesh peers, the center's engine list) are read from the live
 objects at scrape time by a collector, so nothing is updated per event for them.
 
-The instrumented variants of engine classes (``MeteredRouter``, ``MeteredQueueManager``,
+The queues report through ``EngineMetrics`` itself (a ``QueueMeter``).  The instrumented
+variants of other engine classes (``MeteredRouter``,
 ``MeteredApiDispatcher``, ``MeteredMeshLink``, ``MeteredMeshRealm``, ``MeteredHotReloader``) keep
 the counting out of the plain classes; the service tree uses them, unit tests of the plain
 classes do not pay for them.
@@ -33,7 +34,7 @@ from connmix_tx import __version__
 from connmix_tx.engine.api import ApiDispatcher, ApiError, ApiSession, Dialect
 from connmix_tx.engine.mesh import MeshPeerAvatar, MeshRealm
 from connmix_tx.engine.mesh_link import MeshLink
-from connmix_tx.engine.queue import QueueError, QueueManager
+from connmix_tx.engine.queue import QueueManager
 from connmix_tx.engine.router import LocalOps, Router
 from connmix_tx.lua.reload import HotReloader
 from connmix_tx.web import METHOD_NOT_ALLOWED_BODY, json_response
@@ -153,6 +154,11 @@ class EngineMetrics:
             "connmix_engine_lua_errors", "Lua callback errors", ["entry", "callback"], registry=r)
         self.lua_reloads = Counter(
             "connmix_engine_lua_reloads", "Lua hot reloads", ["entry", "result"], registry=r)
+        self.queue_acks = Counter(
+            "connmix_engine_queue_acks", "Queue messages acknowledged", ["topic"], registry=r)
+        self.queue_redeliveries = Counter(
+            "connmix_engine_queue_redeliveries", "Unacknowledged queue messages put back for redelivery",
+            ["topic"], registry=r)
         _build_info(r)
         self.slow_client = self.slow_disconnects.labels("client")
         self.slow_api = self.slow_disconnects.labels("api")
@@ -175,6 +181,14 @@ class EngineMetrics:
     def pushed(self, topic: str, result: str) -> None:
         """One push: ``result`` ok, full or error."""
         self._child(self.queue_push, topic, result).inc()
+
+    def acked(self, topic: str, count: int) -> None:
+        """``count`` queue messages of ``topic`` acknowledged (a ``QueueMeter`` method)."""
+        self._child(self.queue_acks, topic).inc(count)
+
+    def redelivered(self, topic: str, count: int) -> None:
+        """``count`` queue messages of ``topic`` put back for redelivery (a ``QueueMeter`` method)."""
+        self._child(self.queue_redeliveries, topic).inc(count)
 
     def delivered(self, topic: str) -> Any:
         """The delivered-events child of ``topic`` (bound once per topic)."""
@@ -218,11 +232,19 @@ class EngineGauges:
                                 value=len(engine.connections.channels))
         length = GaugeMetricFamily("connmix_engine_queue_length", "Waiting messages", labels=["topic"])
         consumers = GaugeMetricFamily("connmix_engine_queue_consumers", "Consumers", labels=["topic"])
+        unacked = GaugeMetricFamily("connmix_engine_queue_unacked", "Delivered, unacknowledged messages",
+                                    labels=["topic"])
         for name, topic in list(engine.queues.topics.items()):
-            length.add_metric([name], len(topic.messages))
+            length.add_metric([name], topic.waiting)
             consumers.add_metric([name], len(topic.consumers))
+            unacked.add_metric([name], len(topic.unacked))
         yield length
         yield consumers
+        yield unacked
+        up = getattr(engine.queues, "up", None)
+        if up is not None:
+            yield GaugeMetricFamily("connmix_engine_queue_backend_up",
+                                    "1 while the queue backend (redis) answers, else 0", value=int(up))
         yield GaugeMetricFamily("connmix_engine_api_connections", "Open API WebSockets",
                                 value=len(engine.api_factory.open_protocols))
         yield GaugeMetricFamily("connmix_engine_mesh_peers", "Connected mesh links", value=engine.peers.up)
@@ -251,26 +273,10 @@ class MeteredRouter(Router):
         return result
 
 
-class MeteredQueueManager(QueueManager):
-    """``QueueManager`` counting pushes by topic and result.
-
-    A push refused before its topic exists (invalid name, too many topics) is counted under the
-    topic ``""``, so the label values stay bounded by ``maxTopics``.
-    """
-
-    def __init__(self, metrics: EngineMetrics, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.metrics = metrics
-
-    def push(self, topic: str, client_id: str, data: bytes) -> int:
-        try:
-            count = super().push(topic, client_id, data)
-        except QueueError as e:
-            label = topic if topic in self.topics else ""
-            self.metrics.pushed(label, "full" if str(e) == "queue full" else "error")
-            raise
-        self.metrics.pushed(topic, "ok")
-        return count
+def MeteredQueueManager(metrics: "EngineMetrics", *args: Any, **kwargs: Any) -> QueueManager:
+    """A memory ``QueueManager`` reporting to ``metrics`` (kept for older callers; new code
+    passes ``meter=metrics`` itself)."""
+    return QueueManager(*args, meter=metrics, **kwargs)
 
 
 class MeteredApiDispatcher(ApiDispatcher):

@@ -128,7 +128,7 @@ class Reloader:
     def _apply_engine(self, engine: Any, old: Config, config: Config) -> None:
         luavm = config.engine.luavm
         engine.config = config
-        engine.queues.configure(luavm.queue.topic_size, luavm.queue.max_topics)
+        engine.queues.configure(luavm.queue.topic_size, luavm.queue.max_topics, luavm.queue.ack_timeout)
         if luavm.max_instructions != old.engine.luavm.max_instructions:
             for script in engine.scripts:
                 script.set_instruction_limit(luavm.max_instructions)

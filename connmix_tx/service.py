@@ -35,6 +35,8 @@ from connmix_tx.engine.center_link import CenterLink
 from connmix_tx.engine.connections import ConnectionRegistry
 from connmix_tx.engine.mesh_link import MeshPeers
 from connmix_tx.engine.router import LocalOps
+from connmix_tx.engine.queue import QueueManager
+from connmix_tx.engine.queue_redis import RedisQueueManager
 from connmix_tx.engine.socket_server import SocketServerFactory
 from connmix_tx.engine.websocket import ClientWebSocketFactory
 from connmix_tx.ids import Snowflake, new_node_id
@@ -44,7 +46,7 @@ from connmix_tx.lua.redis import RedisPools
 from connmix_tx.lua.runtime import Script, ScriptError
 from connmix_tx.metrics import (
     CenterMetrics, EngineMetrics, MeshPointOps, MeteredApiDispatcher, MeteredHotReloader,
-    MeteredMeshLink, MeteredMeshRealm, MeteredQueueManager, MeteredRouter, MetricsResource,
+    MeteredMeshLink, MeteredMeshRealm, MeteredRouter, MetricsResource,
 )
 from connmix_tx.tls import TLSError, check_server_files, client_endpoint, server_options
 
@@ -216,6 +218,16 @@ class CenterPart(service.MultiService):
         return super().stopService()
 
 
+def _queues(luavm: Any, reactor: Any, node_id: str, meter: Any) -> QueueManager:
+    """The queue manager of the configured backend (docs/queues.md)."""
+    queue = luavm.queue
+    if queue.backend == "redis":
+        redis = next(r for r in luavm.redis if r.name == queue.redis)
+        return RedisQueueManager(reactor, redis, node_id, queue.topic_size, queue.prefix,
+                                 queue.ack_timeout, meter=meter)
+    return QueueManager(reactor, queue.topic_size, queue.max_topics, queue.ack_timeout, meter=meter)
+
+
 class EnginePart(service.MultiService):
     """Mesh point, engine API, registration and, once registered, the protocol servers."""
 
@@ -237,9 +249,7 @@ class EnginePart(service.MultiService):
         engine = config.engine
         self.metrics = EngineMetrics()
         self.connections = ConnectionRegistry()
-        self.queues = MeteredQueueManager(
-            self.metrics, reactor, engine.luavm.queue.topic_size, engine.luavm.queue.max_topics
-        )
+        self.queues = _queues(engine.luavm, reactor, self.node_id, self.metrics)
         self.local = LocalOps(self.connections)
         self.peers = MeshPeers(self._mesh_link, self.node_id)
         self.router = MeteredRouter(self.metrics, 0, self.local, self.peers)
@@ -349,6 +359,7 @@ class EnginePart(service.MultiService):
         self.center_link.startService()
         for reloader in self.reloaders:
             reloader.start()
+        self.queues.start()  # the redis backend connects
 
     def _nodes(self, nodes: list) -> None:
         """A node list from the center: keep one mesh link per other live engine."""

@@ -12,6 +12,7 @@ import os
 import sys
 from typing import Any
 
+import pytest
 import websockets
 
 from conftest import REPO, in_asyncio, loopback_config, start_engine, with_users
@@ -201,3 +202,25 @@ async def test_credentials() -> None:
         assert code == 0 and out.startswith("NUMBER")
     finally:
         await running.stop()
+
+
+@in_asyncio
+async def test_consume_ack_manual_acknowledges_what_it_printed(engine: Any) -> None:
+    async with websockets.connect(engine.client_url) as ws:
+        for text in ("one", "two", "three"):
+            await ws.send(text)
+        await asyncio.sleep(0.05)
+        code, out, err = await cli(*engine_args(engine), "consume", "foo", "--count", "2", "--ack", "manual",
+                                   "--json")
+        assert (code, err) == (0, "")
+        printed = [json.loads(line) for line in out.splitlines()]
+        assert [p["data"]["msg"]["data"] for p in printed] == ["one", "two"]
+        assert all(p["message_id"] and p["redelivered"] == 0 for p in printed)
+        # "three" reached the CLI unacknowledged (or not at all): the next consumer gets it, and
+        # only it -- the printed ones were acknowledged before the CLI exited.
+        async with websockets.connect(engine.api_url) as api:
+            await api_call(api, "queue.consume", ["foo"])
+            event = json.loads(await asyncio.wait_for(api.recv(), 5))
+            assert event["result"]["data"]["msg"]["data"] == "three"
+            with pytest.raises(asyncio.TimeoutError):
+                await asyncio.wait_for(api.recv(), 0.5)

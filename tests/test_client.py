@@ -515,3 +515,49 @@ async def test_the_chat_backend_example(engine: Any) -> None:
         if backend.returncode is None:
             backend.terminate()
         await asyncio.wait_for(backend.wait(), 10)
+
+
+# --------------------------------------------------------------------------- manual acknowledgement
+
+
+def test_manual_consume_and_ack_go_to_the_engine_of_each_message() -> None:
+    client, a, b = fake_client(**{"queue.ack": {"acked": 1, "success": True}})
+    seen: list[QueueMessage] = []
+    assert result_of(client.consume("jobs", seen.append, ack="manual")) == [{"success": True}] * 2
+    assert a.calls == b.calls == [("queue.consume", [{"queues": ["jobs"], "ack": "manual"}])]
+    for address, message_id in (("127.0.0.1:7001", "1-0"), ("127.0.0.1:7002", "2-0")):
+        client._event(client.links[address], Event("queue.consume", {
+            "client_id": "", "node_id": "n", "queue": "jobs", "data": 1, "message_id": message_id,
+            "redelivered": 2}))
+    assert [(m.message_id, m.redelivered, m.engine) for m in seen] == [
+        ("1-0", 2, "127.0.0.1:7001"), ("2-0", 2, "127.0.0.1:7002")]
+    assert result_of(client.ack(*seen)) == 2
+    assert a.calls[-1] == ("queue.ack", [{"queue": "jobs", "ids": ["1-0"]}])
+    assert b.calls[-1] == ("queue.ack", [{"queue": "jobs", "ids": ["2-0"]}])
+
+
+def test_ack_of_an_auto_message_and_bad_mode_are_refused() -> None:
+    client, _, _ = fake_client()
+    auto = QueueMessage("", "n", "foo", 1, "127.0.0.1:7001")
+    assert isinstance(failure_of(client.ack(auto)), ConnmixError)
+    error = failure_of(client.consume("foo", lambda m: None, ack="sometimes"))
+    assert isinstance(error, ConnmixError) and error.code == 101
+
+
+@in_asyncio
+async def test_manual_ack_against_a_real_engine(engine: Any) -> None:
+    client = fast_client(center_url=f"http://127.0.0.1:{engine.center_api_port}")
+    client.start()
+    try:
+        await wait_for(client.ready())
+        inbox = Inbox()
+        await wait_for(client.consume("foo", inbox, ack="manual"))
+        async with websockets.connect(engine.client_url) as ws:
+            await ws.send("job")
+            message = await inbox.next()
+            assert message.message_id and message.redelivered == 0
+            assert await wait_for(client.ack(message)) == 1
+            assert await wait_for(client.ack(message)) == 0  # already acknowledged
+            assert engine.service.engine.queues.unacked == 0
+    finally:
+        await wait_for(client.stop())

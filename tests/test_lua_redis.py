@@ -426,3 +426,14 @@ def test_garbage_or_an_unexpected_reply_drops_the_connection() -> None:
         protocol.connectionLost(Failure(ConnectionLost()))
         assert pending.called and not protocol.idle
         pending.addErrback(lambda f: None)
+
+
+def test_parser_large_reply_in_many_chunks() -> None:
+    # hiredis keeps its own buffer: a 4 MiB array of 4 KiB bulk strings fed in 1 KiB chunks.
+    items = [bytes([65 + i % 26]) * 4096 for i in range(1024)]
+    stream = b"*1024\r\n" + b"".join(b"$4096\r\n" + item + b"\r\n" for item in items) + b":7\r\n"
+    parser = RespParser()
+    replies = []
+    for i in range(0, len(stream), 1024):
+        replies.extend(parser.feed(stream[i:i + 1024]))
+    assert replies == [items, 7]

@@ -45,11 +45,15 @@ INTERNAL_ERROR = -32603
 #: A consumer whose outbound buffer holds this much is skipped by the queues (SPEC 6).
 CONSUMER_BUFFER_LIMIT = 256 * 1024
 
+#: Most message ids one ``queue.ack`` may carry.
+ACK_IDS_MAX = 10000
+
 #: The role each method needs (SPEC 10); keyed by long name.
 METHOD_ROLES = {
     "server.ping": READ,
     "queue.consume": WRITE,
     "queue.unconsume": WRITE,
+    "queue.ack": WRITE,
     "conn.call": WRITE,
     "mesh.send": WRITE,
     "mesh.publish": WRITE,
@@ -154,6 +158,11 @@ class Dialect:
         """A queue event; ``node_json`` is the JSON string of the node id, ``data`` JSON text."""
         raise NotImplementedError
 
+    def manual_event(self, node_json: bytes, topic: str, client_id: str, data: bytes,
+                     message_id: str, redelivered: int) -> bytes:
+        """A queue event of a manual consumption: with the message id (and redelivery count)."""
+        raise NotImplementedError
+
 
 class LongForm(Dialect):
     """``{"method", "params", "id"}`` (Gen A, as the seed)."""
@@ -186,6 +195,15 @@ class LongForm(Dialect):
             + b',"queue":' + _dumps(topic) + b'},"id":null}'
         )
 
+    def manual_event(self, node_json: bytes, topic: str, client_id: str, data: bytes,
+                     message_id: str, redelivered: int) -> bytes:
+        again = b',"redelivered":%d' % redelivered if redelivered else b""
+        return (
+            b'{"event":"queue.consume","result":{"client_id":"' + client_id.encode()
+            + b'","data":' + data + b',"message_id":' + _dumps(message_id) + b',"node_id":' + node_json
+            + b',"queue":' + _dumps(topic) + again + b'},"id":null}'
+        )
+
 
 class CompactForm(Dialect):
     """``{"m", "p", "i"}`` (Gen B); also the body and ``r`` of the HTTP API (SPEC 7.4)."""
@@ -214,11 +232,17 @@ class CompactForm(Dialect):
             return []
         if method == "queue.unconsume":  # takes nothing: {}, [] or [{}]
             return [] if spec == {} else [params]
-        if method == "queue.consume":  # {"t": [topics]}, [{"t": [topics]}] or [topics]
+        if method == "queue.consume":  # {"t": [topics], "a"?: mode}, [{"t": …}] or [topics]
             topics = spec.get("t") if spec is not None else params
             if not isinstance(topics, list):
                 raise ApiError(INVALID_PARAMS, "invalid params: expected t, an array of topic names")
+            if spec is not None and "a" in spec:
+                return [{"queues": topics, "ack": spec["a"]}]
             return topics
+        if method == "queue.ack":  # {"t": topic, "i": [ids]}
+            if spec is None:
+                raise ApiError(INVALID_PARAMS, "invalid params: expected one object")
+            return [{"queue": spec.get("t"), "ids": spec.get("i")}]
         if spec is None:
             raise ApiError(INVALID_PARAMS, "invalid params: expected one object")
         keys = self.KEYS[method]
@@ -229,6 +253,8 @@ class CompactForm(Dialect):
             return {"m": "server.pong"}
         if method == "mesh.publish":
             return {"f": result["fail"], "s": result["total"] - result["fail"], "t": result["total"]}
+        if method == "queue.ack":
+            return {"n": result["acked"], "s": result["success"]}
         return {"s": result["success"]}
 
     def reply(self, result: dict, request_id: Any) -> bytes:
@@ -242,6 +268,15 @@ class CompactForm(Dialect):
         return (
             b'{"e":"queue.pop","p":{"n":' + node_json + b',"c":"' + client_id.encode()
             + b'","t":' + _dumps(topic) + b',"d":' + data + b"}}"
+        )
+
+    def manual_event(self, node_json: bytes, topic: str, client_id: str, data: bytes,
+                     message_id: str, redelivered: int) -> bytes:
+        again = b',"r":%d' % redelivered if redelivered else b""
+        return (
+            b'{"e":"queue.pop","p":{"n":' + node_json + b',"c":"' + client_id.encode()
+            + b'","t":' + _dumps(topic) + b',"i":' + _dumps(message_id) + again
+            + b',"d":' + data + b"}}"
         )
 
     def envelope(self, result: dict) -> bytes:
@@ -305,9 +340,13 @@ class ApiSession:
     def eligible(self) -> bool:
         return self._buffered() < CONSUMER_BUFFER_LIMIT
 
-    def deliver(self, topic: str, client_id: str, data: bytes) -> None:
+    def deliver(self, topic: str, client_id: str, data: bytes, message_id: str | None = None,
+                redelivered: int = 0) -> None:
         dialect = self._event_dialects.get(topic, LONG)
-        self._write(dialect.event(self._node_json, topic, client_id, data))
+        if message_id is None:
+            self._write(dialect.event(self._node_json, topic, client_id, data))
+        else:
+            self._write(dialect.manual_event(self._node_json, topic, client_id, data, message_id, redelivered))
 
 
 class ApiDispatcher:
@@ -324,6 +363,7 @@ class ApiDispatcher:
             "server.ping": self.server_ping,
             "queue.consume": self.queue_consume,
             "queue.unconsume": self.queue_unconsume,
+            "queue.ack": self.queue_ack,
             "conn.call": self.conn_call,
             "mesh.send": self.mesh_send,
             "mesh.publish": self.mesh_publish,
@@ -406,17 +446,41 @@ class ApiDispatcher:
         return {"status": "server.pong"}
 
     def queue_consume(self, session: ApiSession, params: list, dialect: Dialect) -> dict:
+        manual = False
+        if len(params) == 1 and isinstance(params[0], dict):  # [{"queues": [...], "ack": mode}]
+            spec = params[0]
+            if set(spec) - {"queues", "ack"} or spec.get("ack", "auto") not in ("auto", "manual"):
+                raise ApiError(INVALID_PARAMS, 'invalid params: expected {"queues": [...], "ack": "auto"|"manual"}')
+            manual = spec.get("ack") == "manual"
+            params = spec.get("queues")
+            if not isinstance(params, list):
+                raise ApiError(INVALID_PARAMS, "invalid params: queues must be an array of topic names")
         if not params or not all(valid_name(t) for t in params):
             raise ApiError(INVALID_PARAMS, "invalid params: expected one or more topic names")
         mine = self.queues.consumes(session)
         if len(set(params)) != len(params) or any(t in mine for t in params):
             raise ApiError(DUPLICATE_CONSUMPTION, "duplicate consumption")
+        session.started(params, dialect)  # before any event: delivery starts next turn
         try:
-            self.queues.consume(session, params)
+            self.queues.consume(session, params, manual=manual)
         except QueueError as e:
             raise ApiError(CONSUME_FAILED, f"consume failed: {e}") from None
-        session.started(params, dialect)  # before any event: the queues dispatch at the next turn
         return {"success": True}
+
+    def queue_ack(self, session: ApiSession, params: list, dialect: Dialect) -> dict:
+        spec = _object_param(params)
+        topic, ids = spec.get("queue"), spec.get("ids")
+        if not valid_name(topic):
+            raise ApiError(INVALID_PARAMS, "invalid params: bad queue name")
+        if not isinstance(ids, list) or not ids or not all(isinstance(i, str) for i in ids):
+            raise ApiError(INVALID_PARAMS, "invalid params: ids must be a non-empty array of strings")
+        if len(ids) > ACK_IDS_MAX:
+            raise ApiError(INVALID_PARAMS, f"invalid params: at most {ACK_IDS_MAX} ids per ack")
+        try:
+            acked = self.queues.ack(session, topic, ids)
+        except QueueError:
+            raise ApiError(CONSUME_FAILED, f"ack failed: {topic} is not consumed by this connection") from None
+        return {"acked": acked, "success": True}
 
     def queue_unconsume(self, session: ApiSession, params: list, dialect: Dialect) -> dict:
         if params:

@@ -56,12 +56,13 @@ class MeteredSession(ApiSession):
         self._metrics = metrics
         self._delivered: dict[str, Any] = {}
 
-    def deliver(self, topic: str, client_id: str, data: bytes) -> None:
+    def deliver(self, topic: str, client_id: str, data: bytes, message_id: str | None = None,
+                redelivered: int = 0) -> None:
         child = self._delivered.get(topic)
         if child is None:
             child = self._delivered[topic] = self._metrics.delivered(topic)
         child.inc()
-        super().deliver(topic, client_id, data)
+        super().deliver(topic, client_id, data, message_id, redelivered)
 
 
 class ApiWebSocketProtocol(WebSocketServerProtocol):

@@ -337,10 +337,12 @@ local function new_mix()
   mix.socket = { tcp = mix.socket_tcp }
   mix.socket_tcp = nil
   function mix.server.option(name) return host.server_option(name) end
+  local queue_waits = host.queue_waits ~= nil and host.queue_waits()
   function mix.queue.push(topic, data)
     local text, err = json_encode(data)
     if text == nil then return nil, "json: " .. err end
-    return host.queue_push(current_cid, topic, text)
+    if queue_waits then must_wait() end
+    return settle(host.queue_push(current_cid, topic, text))
   end
   function mix.mesh.send(client_id, data, kind)
     return settle(host.mesh_send(current_cid, client_id, data, kind))

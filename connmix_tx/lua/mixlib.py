@@ -237,11 +237,20 @@ class MixLibrary:
         try:
             name = _text(topic)
         except TypeError:
-            return None, b"invalid topic"
+            return 0, None, b"invalid topic"
         try:
-            return self.queues.push(name, cid.decode() if cid else "", payload), None
+            result = self.queues.push(name, cid.decode() if cid else "", payload)
         except QueueError as e:
-            return None, str(e).encode()
+            return 0, None, str(e).encode()
+        if isinstance(result, Deferred):  # the redis backend: wait until Redis stored it
+            assert self.script is not None
+            result.addCallbacks(lambda ok: (True, None), _error_result, errbackArgs=(QueueError,))
+            return self.script.wait(result)
+        return 0, result, None
+
+    def queue_waits(self) -> bool:
+        """True when ``mix.queue.push`` waits for its backend (redis): it needs a coroutine."""
+        return self.queues.waits
 
     def mesh_send(self, cid: bytes | None, client_id: object, data: object, kind: object = None) -> tuple:
         binary = _binary(kind)

@@ -7,8 +7,8 @@ STYLE 6), has no idle timeout, and turns numeric bulk strings into numbers by de
 need is small: one command at a time per connection, a pool per configured name, a deadline per
 command.
 
-* ``RespParser`` is plain Python: bytes in, replies out (``bytes`` for status and bulk strings,
-  ``int``, ``None`` for nil, ``list`` for arrays, ``ReplyError`` for error replies).
+* ``RespParser`` (hiredis underneath): bytes in, replies out (``bytes`` for status and bulk
+  strings, ``int``, ``None`` for nil, ``list`` for arrays, ``ReplyError`` for error replies).
 * ``RedisProtocol`` sends commands and matches replies in order.
 * ``RedisPool`` opens connections on demand (at most ``poolSize``), authenticates and selects the
   database, hands each command an idle connection (or queues it until one is free), closes
@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import hiredis
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.interfaces import IDelayedCall, IStreamClientEndpoint
@@ -65,70 +66,25 @@ class ProtocolError(Exception):
     """The server sent something that is not RESP."""
 
 
-class _Incomplete(Exception):
-    pass
-
-
 class RespParser:
-    """Incremental RESP2 reply parser."""
+    """Incremental RESP2 reply parser: a thin wrapper over ``hiredis.Reader`` (a maintained C
+    parser that keeps its own buffer, so a large reply arriving in many chunks is parsed once)."""
+
+    __slots__ = ("_reader",)
 
     def __init__(self) -> None:
-        self._buffer = b""
+        self._reader = hiredis.Reader(protocolError=ProtocolError, replyError=ReplyError)
 
     def feed(self, data: bytes) -> list[Reply]:
-        """Add received bytes; return the replies they complete, in order."""
-        self._buffer += data
+        """Add received bytes; return the replies they complete, in order.  Raise ProtocolError."""
+        reader = self._reader
+        reader.feed(data)
         replies = []
-        while self._buffer:
-            try:
-                reply, end = self._parse(0)
-            except _Incomplete:
-                break
+        while True:
+            reply = reader.gets()
+            if reply is False:
+                return replies
             replies.append(reply)
-            self._buffer = self._buffer[end:]
-        return replies
-
-    def _line(self, pos: int) -> tuple[bytes, int]:
-        end = self._buffer.find(b"\r\n", pos)
-        if end < 0:
-            raise _Incomplete()
-        return self._buffer[pos:end], end + 2
-
-    def _parse(self, pos: int) -> tuple[Reply, int]:
-        kind = self._buffer[pos:pos + 1]
-        line, pos = self._line(pos + 1)
-        if kind == b"+":
-            return line, pos
-        if kind == b"-":
-            return ReplyError(line.decode("utf-8", "replace")), pos
-        if kind == b":":
-            return _integer(line), pos
-        if kind == b"$":
-            size = _integer(line)
-            if size < 0:
-                return None, pos
-            if len(self._buffer) < pos + size + 2:
-                raise _Incomplete()
-            if self._buffer[pos + size:pos + size + 2] != b"\r\n":
-                raise ProtocolError("bad bulk string terminator")
-            return self._buffer[pos:pos + size], pos + size + 2
-        if kind == b"*":
-            count = _integer(line)
-            if count < 0:
-                return None, pos
-            items = []
-            for _ in range(count):
-                item, pos = self._parse(pos)
-                items.append(item)
-            return items, pos
-        raise ProtocolError(f"unexpected reply type {kind!r}")
-
-
-def _integer(line: bytes) -> int:
-    try:
-        return int(line)
-    except ValueError:
-        raise ProtocolError(f"bad integer {line!r}") from None
 
 
 def encode_command(args: Sequence[bytes]) -> bytes:
@@ -162,6 +118,15 @@ class RedisProtocol(Protocol):
         self.pending.append(d)
         self.transport.write(encode_command(args))
         return d
+
+    def pipeline(self, commands: Sequence[Sequence[bytes]]) -> list[Deferred]:
+        """Send several commands in one write; one Deferred per command, as ``execute``."""
+        if not self.open:
+            return [_failed(RedisError("redis: connection lost")) for _ in commands]
+        results = [Deferred() for _ in commands]
+        self.pending.extend(results)
+        self.transport.write(b"".join(encode_command(args) for args in commands))
+        return results
 
     @property
     def idle(self) -> bool:
@@ -397,6 +362,12 @@ class RedisPool:
             idle.conn.transport.loseConnection()
         for conn in list(self.busy):
             conn.abort()
+
+
+def _failed(error: Exception) -> Deferred:
+    d: Deferred = Deferred()
+    d.errback(error)
+    return d
 
 
 def _raise_reply_error(reply: Reply) -> Reply:
