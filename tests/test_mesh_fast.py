@@ -301,3 +301,18 @@ def test_replies_of_pipelined_reads_are_written_in_request_order() -> None:
     assert written == [b"r:1", b"filled", b"r:3", b"r:4", b"filled", b"r:6"]
     proto._dispatch([b"7"])
     assert written[-1] == b"r:7"
+
+
+def test_a_failing_completion_does_not_keep_the_others_of_its_batch_waiting(cluster) -> None:
+    remote = cluster.peer.client()
+    got: list = []
+
+    def broken(results: list) -> None:
+        raise RuntimeError("bug in a completion")
+
+    cluster.link.submit([("send", remote.client_id, b"a", False)], broken)
+    cluster.link.submit([("send", remote.client_id, b"b", False), ("call", remote.client_id, "close", [])],
+                        got.append)
+    cluster.flush()
+    assert got == [[None, None]]
+    assert remote.transport.delivered == [b"a", b"b"] and cluster.link.pending == 0

@@ -68,7 +68,10 @@ class _Group:
         self.results[index] = result
         self.left -= 1
         if self.left == 0:
-            self.done(self.results)
+            try:
+                self.done(self.results)
+            except Exception:  # the other operations of the reply must still end
+                log.failure("mesh completion failed")
 
 
 class _Op:
