@@ -843,12 +843,15 @@ def main(argv: list[str] | None = None) -> int:
     kind.add_argument("--smoke", action="store_true", help="seconds, tiny numbers (the smoke test)")
     parser.add_argument("--rounds", type=int, help="A/B rounds per row")
     parser.add_argument("--only", default=",".join(PHASES), help=f"phases to run: {','.join(PHASES)}")
+    parser.add_argument("--clients", type=int, help="clients of the throughput rows (window stays the same)")
     parser.add_argument("--profile", action="store_true", help="py-spy on the engine during round 1")
     parser.add_argument("--out", default=str(REPO / "reports" / "bench"), help="folder for the reports")
     args = parser.parse_args(argv)
     settings = SMOKE if args.smoke else QUICK if args.quick else FULL
     if args.rounds:
         settings = dataclasses.replace(settings, rounds=args.rounds)
+    if args.clients:
+        settings = dataclasses.replace(settings, clients=args.clients)
     phases = [p.strip() for p in args.only.split(",") if p.strip()]
     unknown = [p for p in phases if p not in PHASES]
     if unknown:
