@@ -273,6 +273,21 @@ class Row:
         }
 
 
+def mesh_sent(api_port: int) -> tuple[float, float]:
+    """(operations, batches) an engine sent over the mesh so far, from its ``GET /metrics``."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{api_port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    ops = batches = 0.0
+    for line in text.splitlines():
+        if 'direction="out"' not in line:
+            continue
+        if line.startswith("connmix_engine_mesh_messages_total{"):
+            ops += float(line.rsplit(" ", 1)[1])
+        elif line.startswith("connmix_engine_mesh_batches_total{"):
+            batches += float(line.rsplit(" ", 1)[1])
+    return ops, batches
+
+
 def _us(answer: dict) -> str:
     """CPU per message of one measurement, for the progress lines."""
     value = answer.get("cpu_per_msg")
@@ -580,10 +595,18 @@ class Bench:
             drivers[name] = self.driver(f"loadgen-m{name}", *args)
             drivers[name].ready()
         both = [a.pid, b.pid]
+        sent = {"cross": [0.0, 0.0], "lua": [0.0, 0.0]}  # ops, batches engine A sent over the mesh
         for r in range(s.rounds):
             self.check_time()
-            self.pair(self.rows["cross"], (drivers["cross"], both), (drivers["local"], both), r)
-            self.pair(self.rows["lua"], (drivers["lua-cross"], both), (drivers["lua-local"], both), r)
+            for key, ours, base in (("cross", "cross", "local"), ("lua", "lua-cross", "lua-local")):
+                before = mesh_sent(pa["api"])
+                self.pair(self.rows[key], (drivers[ours], both), (drivers[base], both), r)
+                after = mesh_sent(pa["api"])
+                sent[key] = [total + a - b for total, a, b in zip(sent[key], after, before)]
+        for key, (ops, batches) in sent.items():
+            if batches:
+                self.rows[key].note = (f"engine A sent {ops:,.0f} mesh ops in {batches:,.0f} batches "
+                                       f"({ops / batches:.1f} per batch)")
         self.profile_runs([("mesh-cross", drivers["cross"], both), ("mesh-local", drivers["local"], both),
                            ("lua-cross", drivers["lua-cross"], both), ("lua-local", drivers["lua-local"], both)])
         self.stop(list(self.procs))
