@@ -293,6 +293,8 @@ class MeteredApiDispatcher(ApiDispatcher):
 
     The ``method`` label is the long name of a known method, ``unknown`` for any other name, and
     ``""`` for a request refused before its method was read (bad JSON, no method key...).
+    ``mesh.send`` / ``conn.call`` over the WebSocket take the dispatcher's fast path
+    (``handle_many``), which calls ``count`` itself.
     """
 
     def __init__(self, metrics: EngineMetrics, *args: Any, **kwargs: Any) -> None:

@@ -1,7 +1,10 @@
 """The engine API's request dispatch (SPEC 7.1-7.3, 7.6, 10): JSON in, JSON out, no transport.
 
 ``ApiDispatcher.handle`` takes the raw text of one WebSocket request and returns the raw reply
-(bytes), or a Deferred of it when the answer needs another engine.  ``ApiDispatcher.call`` runs
+(bytes), or a Deferred of it when the answer needs another engine.  ``handle_many`` answers the
+requests of one read together: ``mesh.send`` / ``conn.call`` for other engines leave as one
+submission per mesh link, with one completion for all of them (docs/performance.md, "The mesh
+fast path"); ``count`` is the hook that counts each request's outcome.  ``ApiDispatcher.call`` runs
 one method for any front end (the WebSocket and the HTTP API of SPEC 7.4).  ``ApiSession`` is
 the per-connection state (its user, the queues it consumes) and the consumer the queues feed.
 
