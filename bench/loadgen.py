@@ -7,6 +7,7 @@ time, then stops sending and lets what is in flight drain.  Scenarios:
 ``inbound``    clients send; the engine's Lua pushes to queue foo; API consumers count events.
 ``echo``       clients send to the raw echo server and count the echoes (baseline of inbound).
 ``push``       an API connection sends ``mesh.send`` round robin to the clients, which count.
+``relay``      clients send to clients through Lua ``mix.mesh.send`` (``bench/entry.relay.lua``).
 ``rawpush``    the same against ``raw_server.py push`` (``{"c": index, "d": text}`` on /ctl).
 ``publish``    an API connection sends ``mesh.publish`` to channel ``bench``; subscribers count.
 ``rawfanout``  the same against ``raw_server.py fanout`` (prepared frame to every client).
@@ -189,6 +190,7 @@ class Scenario:
         """One throughput measurement."""
         await self.start()
         self.errors = 0
+        first = self.arrivals
         self.running = True
         self.fill()
         await asyncio.sleep(self.args.warmup)
@@ -197,7 +199,9 @@ class Scenario:
         elapsed = time.perf_counter() - start
         rate = (self.arrivals - count) / elapsed
         lost = await self.drain()
-        return {"rate": rate, "errors": self.errors, "undrained": lost}
+        # ``total``: every arrival of the command (warm-up and drain included), the divisor of the
+        # servers' CPU time over the same command (CPU per message, bench/run.py).
+        return {"rate": rate, "errors": self.errors, "undrained": lost, "total": self.arrivals - first}
 
     async def latency(self, rate: float) -> dict:
         """Send stamped messages at ``rate``/s for warm-up + duration; percentiles of the latter."""
@@ -353,6 +357,54 @@ async def learn_ids(api_url: str, clients: list[WSTransport]) -> list[str]:
     return [ids[i] for i in range(len(clients))]
 
 
+class Relay(Scenario):
+    """Client to client through Lua: sender ``i`` sends ``"<id of receiver i> <text>"`` to its
+    engine, whose entry (``bench/entry.relay.lua``) calls ``mix.mesh.send``; receivers count.
+
+    Senders connect to ``--clients``, receivers to ``--targets``; the receivers' ids are learnt
+    through queue foo of ``--learn-api`` (the receivers' engine).  An error (``err:...`` sent back
+    to the sender) frees its place in the window.
+    """
+
+    def __init__(self, args: Any) -> None:
+        super().__init__(args)
+        self.senders: list[WSTransport] = []
+        self.ids: list[str] = []
+        self.requests: list[bytes] = []
+        self.next = 0
+
+    async def setup(self) -> dict:
+        receivers, _ = await connect_many(self.args.targets, self.args.n, lambda i, f: self.arrived(f))
+        self.senders, _ = await connect_many(self.args.clients, self.args.n, lambda i, f: self._reply(f))
+        if len(receivers) != self.args.n or len(self.senders) != self.args.n:
+            raise SystemExit(f"only {len(receivers)} receivers and {len(self.senders)} senders connected")
+        self.ids = await learn_ids(self.args.learn_api or self.args.api[0], receivers)
+        self.requests = [f"{cid} {'x' * 32}".encode() for cid in self.ids]
+        deadline = time.perf_counter() + 15
+        while time.perf_counter() < deadline:  # the mesh link may still be coming up
+            before = self.done
+            self.sent += self.send_one(False)
+            await asyncio.sleep(0.2)
+            if self.done > before and not self.errors:
+                self.sent = self.done
+                return {"clients": len(receivers)}
+            self.sent, self.errors = self.done, 0
+        raise SystemExit("relay never arrived")
+
+    def _reply(self, frame: WSFrame) -> None:
+        if frame.get_payload_as_bytes().startswith(b"err:"):
+            self.errors += 1
+            self.done += 1
+            self.fill()
+
+    def send_one(self, probe: bool) -> int:
+        i = self.next
+        self.next = (i + 1) % len(self.senders)
+        payload = f"{self.ids[i]} {stamp_text()}".encode() if probe else self.requests[i]
+        self.senders[i].send(WSMsgType.TEXT, payload)
+        return 1
+
+
 class Publish(Scenario):
     """An API connection publishes to channel ``bench``; every subscriber counts its deliveries."""
 
@@ -451,6 +503,7 @@ SCENARIOS: dict[str, Callable[[Any], Scenario]] = {
     "echo": lambda a: Inbound(a, echo=True),
     "push": lambda a: Push(a, raw=False),
     "rawpush": lambda a: Push(a, raw=True),
+    "relay": Relay,
     "publish": lambda a: Publish(a, raw=False),
     "rawfanout": lambda a: Publish(a, raw=True),
     "handshake": Handshake,
@@ -496,7 +549,8 @@ def parse_args(argv: list[str] | None = None) -> Any:
     parser.add_argument("scenario", choices=sorted(SCENARIOS))
     parser.add_argument("--clients", action="append", required=True, help="client URL (repeatable)")
     parser.add_argument("--api", action="append", default=[], help="API URL (repeatable for inbound)")
-    parser.add_argument("--learn-api", default="", help="push: the API whose queue tells the client ids")
+    parser.add_argument("--learn-api", default="", help="push, relay: the API whose queue tells the client ids")
+    parser.add_argument("--targets", action="append", default=[], help="relay: receivers' URL")
     parser.add_argument("--n", type=int, default=100, help="client connections")
     parser.add_argument("--window", type=int, default=1000, help="work in flight (publish: deliveries)")
     parser.add_argument("--pub-window", type=int, default=10, help="publish: publishes in flight")

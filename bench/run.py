@@ -44,6 +44,7 @@ REPO = Path(__file__).resolve().parent.parent
 BENCH = REPO / "bench"
 DEFAULT_ENTRY = str(REPO / "lua" / "entry.websocket.lua")
 PUBLISH_ENTRY = str(BENCH / "entry.publish.lua")
+RELAY_ENTRY = str(BENCH / "entry.relay.lua")
 TWISTD = [sys.executable, "-c", "import sys; sys.argv[0] = 'twistd'; from twisted.scripts.twistd import run; run()"]
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 #: readTimeout of the bench engines: clients that only receive (push, publish, idle) send nothing
@@ -207,17 +208,26 @@ class Row:
     base_cpu: list[float] = dataclasses.field(default_factory=list)
     ours_loadgen_cpu: list[float] = dataclasses.field(default_factory=list)
     base_loadgen_cpu: list[float] = dataclasses.field(default_factory=list)
+    #: Server CPU seconds per message (all server processes of the measurement; see ``measure``).
+    ours_cpm: list[float] = dataclasses.field(default_factory=list)
+    base_cpm: list[float] = dataclasses.field(default_factory=list)
+    #: When set: also a ceiling on the ratio of CPU per message (ours / baseline).
+    cpm_target: float | None = None
     note: str = ""
 
     def add(self, ours: dict | None, base: dict | None) -> None:
         """One round: the answers of the two measurements (either may be absent)."""
-        for answer, values, cpu, loadgen in ((ours, self.ours, self.ours_cpu, self.ours_loadgen_cpu),
-                                             (base, self.base, self.base_cpu, self.base_loadgen_cpu)):
+        for answer, values, cpu, loadgen, cpm in (
+            (ours, self.ours, self.ours_cpu, self.ours_loadgen_cpu, self.ours_cpm),
+            (base, self.base, self.base_cpu, self.base_loadgen_cpu, self.base_cpm),
+        ):
             if answer is not None:
                 values.append(answer["rate"])
                 if "cpu" in answer:
                     cpu.append(answer["cpu"])
                     loadgen.append(answer["loadgen_cpu"])
+                if answer.get("cpu_per_msg"):
+                    cpm.append(answer["cpu_per_msg"])
 
     def summary(self) -> dict:
         ours = statistics.median(self.ours) if self.ours else None
@@ -230,16 +240,25 @@ class Row:
             ours_eff = statistics.median(r / c for r, c in zip(self.ours, self.ours_cpu))
             base_eff = statistics.median(r / c for r, c in zip(self.base, self.base_cpu))
             per_cpu = ours_eff / base_eff if self.higher_is_better else None
+        # CPU per message, ours over the baseline, median of the rounds' own ratios (a round's two
+        # measurements are seconds apart, so they share the neighbours' load best).
+        cpm_ratio = None
+        if self.ours_cpm and len(self.ours_cpm) == len(self.base_cpm):
+            cpm_ratio = statistics.median(o / b for o, b in zip(self.ours_cpm, self.base_cpm))
         if ratio is None:
             verdict = "n/a"
         else:
             ok = ratio >= self.target if self.higher_is_better else ratio <= self.target
             if self.absolute_min is not None:
                 ok = ok and ours >= self.absolute_min
+            if self.cpm_target is not None:
+                ok = ok and cpm_ratio is not None and cpm_ratio <= self.cpm_target
             verdict = "PASS" if ok else "MISS"
         target = ("≥ " if self.higher_is_better else "≤ ") + f"{self.target:g}"
         if self.absolute_min is not None:
             target += f", ≥ {self.absolute_min:,.0f}"
+        if self.cpm_target is not None:
+            target += f"; CPU/msg ≤ {self.cpm_target:g}×"
         return {
             "key": self.key, "path": self.path, "unit": self.unit, "baseline": self.baseline_name,
             "ours": ours, "base": base, "ratio": ratio, "target": target, "verdict": verdict,
@@ -247,7 +266,32 @@ class Row:
             "ours_cpu": _median(self.ours_cpu), "base_cpu": _median(self.base_cpu),
             "ours_loadgen_cpu": _median(self.ours_loadgen_cpu), "base_loadgen_cpu": _median(self.base_loadgen_cpu),
             "ratio_per_server_cpu": per_cpu, "note": self.note,
+            "ours_cpu_per_msg_us": None if not self.ours_cpm else 1e6 * statistics.median(self.ours_cpm),
+            "base_cpu_per_msg_us": None if not self.base_cpm else 1e6 * statistics.median(self.base_cpm),
+            "cpu_per_msg_ratio": cpm_ratio,
+            "ours_cpm_samples": [1e6 * v for v in self.ours_cpm], "base_cpm_samples": [1e6 * v for v in self.base_cpm],
         }
+
+
+def mesh_sent(api_port: int) -> tuple[float, float]:
+    """(operations, batches) an engine sent over the mesh so far, from its ``GET /metrics``."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{api_port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    ops = batches = 0.0
+    for line in text.splitlines():
+        if 'direction="out"' not in line:
+            continue
+        if line.startswith("connmix_engine_mesh_messages_total{"):
+            ops += float(line.rsplit(" ", 1)[1])
+        elif line.startswith("connmix_engine_mesh_batches_total{"):
+            batches += float(line.rsplit(" ", 1)[1])
+    return ops, batches
+
+
+def _us(answer: dict) -> str:
+    """CPU per message of one measurement, for the progress lines."""
+    value = answer.get("cpu_per_msg")
+    return "- µs/msg" if value is None else f"{1e6 * value:.1f} µs/msg"
 
 
 def _median(values: list[float]) -> float | None:
@@ -273,8 +317,10 @@ class Bench:
             "send": Row("send", "API mesh.send → client", "msg/s", "raw Autobahn push", 0.6),
             "publish": Row("publish", f"mesh.publish to {settings.subscribers:,} subscribers", "deliveries/s",
                            "raw prepared-frame fan-out", 0.8),
-            "cross": Row("cross", "cross-engine mesh.send (2 engines + center)", "msg/s",
-                         "local mesh.send, same run", 0.7, absolute_min=100_000),
+            "cross": Row("cross", "cross-engine API mesh.send (2 engines + center)", "msg/s",
+                         "local mesh.send, same run", 0.9, cpm_target=1.5),
+            "lua": Row("lua", "cross-engine Lua mix.mesh.send client → client", "msg/s",
+                       "the same on one engine, same run", 0.9, cpm_target=1.5),
             "memory": Row("memory", f"idle connections, default entry ({settings.idle:,})", "bytes/conn",
                           "raw Autobahn idle", 1.3, higher_is_better=False),
             "handshake": Row("handshake", "WebSocket handshakes with Lua on_handshake", "handshakes/s",
@@ -380,7 +426,11 @@ class Bench:
         driver.send(command)
         answer = driver.answer(timeout=self.s.warmup + self.s.duration + 60)
         elapsed = time.monotonic() - start
-        answer["cpu"] = sum(cpu_ticks(p) - b for p, b in zip(pids, before)) / CLK_TCK / elapsed
+        cpu_seconds = sum(cpu_ticks(p) - b for p, b in zip(pids, before)) / CLK_TCK
+        answer["cpu"] = cpu_seconds / elapsed
+        if answer.get("total"):
+            # Every server process of the measurement, over every message of the command.
+            answer["cpu_per_msg"] = cpu_seconds / answer["total"]
         answer["loadgen_cpu"] = (cpu_ticks(driver.pid) - loadgen) / CLK_TCK / elapsed
         for proc in spy:
             try:
@@ -417,8 +467,8 @@ class Bench:
         o = self.measure(ours[0], command, ours[1])
         row.add(o, b)
         self.say(f"  {row.key:9} round {round_no + 1}: ours {o['rate']:,.0f} (cpu {o['cpu']:.2f}, "
-                 f"loadgen {o['loadgen_cpu']:.2f}, errors {o.get('errors', 0)}), "
-                 f"baseline {b['rate']:,.0f} (cpu {b['cpu']:.2f}, loadgen {b['loadgen_cpu']:.2f})")
+                 f"{_us(o)}, loadgen {o['loadgen_cpu']:.2f}, errors {o.get('errors', 0)}), "
+                 f"baseline {b['rate']:,.0f} (cpu {b['cpu']:.2f}, {_us(b)}, loadgen {b['loadgen_cpu']:.2f})")
 
     def profile_runs(self, runs: list[tuple[str, Driver, list[int]]]) -> None:
         """With ``--profile``: one more, uncounted run of each under py-spy."""
@@ -484,7 +534,7 @@ class Bench:
             self.pair(rows["send"], (drivers["local"], [b.pid]), (drivers["rawpush"], [push.pid]), r)
             o = self.measure(drivers["cross"], "run", [a.pid, b.pid])
             rows["cross"].add(o, self.last_ours(rows["send"]))
-            self.say(f"  cross     round {r + 1}: {o['rate']:,.0f} (cpu {o['cpu']:.2f}, "
+            self.say(f"  cross     round {r + 1}: {o['rate']:,.0f} (cpu {o['cpu']:.2f}, {_us(o)}, "
                      f"loadgen {o['loadgen_cpu']:.2f}, errors {o['errors']})")
             self.pair(rows["handshake"], (drivers["hs-ours"], [a.pid]), (drivers["hs-raw"], [echo.pid]), r)
         self.profile_runs([("inbound", drivers["in1"], [a.pid]), ("scale", drivers["in2"], [a.pid, b.pid]),
@@ -507,7 +557,64 @@ class Bench:
     @staticmethod
     def last_ours(row: Row) -> dict:
         """The latest "ours" measurement of ``row``, as an answer (the baseline of another row)."""
-        return {"rate": row.ours[-1], "cpu": row.ours_cpu[-1], "loadgen_cpu": row.ours_loadgen_cpu[-1]}
+        answer = {"rate": row.ours[-1], "cpu": row.ours_cpu[-1], "loadgen_cpu": row.ours_loadgen_cpu[-1]}
+        if row.ours_cpm and len(row.ours_cpm) == len(row.ours):
+            answer["cpu_per_msg"] = row.ours_cpm[-1]
+        return answer
+
+    def phase_mesh(self) -> None:
+        """Forwarded against local, API and Lua: CPU per message of every engine involved.
+
+        Center + engines A and B, each with a default server and a relay server
+        (``bench/entry.relay.lua``).  API: the connection on B (local) or on A (forwarded), the
+        clients on B.  Lua: receivers on B, senders on B (local) or on A (forwarded).  Local is
+        measured with both engines' CPU as well (A is idle then), so the two figures compare.
+        """
+        s = self.s
+        center, cports = self.center("center-mesh")
+        wait_port(cports["api"], center)
+        engines = {}
+        for name in ("engine-ma", "engine-mb"):
+            mesh, api, client, relay = free_ports(4)
+            ports = {"mesh": mesh, "api": api, "client": client, "relay": relay}
+            servers = [(client, DEFAULT_ENTRY), (relay, RELAY_ENTRY)]
+            engines[name] = (self.engine(name, "engine", servers, cports, ports), ports)
+        for proc, ports in engines.values():
+            wait_port(ports["relay"], proc)
+            wait_port(ports["api"], proc)
+        self.wait_nodes(cports["api"], 2)
+        (a, pa), (b, pb) = engines["engine-ma"], engines["engine-mb"]
+        url = "ws://127.0.0.1:{}".format
+        apia, apib = f"{url(pa['api'])}/ws/v1", f"{url(pb['api'])}/ws/v1"
+        common = ["--n", str(s.clients), "--window", str(s.window)]
+        specs = {
+            "local": ["push", "--clients", url(pb["client"]), "--api", apib, *common],
+            "cross": ["push", "--clients", url(pb["client"]), "--api", apia, "--learn-api", apib, *common],
+            "lua-local": ["relay", "--clients", url(pb["relay"]), "--targets", url(pb["relay"]),
+                          "--learn-api", apib, *common],
+            "lua-cross": ["relay", "--clients", url(pa["relay"]), "--targets", url(pb["relay"]),
+                          "--learn-api", apib, *common],
+        }
+        drivers: dict[str, Driver] = {}
+        for name, args in specs.items():  # one at a time: ids are learnt through queue foo
+            drivers[name] = self.driver(f"loadgen-m{name}", *args)
+            drivers[name].ready()
+        both = [a.pid, b.pid]
+        sent = {"cross": [0.0, 0.0], "lua": [0.0, 0.0]}  # ops, batches engine A sent over the mesh
+        for r in range(s.rounds):
+            self.check_time()
+            for key, ours, base in (("cross", "cross", "local"), ("lua", "lua-cross", "lua-local")):
+                before = mesh_sent(pa["api"])
+                self.pair(self.rows[key], (drivers[ours], both), (drivers[base], both), r)
+                after = mesh_sent(pa["api"])
+                sent[key] = [total + a - b for total, a, b in zip(sent[key], after, before)]
+        for key, (ops, batches) in sent.items():
+            if batches:
+                self.rows[key].note = (f"engine A sent {ops:,.0f} mesh ops in {batches:,.0f} batches "
+                                       f"({ops / batches:.1f} per batch)")
+        self.profile_runs([("mesh-cross", drivers["cross"], both), ("mesh-local", drivers["local"], both),
+                           ("lua-cross", drivers["lua-cross"], both), ("lua-local", drivers["lua-local"], both)])
+        self.stop(list(self.procs))
 
     def wait_nodes(self, api_port: int, count: int, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
@@ -688,6 +795,13 @@ def _fmt(value: float | None, unit: str = "") -> str:
     return f"{value:,.0f}"
 
 
+def _cpm(row: dict) -> str:
+    ours, base = row.get("ours_cpu_per_msg_us"), row.get("base_cpu_per_msg_us")
+    if ours is None and base is None:
+        return "-"
+    return f"{'-' if ours is None else f'{ours:.1f}'} / {'-' if base is None else f'{base:.1f}'}"
+
+
 def render(result: dict) -> str:
     """The Markdown table (also what is printed)."""
     s = result["settings"]
@@ -698,8 +812,9 @@ def render(result: dict) -> str:
         f"{result['load_average_end'][0]:.2f} at end; {result['seconds']:.0f} s"),
         "",
         ("| path | unit | ours | baseline (same run) | ratio | target | result "
-        "| server cores ours / base | loadgen cores ours / base | ratio per server CPU-s |"),
-        "|---|---|---:|---:|---:|---|---|---|---|---:|",
+        "| server cores ours / base | loadgen cores ours / base | ratio per server CPU-s "
+        "| server CPU µs/msg ours / base | CPU/msg ratio |"),
+        "|---|---|---:|---:|---:|---|---|---|---|---:|---|---:|",
     ]
     for row in result["rows"]:
         cpu = loadgen = "-"
@@ -709,7 +824,8 @@ def render(result: dict) -> str:
         lines.append(
             f"| {row['path']} | {row['unit']} | {_fmt(row['ours'])} | {_fmt(row['base'])} ({row['baseline']}) "
             f"| {_fmt(row['ratio'], 'ratio')} | {row['target']} | {row['verdict']} | {cpu} | {loadgen} "
-            f"| {_fmt(row['ratio_per_server_cpu'], 'ratio')} |"
+            f"| {_fmt(row['ratio_per_server_cpu'], 'ratio')} | {_cpm(row)} "
+            f"| {_fmt(row.get('cpu_per_msg_ratio'), 'ratio')} |"
         )
     if result["latency"]:
         lines += ["", f"Latency at a fixed {s['latency_rate']:g} msg/s (median of rounds):", "",
@@ -783,6 +899,7 @@ def git_state() -> str:
 
 PHASES: dict[str, Callable[[Bench], None]] = {
     "cluster": Bench.phase_cluster,
+    "mesh": Bench.phase_mesh,
     "publish": Bench.phase_publish,
     "memory": Bench.phase_memory,
     "max": Bench.phase_max,
@@ -801,12 +918,15 @@ def main(argv: list[str] | None = None) -> int:
     kind.add_argument("--smoke", action="store_true", help="seconds, tiny numbers (the smoke test)")
     parser.add_argument("--rounds", type=int, help="A/B rounds per row")
     parser.add_argument("--only", default=",".join(PHASES), help=f"phases to run: {','.join(PHASES)}")
+    parser.add_argument("--clients", type=int, help="clients of the throughput rows (window stays the same)")
     parser.add_argument("--profile", action="store_true", help="py-spy on the engine during round 1")
     parser.add_argument("--out", default=str(REPO / "reports" / "bench"), help="folder for the reports")
     args = parser.parse_args(argv)
     settings = SMOKE if args.smoke else QUICK if args.quick else FULL
     if args.rounds:
         settings = dataclasses.replace(settings, rounds=args.rounds)
+    if args.clients:
+        settings = dataclasses.replace(settings, clients=args.clients)
     phases = [p.strip() for p in args.only.split(",") if p.strip()]
     unknown = [p for p in phases if p not in PHASES]
     if unknown:

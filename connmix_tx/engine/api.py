@@ -1,7 +1,10 @@
 """The engine API's request dispatch (SPEC 7.1-7.3, 7.6, 10): JSON in, JSON out, no transport.
 
 ``ApiDispatcher.handle`` takes the raw text of one WebSocket request and returns the raw reply
-(bytes), or a Deferred of it when the answer needs another engine.  ``ApiDispatcher.call`` runs
+(bytes), or a Deferred of it when the answer needs another engine.  ``handle_many`` answers the
+requests of one read together: ``mesh.send`` / ``conn.call`` for other engines leave as one
+submission per mesh link, with one completion for all of them (docs/performance.md, "The mesh
+fast path"); ``count`` is the hook that counts each request's outcome.  ``ApiDispatcher.call`` runs
 one method for any front end (the WebSocket and the HTTP API of SPEC 7.4).  ``ApiSession`` is
 the per-connection state (its user, the queues it consumes) and the consumer the queues feed.
 
@@ -19,6 +22,7 @@ import base64
 import binascii
 import json
 import math
+from functools import partial
 from typing import Any, Callable
 
 from twisted.internet.defer import Deferred
@@ -58,6 +62,13 @@ METHOD_ROLES = {
     "mesh.send": WRITE,
     "mesh.publish": WRITE,
 }
+
+#: Methods ``ApiDispatcher.handle_many`` answers on its own fast path.
+FAST_METHODS = ("mesh.send", "conn.call")
+#: The long results of a successful ``mesh.send`` / ``conn.call``.
+SENT = {"fail": 0, "success": True, "total": 1}
+CALLED = {"success": True}
+_FORWARDED = object()
 
 
 class ApiError(Exception):
@@ -369,6 +380,119 @@ class ApiDispatcher:
             "mesh.publish": self.mesh_publish,
         }
 
+    def count(self, name: str, code: int, dialect: Dialect | None = None) -> None:
+        """One request called ``name`` ended with ``code`` (0 = ok); a hook for metrics."""
+
+    # The requests of one read ----------------------------------------------------------------
+
+    def handle_many(self, session: ApiSession, raws: list[bytes]) -> tuple[list, Deferred | None]:
+        """Answer the requests of one read of an API connection, in order; never raises.
+
+        Returns the replies in request order and, when some must wait, a Deferred that fires
+        once every ``None`` of that list was replaced by its reply.  ``mesh.send`` and
+        ``conn.call`` are parsed once and answered here: local ones at once, forwarded ones
+        queued on their engine's link as one submission per link (one completion for all of
+        them, no Deferred per request).  Other methods go through ``handle``; the forwarded
+        operations queued before such a request are handed to their links first, so a publish
+        never overtakes a send of the same read.
+        """
+        replies: list = []
+        forwards: dict[Any, _Forwards] = {}
+        completion = _Completion(replies)
+        for raw in raws:
+            reply = self._fast(session, raw, len(replies), forwards)
+            if reply is _FORWARDED:
+                replies.append(None)
+                continue
+            if reply is None:
+                if forwards:
+                    self._forward(forwards, replies, completion)
+                reply = self.handle(session, raw)
+                if isinstance(reply, Deferred):
+                    replies.append(None)
+                    completion.expect()
+                    reply.addCallback(_fill, replies, len(replies) - 1, completion.finished)
+                    continue
+            replies.append(reply)
+        if forwards:
+            self._forward(forwards, replies, completion)
+        return replies, completion.seal()
+
+    def _forward(self, forwards: dict[Any, _Forwards], replies: list, completion: _Completion) -> None:
+        """Hand the queued operations to their links, one submission per link."""
+        queued = list(forwards.items())
+        forwards.clear()
+        for link, pending in queued:
+            completion.expect()
+            self.router.forward(link, pending.ops, partial(self._forwarded, pending, replies, completion.finished))
+
+    def _fast(self, session: ApiSession, raw: bytes, index: int, forwards: dict[Any, _Forwards]) -> Any:
+        """Answer one ``mesh.send`` / ``conn.call``: the reply, ``_FORWARDED`` (added to
+        ``forwards``), or None when ``raw`` is anything else (``handle`` answers it)."""
+        try:
+            request = strict_loads(raw)
+        except (ValueError, RecursionError):
+            return None
+        if type(request) is not dict:
+            return None
+        if "method" in request:
+            if "m" in request:
+                return None
+            dialect: Dialect = LONG
+        elif "m" in request:
+            dialect = COMPACT
+        else:
+            return None
+        name = request.get(dialect.name_key)
+        method = dialect.method(name) if isinstance(name, str) else None
+        if method not in FAST_METHODS:
+            return None
+        request_id = request.get(dialect.id_key)
+        if not _scalar(request_id):
+            return None
+        try:
+            self._authorize(session, method)
+            params = dialect.params(method, request.get(dialect.params_key, dialect.no_params))
+            if method == "mesh.send":
+                client_id, data, binary = _send_args(params)
+                op: tuple = ("send", client_id, data, binary)
+            else:
+                client_id, func, args = _call_args(params)
+                op = ("call", client_id, func, args)
+            target = self.router.route(client_id)
+            if target is None:  # here: the router runs it (and times it) at once
+                error = self.router.send(client_id, data, binary) if method == "mesh.send" \
+                    else self.router.call(client_id, func, args)
+            elif isinstance(target, str):
+                error = target
+            else:
+                pending = forwards.get(target)
+                if pending is None:
+                    pending = forwards[target] = _Forwards()
+                pending.ops.append(op)
+                pending.requests.append((index, dialect, request_id, name, method))
+                return _FORWARDED
+            reply, code = _answer(method, error, dialect, request_id)
+        except ApiError as e:
+            reply, code = dialect.error(e.code, e.message, request_id), e.code
+        except Exception:
+            log.failure("api {method} from {peer}: internal error", method=name, peer=session.peer)
+            reply, code = dialect.error(INTERNAL_ERROR, "internal error", request_id), INTERNAL_ERROR
+        if code:
+            self._debug(session, name, code)
+        self.count(name, code, dialect)
+        return reply
+
+    def _forwarded(self, pending: _Forwards, replies: list, finished: Callable[[], None], results: list) -> None:
+        """The link answered every operation of ``pending``: their replies take their places."""
+        for (index, dialect, request_id, name, method), error in zip(pending.requests, results):
+            reply, code = _answer(method, error, dialect, request_id)
+            self.count(name, code, dialect)
+            replies[index] = reply
+        finished()
+
+    # One request -----------------------------------------------------------------------------
+
     def handle(self, session: ApiSession, raw: bytes) -> bytes | Deferred:
         """Answer one WebSocket request in its dialect; never raises."""
         try:
@@ -491,41 +615,16 @@ class ApiDispatcher:
         return {"success": True}
 
     def conn_call(self, session: ApiSession, params: list, dialect: Dialect) -> Any:
-        spec = _object_param(params)
-        client_id = _client_id(spec.get("client_id"))
-        func = spec.get("func")
-        args = spec.get("args", [])
-        if func not in CALL_FUNCS:
-            raise ApiError(INVALID_PARAMS, f"invalid params: unknown func {func!r}")
-        if not isinstance(args, list):
-            raise ApiError(INVALID_PARAMS, "invalid params: args must be an array")
-        if not valid_call_args(func, args):
-            raise ApiError(INVALID_PARAMS, f"invalid params: wrong args for {func}")
-        result = self.router.call(client_id, func, args)
-
-        def answer(error: str | None) -> dict:
-            if error is not None:
-                raise ApiError(CALL_FAILED, f"conn.call failed: {error}")
-            return {"success": True}
-
+        result = self.router.call(*_call_args(params))
         if isinstance(result, Deferred):
-            return result.addCallback(answer)
-        return answer(result)
+            return result.addCallback(_called)
+        return _called(result)
 
     def mesh_send(self, session: ApiSession, params: list, dialect: Dialect) -> Any:
-        spec = _object_param(params)
-        client_id = _client_id(spec.get("client_id"))
-        data, binary = _payload(spec, "data", "type")
-        result = self.router.send(client_id, data, binary)
-
-        def answer(error: str | None) -> dict:
-            if error is not None:
-                raise ApiError(SEND_FAILED, f"send failed: {error}")
-            return {"fail": 0, "success": True, "total": 1}
-
+        result = self.router.send(*_send_args(params))
         if isinstance(result, Deferred):
-            return result.addCallback(answer)
-        return answer(result)
+            return result.addCallback(_sent)
+        return _sent(result)
 
     def mesh_publish(self, session: ApiSession, params: list, dialect: Dialect) -> Any:
         spec = _object_param(params)
@@ -542,6 +641,92 @@ class ApiDispatcher:
         if isinstance(result, Deferred):
             return result.addCallback(answer)
         return answer(result)
+
+
+class _Forwards:
+    """The operations of one read bound for one link, and the requests they answer."""
+
+    __slots__ = ("ops", "requests")
+
+    def __init__(self) -> None:
+        self.ops: list[tuple] = []
+        #: (reply index, dialect, request id, method name as written, long method name)
+        self.requests: list[tuple] = []
+
+
+class _Completion:
+    """Counts what the replies of one read still wait for; fires once nothing is left."""
+
+    __slots__ = ("replies", "left", "deferred")
+
+    def __init__(self, replies: list) -> None:
+        self.replies = replies
+        self.left = 0
+        self.deferred: Deferred | None = None
+
+    def expect(self) -> None:
+        self.left += 1
+
+    def finished(self) -> None:
+        self.left -= 1
+        if self.left == 0 and self.deferred is not None:
+            self.deferred.callback(self.replies)
+
+    def seal(self) -> Deferred | None:
+        """Every request was read: None if no reply waits, else the Deferred of the replies."""
+        if self.left == 0:
+            return None
+        self.deferred = Deferred()
+        return self.deferred
+
+
+def _fill(reply: bytes, replies: list, index: int, finished: Callable[[], None]) -> None:
+    replies[index] = reply
+    finished()
+
+
+def _send_args(params: list) -> tuple[int, bytes, bool]:
+    """``mesh.send`` params -> (client_id, data, binary); raises ApiError(101)."""
+    spec = _object_param(params)
+    client_id = _client_id(spec.get("client_id"))
+    data, binary = _payload(spec, "data", "type")
+    return client_id, data, binary
+
+
+def _call_args(params: list) -> tuple[int, str, list]:
+    """``conn.call`` params -> (client_id, func, args); raises ApiError(101)."""
+    spec = _object_param(params)
+    client_id = _client_id(spec.get("client_id"))
+    func = spec.get("func")
+    args = spec.get("args", [])
+    if func not in CALL_FUNCS:
+        raise ApiError(INVALID_PARAMS, f"invalid params: unknown func {func!r}")
+    if not isinstance(args, list):
+        raise ApiError(INVALID_PARAMS, "invalid params: args must be an array")
+    if not valid_call_args(func, args):
+        raise ApiError(INVALID_PARAMS, f"invalid params: wrong args for {func}")
+    return client_id, func, args
+
+
+def _sent(error: str | None) -> dict:
+    if error is not None:
+        raise ApiError(SEND_FAILED, f"send failed: {error}")
+    return SENT
+
+
+def _called(error: str | None) -> dict:
+    if error is not None:
+        raise ApiError(CALL_FAILED, f"conn.call failed: {error}")
+    return CALLED
+
+
+def _answer(method: str, error: str | None, dialect: Dialect, request_id: Any) -> tuple[bytes, int]:
+    """The reply of a ``mesh.send`` / ``conn.call`` that ended with ``error`` and its code."""
+    try:
+        result = _sent(error) if method == "mesh.send" else _called(error)
+    except ApiError as e:
+        return dialect.error(e.code, e.message, request_id), e.code
+    return dialect.reply(dialect.result(method, result), request_id), 0
 
 
 def _scalar(value: Any) -> bool:

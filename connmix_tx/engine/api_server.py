@@ -1,9 +1,10 @@
 """The engine API listener (SPEC 7, 10): a Twisted Web ``Site`` with the WebSocket API on
 ``/ws/v1`` and the HTTP API on ``/v1/mesh/send`` and ``/v1/mesh/publish``, behind ``AccessGuard``.
 
-``ApiWebSocketProtocol`` is thin: each text or binary message goes to ``ApiDispatcher.handle``;
-replies are written in request order even when some of them wait for another engine; queue
-events are written as the queues deliver them.  ``HttpApiMethod`` runs one dispatcher method per
+``ApiWebSocketProtocol`` is thin: the text or binary messages of one read go together to
+``ApiDispatcher.handle_many`` (forwarded sends of one read leave as one submission per link);
+replies are written in request order even when some of them wait for another engine, the ready
+ones of a read in one write; queue events are written as the queues deliver them.  ``HttpApiMethod`` runs one dispatcher method per
 POST, in the compact dialect, and maps its errors to HTTP statuses (SPEC 7.4).  ``GET /metrics``
 serves the engine's Prometheus registry (SPEC 7.5), ``GET /console`` the debug console page
 (``connmix_tx.console``).
@@ -36,7 +37,7 @@ from connmix_tx.engine.api import (
     COMPACT, INTERNAL_ERROR, INVALID_REQUEST, PARSE_ERROR, ApiDispatcher, ApiError, ApiSession,
     strict_loads,
 )
-from connmix_tx.engine.frames import write_message
+from connmix_tx.engine.frames import direct, frame, write_message
 from connmix_tx.engine.outbound import WriteWatch, buffered_bytes, pause_reading
 from connmix_tx.engine.queue import QueueManager
 from connmix_tx.engine.connections import peer_address
@@ -75,6 +76,8 @@ class ApiWebSocketProtocol(WebSocketServerProtocol):
     write_timeout = 0
     max_write_buffer = 0
     _slow = False
+    #: Requests of the read being processed (None outside ``dataReceived``).
+    _read: list | None = None
 
     def connectionMade(self) -> None:
         limits = self.factory.config
@@ -92,23 +95,86 @@ class ApiWebSocketProtocol(WebSocketServerProtocol):
         self._replies: deque[list] = deque()
         factory.open_protocols.add(self)
 
-    def onMessage(self, payload: bytes, isBinary: bool) -> None:
-        assert self.session is not None
-        reply = self.factory.dispatcher.handle(self.session, payload)
-        if not isinstance(reply, Deferred) and not self._replies:
-            self._write(reply)
+    def dataReceived(self, data: bytes) -> None:
+        """Collect the requests of this read and answer them together (docs/performance.md)."""
+        if self._read is not None:  # re-entered: nothing to add
+            super().dataReceived(data)
             return
-        slot: list = [None]
-        self._replies.append(slot)
-        if isinstance(reply, Deferred):
-            reply.addCallback(self._fill, slot)
-        else:
-            self._fill(reply, slot)
+        self._read = []
+        try:
+            super().dataReceived(data)
+        finally:
+            self._answer_read()
 
-    def _fill(self, reply: bytes, slot: list) -> None:
-        slot[0] = reply
-        while self._replies and self._replies[0][0] is not None:
-            self._write(self._replies.popleft()[0])
+    def _answer_read(self) -> None:
+        read, self._read = self._read, None
+        if read:
+            self._dispatch(read)
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        if self._read is not None:
+            self._read.append(payload)
+        else:
+            self._dispatch([payload])
+
+    def sendCloseFrame(self, *args: Any, **kwargs: Any) -> None:
+        # Requests that arrived before the close (in the same read) are answered before it.
+        if self._read:
+            self._answer_read()
+            self._read = []
+        super().sendCloseFrame(*args, **kwargs)
+
+    def _dispatch(self, requests: list[bytes]) -> None:
+        assert self.session is not None
+        replies, waiting = self.factory.dispatcher.handle_many(self.session, requests)
+        if waiting is None and not self._replies:
+            self._write_all(replies)
+            return
+        # [replies, all filled, how many of them were written already]
+        slot: list = [replies, waiting is None, 0]
+        self._replies.append(slot)
+        if waiting is None:
+            self._fill(replies, slot)
+            return
+        if self._replies[0] is slot:  # first in line: write the replies that are ready now
+            ready = 0
+            while ready < len(replies) and replies[ready] is not None:
+                ready += 1
+            if ready:
+                slot[2] = ready
+                self._write_all(replies[:ready])
+        waiting.addCallback(self._fill, slot)
+
+    def _fill(self, replies: list, slot: list) -> None:
+        slot[1] = True
+        while self._replies and self._replies[0][1]:
+            replies, _, written = self._replies.popleft()
+            self._write_all(replies[written:] if written else replies)
+
+    def _write_all(self, replies: list[bytes]) -> None:
+        """Send several messages, in as few writes as the outbound limit allows; then the checks
+        of ``_write``.  A write never takes the buffer past ``maxWriteBuffer`` by more than its
+        last message, as ``_write`` does message by message."""
+        if len(replies) == 1:
+            self._write(replies[0])
+            return
+        if not direct(self):
+            for reply in replies:
+                self._write(reply)
+            return
+        start = 0
+        while start < len(replies) and self.state == self.STATE_OPEN:
+            room = self.max_write_buffer - buffered_bytes(self.transport)
+            frames, size = [], 0
+            for reply in replies[start:]:
+                framed = frame(reply)
+                frames.append(framed)
+                size += len(framed)
+                if size > room:
+                    break
+            start += len(frames)
+            self.transport.write(b"".join(frames))
+            self._written()
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         self.factory.open_protocols.discard(self)
@@ -121,6 +187,9 @@ class ApiWebSocketProtocol(WebSocketServerProtocol):
         if self.state != self.STATE_OPEN:
             return
         write_message(self, data)
+        self._written()
+
+    def _written(self) -> None:
         buffered = buffered_bytes(self.transport)
         if buffered > self.max_write_buffer:
             self.close_slow(buffered)

@@ -5,7 +5,13 @@ queued and flushed once per reactor turn as one opaque msgpack blob per ``callRe
 (at most ``MAX_BLOB`` bytes, at most ``MAX_IN_FLIGHT`` batches waiting for their reply), so order
 per (sender, destination) is kept and PB never sees a string near its 640 KiB limit.  Every
 operation ends: with the peer's answer, with ``mesh timeout`` after ``cluster.meshTimeout``, or
-with ``node unavailable`` when the link is lost.  The Deferreds a link returns never errback.
+with ``node unavailable`` when the link is lost.
+
+Two ways in: ``send`` / ``publish`` / ``call`` return one Deferred per operation (Lua, publish),
+and ``submit`` takes the operations of a whole API read at once and calls one function with all
+their results when the last one ended (no Deferred per operation: the fast path of
+docs/performance.md).  Both share the queue, so they keep each other's order.  The Deferreds a
+link returns never errback.
 
 ``MeshPeers`` keeps one link per live engine of the center's node list and is what the
 ``Router`` asks for a node number.
@@ -47,14 +53,40 @@ _SEND_ERRORS = {STATUS_NOT_FOUND: CLIENT_NOT_FOUND, STATUS_SLOW: SLOW_CONSUMER, 
 CONNECTING, UP, DOWN = "connecting", "up", "down"
 
 
-@dataclass
-class _Op:
-    """One operation waiting for its answer."""
+class _Group:
+    """Operations submitted together: one completion when the last of them has a result."""
 
-    kind: str
-    deferred: Deferred
-    created: float
-    packed: bytes = b""
+    __slots__ = ("results", "left", "done", "created")
+
+    def __init__(self, size: int, done: Callable[[list], Any], created: float) -> None:
+        self.results: list = [None] * size
+        self.left = size
+        self.done = done
+        self.created = created
+
+    def settle(self, index: int, result: Any) -> None:
+        self.results[index] = result
+        self.left -= 1
+        if self.left == 0:
+            try:
+                self.done(self.results)
+            except Exception:  # the other operations of the reply must still end
+                log.failure("mesh completion failed")
+
+
+class _Op:
+    """One operation waiting for its answer: result ``index`` of ``group``."""
+
+    __slots__ = ("kind", "group", "index", "packed")
+
+    def __init__(self, kind: str, group: _Group, index: int, packed: bytes) -> None:
+        self.kind = kind
+        self.group = group
+        self.index = index
+        self.packed = packed
+
+    def end(self, result: Any) -> None:
+        self.group.settle(self.index, result)
 
 
 @dataclass
@@ -175,18 +207,46 @@ class MeshLink:
         """Run a connection method on the peer; fires with None or an error text."""
         return self._submit("call", ["call", 0, client_id, func, json.dumps(args).encode()])
 
+    def submit(self, ops: list[tuple], done: Callable[[list], Any]) -> None:
+        """Queue several operations in order; ``done(results)`` once the last one ended.
+
+        Each op is ``("send", client_id, data, binary)``, ``("call", client_id, func, args)`` or
+        ``("publish", channel, data, binary)``; ``results[i]`` is what ``send`` / ``call`` /
+        ``publish`` would fire with for ``ops[i]``.  ``done`` runs exactly once, at once when no
+        operation could be queued (link down, every one too large).
+        """
+        group = _Group(len(ops), done, self.reactor.seconds())
+        for index, op in enumerate(ops):
+            kind = op[0]
+            if kind == "call":
+                wire = ["call", 0, op[1], op[2], json.dumps(op[3]).encode()]
+            else:
+                wire = [kind, 0, op[1], op[2], "binary" if op[3] else "text"]
+            self._enqueue(kind, wire, group, index)
+        if ops:
+            self._schedule_flush()
+        else:
+            done([])
+
     def _submit(self, kind: str, op: list) -> Deferred:
+        d: Deferred = Deferred()
+        group = _Group(1, lambda results: d.callback(results[0]), self.reactor.seconds())
+        self._enqueue(kind, op, group, 0)
+        self._schedule_flush()
+        return d
+
+    def _enqueue(self, kind: str, op: list, group: _Group, index: int) -> None:
+        """Queue ``op`` (its seq is set here), or end it at once when it cannot go out."""
         if self.state == DOWN:
-            return _done(_unavailable(kind, NODE_UNAVAILABLE))
+            group.settle(index, _unavailable(kind, NODE_UNAVAILABLE))
+            return
         seq = op[1] = next(self._seq)
         packed = msgpack.packb(op, use_bin_type=True)
         if len(packed) > MAX_OP:
-            return _done(_unavailable(kind, MESSAGE_TOO_LARGE))
-        entry = _Op(kind, Deferred(), self.reactor.seconds(), packed)
-        self._ops[seq] = entry
+            group.settle(index, _unavailable(kind, MESSAGE_TOO_LARGE))
+            return
+        self._ops[seq] = _Op(kind, group, index, packed)
         self._queue.append(seq)
-        self._schedule_flush()
-        return entry.deferred
 
     # Batching --------------------------------------------------------------------------------
 
@@ -223,10 +283,11 @@ class MeshLink:
     def _answered(self, blob: bytes, batch: _Batch) -> None:
         self._in_flight = max(0, self._in_flight - 1)
         self._last_reply = self.reactor.seconds()
+        ops = self._ops
         for seq, status, a, b in msgpack.unpackb(blob, raw=False):
-            op = self._ops.pop(seq, None)
+            op = ops.pop(seq, None)
             if op is not None:
-                op.deferred.callback(_result(op.kind, status, a, b))
+                op.end(None if status == STATUS_OK and op.kind != "publish" else _result(op.kind, status, a, b))
         self._schedule_flush()
 
     def _batch_failed(self, failure: Failure, batch: _Batch) -> None:
@@ -235,7 +296,7 @@ class MeshLink:
         for seq in batch.seqs:
             op = self._ops.pop(seq, None)
             if op is not None:
-                op.deferred.callback(_unavailable(op.kind, NODE_UNAVAILABLE))
+                op.end(_unavailable(op.kind, NODE_UNAVAILABLE))
         self._schedule_flush()
 
     # Time: timeouts and pings ----------------------------------------------------------------
@@ -243,12 +304,12 @@ class MeshLink:
     def _sweep(self) -> None:
         """Expire operations after meshTimeout; ping an idle peer; drop a silent one."""
         now = self.reactor.seconds()
-        for seq in [seq for seq, op in self._ops.items() if now - op.created >= self.mesh_timeout]:
+        for seq in [seq for seq, op in self._ops.items() if now - op.group.created >= self.mesh_timeout]:
             op = self._ops.pop(seq)
             if op.kind == "publish":
                 log.warn("mesh publish to {node_id} got no answer in {timeout}s; counted as 0/0",
                          node_id=self.node_id, timeout=self.mesh_timeout)
-            op.deferred.callback(_unavailable(op.kind, MESH_TIMEOUT))
+            op.end(_unavailable(op.kind, MESH_TIMEOUT))
         if self.state != UP:
             return
         if self._last_sent > self._last_reply and now - self._last_reply >= self.heartbeat_timeout:
@@ -269,7 +330,7 @@ class MeshLink:
         ops, self._ops = self._ops, {}
         self._queue.clear()
         for op in ops.values():
-            op.deferred.callback(_unavailable(op.kind, reason))
+            op.end(_unavailable(op.kind, reason))
 
     @property
     def pending(self) -> int:
@@ -285,12 +346,6 @@ def _result(kind: str, status: int, a: Any, b: Any) -> Any:
     if kind == "send":
         return _SEND_ERRORS.get(status) or str(a or "bad request")
     return str(a or "bad request")
-
-
-def _done(result: Any) -> Deferred:
-    d: Deferred = Deferred()
-    d.callback(result)
-    return d
 
 
 def _client_string(host_port: str) -> str:

@@ -8,7 +8,7 @@ requests arriving over the mesh alike.
 
 from __future__ import annotations
 
-from typing import Any, Protocol, Union
+from typing import Any, Callable, Protocol, Union
 
 from twisted.internet.defer import Deferred, gatherResults
 
@@ -111,6 +111,18 @@ class Router:
         self.node_number = node_number
         self.local = local
         self.peers = peers
+
+    def route(self, client_id: int) -> Any:
+        """Where ``client_id`` lives: None (here), its engine's live link, or ``NODE_UNAVAILABLE``."""
+        number = node_number_of(client_id)
+        if number == self.node_number:
+            return None
+        link = self.peers.link_for(number) if self.peers else None
+        return NODE_UNAVAILABLE if link is None else link
+
+    def forward(self, link: Any, ops: list[tuple], done: Callable[[list], Any]) -> None:
+        """Send the operations of one API read to ``link`` (see ``MeshLink.submit``)."""
+        link.submit(ops, done)
 
     def send(self, client_id: int, data: bytes, binary: bool) -> SendResult:
         number = node_number_of(client_id)
