@@ -26,7 +26,7 @@ from connmix_tx.engine.queue import QueueManager
 from connmix_tx.engine.router import NODE_UNAVAILABLE, LocalOps, Router
 
 from meshpeer import MESH_TIMEOUT, Batches, Peer, add_client, client_id
-from pbmemory import tick
+from connmix_tx.testing import tick
 
 NODE_ID = "c8u7jfbin5659oh0b13g"
 
@@ -119,7 +119,7 @@ def test_forwarded_requests_of_one_read_leave_as_one_batch_and_answer_their_ids(
     assert [r["id"] for r in decoded(replies)] == ids
     assert all(r["error"] is None and r["result"] == {"fail": 0, "success": True, "total": 1}
                for r in decoded(replies))
-    assert remote.transport.delivered == [b"m%d" % i for i in range(100)]
+    assert remote.transport.payloads == [b"m%d" % i for i in range(100)]
     assert cluster.dispatcher.counted == [("mesh.send", 0)] * 100
     assert cluster.link.pending == 0
 
@@ -130,7 +130,7 @@ def test_local_replies_are_ready_at_once_forwarded_ones_fill_in_later(cluster) -
     replies, waiting = cluster.read(send(mine.client_id, "here", 1), send(remote.client_id, "there", 2),
                                     compact, {"method": "server.ping", "params": [], "id": 4})
     first, second, third, fourth = decoded(replies)
-    assert first["id"] == 1 and first["error"] is None and mine.transport.delivered == [b"here"]
+    assert first["id"] == 1 and first["error"] is None and mine.transport.payloads == [b"here"]
     assert second is None and third is None
     assert fourth == {"error": None, "result": {"status": "server.pong"}, "id": 4}
     cluster.flush()
@@ -151,7 +151,7 @@ def test_order_per_target_is_kept_across_reads_and_with_lua_sends(cluster) -> No
     cluster.batches.release()
     cluster.flush()
     assert fired(first) and fired(second)
-    assert remote.transport.delivered == [b"a0", b"a1", b"a2", b"lua", b"b0", b"b1", b"b2"]
+    assert remote.transport.payloads == [b"a0", b"a1", b"a2", b"lua", b"b0", b"b1", b"b2"]
 
 
 def test_a_publish_in_the_read_does_not_overtake_earlier_sends(cluster) -> None:
@@ -160,7 +160,7 @@ def test_a_publish_in_the_read_does_not_overtake_earlier_sends(cluster) -> None:
     replies, waiting = cluster.read(send(remote.client_id, "s1", 1), publish, send(remote.client_id, "s2", 3))
     cluster.flush()
     assert fired(waiting)
-    assert remote.transport.delivered == [b"s1", b"p", b"s2"]
+    assert remote.transport.payloads == [b"s1", b"p", b"s2"]
     assert [op[0] for op in cluster.batches.ops()] == ["send", "publish", "send"]
     assert decoded(replies)[1]["result"] == {"fail": 0, "success": True, "total": 1}
 
@@ -179,7 +179,7 @@ def test_a_failing_operation_does_not_fail_the_others(cluster) -> None:
     assert fired(waiting)
     codes = [r["error"] and r["error"]["code"] for r in decoded(replies)]
     assert codes == [None, 401, 401, 301, None, 101, None]
-    assert good.transport.delivered == [b"one", b"two"] and good.channels == {"r"}
+    assert good.transport.payloads == [b"one", b"two"] and good.channels == {"r"}
     assert sorted(cluster.dispatcher.counted) == sorted(
         [("mesh.send", 0), ("mesh.send", 401), ("mesh.send", 401), ("conn.call", 301),
          ("conn.call", 0), ("mesh.send", 101), ("mesh.send", 0)])
@@ -229,7 +229,7 @@ def test_size_limits_hold_on_the_fast_path(cluster) -> None:
     assert codes == [None, 401, None, None]
     assert "message too large" in decoded(replies)[1]["error"]["message"]
     assert len(cluster.batches.received) == 2 and max(cluster.batches.sizes) <= MAX_BLOB
-    assert [len(d) for d in remote.transport.delivered] == [len(big), len(big), 5]
+    assert [len(d) for d in remote.transport.payloads] == [len(big), len(big), 5]
 
 
 def test_a_read_whose_only_operation_is_too_large_is_answered_at_once(cluster) -> None:
@@ -315,4 +315,4 @@ def test_a_failing_completion_does_not_keep_the_others_of_its_batch_waiting(clus
                         got.append)
     cluster.flush()
     assert got == [[None, None]]
-    assert remote.transport.delivered == [b"a", b"b"] and cluster.link.pending == 0
+    assert remote.transport.payloads == [b"a", b"b"] and cluster.link.pending == 0
