@@ -674,20 +674,24 @@ def _check_role(config: Config, role: str, workers: int | None = None) -> None:
     (worker ``i`` listens on ``port + i``); ``workers`` overrides ``engine.workers`` (``-p``).
     """
     opened = listeners(config, role)
-    count = worker_count(config.engine.workers if workers is None else workers)
     owners: dict[int, str] = {}
     for path, listener in opened:
-        ports = [listener.port]
-        if path == "engine.meshPoint" and listener.port and count > 1:
-            ports = list(range(listener.port, listener.port + count))
-            if ports[-1] > 65535:
-                problem = f"mesh ports {ports[0]}-{ports[-1]} of {count} workers exceed 65535"
-                raise ConfigError(f"{path}.port", problem)
-        for port in ports:
-            if port in owners:
-                problem = f"port {port} already used by {owners[port]}"
-                raise ConfigError(f"{path}.port", problem)
-            owners[port] = path if port == listener.port else f"{path} (worker {port - listener.port})"
+        if listener.port in owners:
+            problem = f"port {listener.port} already used by {owners[listener.port]}"
+            raise ConfigError(f"{path}.port", problem)
+        owners[listener.port] = path
+    count = worker_count(config.engine.workers if workers is None else workers)
+    mesh = config.engine.mesh_point
+    if role != "center" and count > 1 and mesh.port:
+        last = mesh.port + count - 1
+        need = f"with {count} workers the mesh point needs ports {mesh.port}-{last}"
+        if last > 65535:
+            raise ConfigError("engine.meshPoint.port", f"{need}, beyond 65535")
+        for index in range(1, count):
+            owner = owners.get(mesh.port + index)
+            if owner is not None:
+                problem = f"port {mesh.port + index} of worker {index} already used by {owner}; {need}"
+                raise ConfigError("engine.meshPoint.port", problem)
     for path, listener in opened:
         if isinstance(listener, ServerConfig):
             _check_file(f"{path}.entry", listener.entry)
