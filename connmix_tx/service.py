@@ -533,6 +533,10 @@ class ConnmixService(service.MultiService):
 
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, stop)
+        if self.worker is not None:
+            # Ctrl-C in a terminal reaches the whole process group: the supervisor alone decides
+            # (it sends SIGTERM), so a worker does not end before its supervisor knows it should.
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
 
         if self.reloader is not None or self.workers is not None:
             signal.signal(signal.SIGHUP, lambda signum, frame: reactor.callFromThread(self.reload))

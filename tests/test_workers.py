@@ -370,3 +370,51 @@ def test_a_mesh_port_range_clash_is_a_config_error_before_any_worker(engine: Eng
     assert fatal_line(result).startswith(
         f"connmix: config engine.meshPoint.port: port {engine.api} of worker 1 already used by engine.apiServer")
     assert started_pids(result.stdout) == []
+
+
+def test_role_engine_workers_register_with_a_separate_center(engine: Engine) -> None:
+    """``--role engine -p 2``: no center in the supervisor; the workers dial engine.centerRegistry."""
+    center = Process(twistd("--role", "center", "-f", str(engine.config)), engine.folder)
+    try:
+        center.wait_for_line(r"start the center api server")
+        config = engine.config.read_text().replace(
+            "engine:\n", f"engine:\n  centerRegistry: 127.0.0.1:{engine.registry}\n", 1)
+        engine.config.write_text(config)
+        engine.process = Process(twistd("--role", "engine", "-f", str(engine.config), "-p", "2"), engine.folder)
+        nodes = engine.wait_nodes(2)
+        assert sorted(n["worker"] for n in nodes) == [0, 1] and len({n["engine"] for n in nodes}) == 1
+        assert not engine.line(r"start the registry server")  # the supervisor runs no center
+        assert not engine.line(r"cpu underutilized")  # dev and single only
+        assert engine.stop() == 0
+        assert engine.no_worker_left()
+    finally:
+        center.stop()
+
+
+def test_workers_that_cannot_reach_the_center_stop_the_engine_with_exit_4(engine: Engine) -> None:
+    config = engine.config.read_text().replace(
+        "engine:\n", f"engine:\n  centerRegistry: 127.0.0.1:{engine.registry}\n", 1)
+    engine.config.write_text(config.replace("registerTimeout: 10", "registerTimeout: 1"))
+    result = run(twistd("--role", "engine", "-f", str(engine.config), "-p", "2"), engine.folder)
+    assert result.returncode == 4
+    assert fatal_line(result) == f"connmix: cannot reach center registry 127.0.0.1:{engine.registry}: connection refused"
+    pids = started_pids(result.stdout)
+    assert len(pids) == 2 and all(gone(pid) for pid in pids)
+
+
+def test_json_log_lines_of_workers_carry_the_worker_index(engine: Engine) -> None:
+    engine.write(1, format="json")
+    process = Process(engine.args("-p", "2"), engine.folder)
+    try:
+        wait_until(lambda: sum(1 for text in process.lines if '"start the protocol server' in text) == 2,
+                   what="both protocol servers")
+        servers = [json.loads(text) for text in process.lines if '"start the protocol server' in text]
+        assert sorted(record["worker"] for record in servers) == [0, 1]
+        assert all(record["namespace"] == "connmix.server" for record in servers)
+        supervisor = [json.loads(text) for text in process.lines if '"namespace":"connmix.supervisor"' in text]
+        assert [record["message"].split(" (pid")[0] for record in supervisor] == ["worker 0 started",
+                                                                                  "worker 1 started"]
+        pids = [record["pid"] for record in supervisor]
+    finally:
+        assert process.stop() == 0
+    assert all(gone(pid) for pid in pids)
