@@ -286,6 +286,8 @@ def test_sighup_is_validated_by_the_supervisor_and_reaches_every_worker(engine: 
 
 
 def test_sigterm_stops_supervisor_and_workers_with_exit_0(engine: Engine) -> None:
+    logfile = engine.folder / "logs" / "connmix.log"
+    engine.write(1, level="info", filename=str(logfile))  # the supervisor writes its workers' lines too
     process = engine.start("-p", "2")
     pids = engine.worker_pids()
     stack = ExitStack()
@@ -299,6 +301,11 @@ def test_sigterm_stops_supervisor_and_workers_with_exit_0(engine: Engine) -> Non
         assert ws.close_code == 1001
     stack.close()
     assert "exited: " not in "\n".join(process.lines)
+    text = logfile.read_text()
+    for needle in ("\tconnmix.supervisor\tworker 1 started (pid", "\tconnmix.server.w0\tstart the protocol server",
+                   "\tconnmix.server.w1\tstart the protocol server", "\tconnmix.engine.w1\treceived SIGTERM, stopping"):
+        assert needle in text
+    assert text.count("\tconnmix.server.w0\tstart the protocol server") == 1  # written once, by the supervisor
 
 
 def test_a_killed_supervisor_leaves_no_orphan_worker(engine: Engine) -> None:
