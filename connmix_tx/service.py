@@ -51,6 +51,7 @@ from connmix_tx.metrics import (
 )
 from connmix_tx.reuseport import ReusePortEndpoint
 from connmix_tx.tls import TLSError, check_server_files, client_endpoint, server_options
+from connmix_tx.worker_metrics import EngineMetricsResource, SiblingMetrics
 from connmix_tx.workers import ParentWatch, WorkerPool, WorkerRole, report_ready, worker_argv
 
 EXIT_CONFIG, EXIT_LISTEN = 2, 3
@@ -297,13 +298,19 @@ class EnginePart(service.MultiService):
             lambda address: mesh_log.info("start the mesh node ({address})", address=address),
         )
         self.mesh_listener.setServiceParent(self)
+        metrics_resource: Any = MetricsResource(self.metrics.registry)
+        if worker is not None and worker.directory:
+            # /metrics answers for every worker of the engine, whichever takes the scrape.
+            self.sibling_metrics = SiblingMetrics(reactor, worker.directory, worker.index, self.metrics.registry)
+            self.sibling_metrics.setServiceParent(self)
+            metrics_resource = EngineMetricsResource(self.sibling_metrics.gather)
         self.api_factory = ApiWebSocketFactory(
             engine.api_server, MeteredApiDispatcher(self.metrics, self.router, self.queues, access),
             self.queues, self.node_id, metrics=self.metrics, clock=reactor,
         )
         self.api_listener = Listener(
             reactor, "engine.apiServer", engine.api_server,
-            api_site(self.api_factory, MetricsResource(self.metrics.registry)),
+            api_site(self.api_factory, metrics_resource),
             lambda address: api_log.info("start the api server ({address})", address=address),
             reuse_port=shared,
         )
@@ -587,7 +594,7 @@ def _add_workers(root: ConnmixService, config: Config, reactor: Any, fatal: Call
 
     def argv(index: int) -> list[str]:
         address = ("127.0.0.1", center.registry_listener.actual_port) if center is not None else None
-        return worker_argv(root.role, source, engine_id, index, address)
+        return worker_argv(root.role, source, engine_id, index, address, root.workers.directory)
 
     root.workers = WorkerPool(root.worker_count, argv, reactor, fatal, relay)
     root.workers.engine_id = engine_id

@@ -63,6 +63,7 @@ class Options(usage.Options):
         ["worker-of", None, None, "Internal: run as a worker process of this engine id."],
         ["worker", None, None, "Internal: the index of this worker process."],
         ["center-registry", None, None, "Internal: host:port of the supervisor's registry."],
+        ["worker-dir", None, None, "Internal: the engine's run directory."],
     ]
 
     #: The ``-p`` value (None: ``engine.workers`` decides); set by ``postOptions``.
@@ -116,7 +117,7 @@ class Options(usage.Options):
                 center = (host, int(port))
         except (TypeError, ValueError):
             raise usage.UsageError("--worker-of needs --worker N (and --center-registry host:port)") from None
-        self.worker_role = WorkerRole(self["worker-of"], index, center)
+        self.worker_role = WorkerRole(self["worker-of"], index, center, self["worker-dir"])
 
     def _load_config(self) -> None:
         from connmix_tx.config import ConfigError, load_config

@@ -15,7 +15,9 @@ supervisor is gone (the parent pid changed), so a killed supervisor leaves no or
 from __future__ import annotations
 
 import os
+import shutil
 import sys
+import tempfile
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -48,6 +50,8 @@ class WorkerRole:
     engine: str
     index: int
     center: tuple[str, int] | None = None
+    #: The engine's private run directory (the workers' metrics sockets), made by the supervisor.
+    directory: str | None = None
 
 
 def report_ready() -> None:
@@ -159,6 +163,8 @@ class WorkerPool(service.Service):
         self.relay_out = relay_out
         self.relay_err = relay_err or _write_stderr
         self.supervisor = Supervisor(count, self._spawn, reactor, fatal)
+        #: The engine's private run directory (mode 0700), removed when the workers stopped.
+        self.directory: str | None = None
 
     def _spawn(self, index: int) -> Any:
         args = self.argv(index)
@@ -169,11 +175,17 @@ class WorkerPool(service.Service):
 
     def startService(self) -> None:
         super().startService()
+        self.directory = tempfile.mkdtemp(prefix="connmix-engine-")
         self.supervisor.start()
 
     def stopService(self) -> Deferred:
         super().stopService()
-        return self.supervisor.stop()
+        return self.supervisor.stop().addBoth(self._remove_directory)
+
+    def _remove_directory(self, result: Any) -> Any:
+        if self.directory is not None:
+            shutil.rmtree(self.directory, ignore_errors=True)
+        return result
 
     def forward(self, name: str) -> None:
         """Forward a signal (``"HUP"``) to every worker."""
@@ -187,10 +199,13 @@ def _write_stderr(line: str) -> None:
         stream.flush()
 
 
-def worker_argv(role: str, source: str, engine: str, index: int, center: tuple[str, int] | None) -> list[str]:
+def worker_argv(role: str, source: str, engine: str, index: int, center: tuple[str, int] | None,
+                directory: str | None = None) -> list[str]:
     """The command line of worker ``index``: twistd in the foreground, no pid file."""
     args = [sys.executable, "-c", TWISTD_BOOT, "-n", "--pidfile=", "connmix", "--role", role,
             "-f", source, "--worker-of", engine, "--worker", str(index)]
+    if directory:
+        args += ["--worker-dir", directory]
     if center is not None:
         host, port = center
         args += ["--center-registry", f"{host}:{port}"]

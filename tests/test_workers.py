@@ -185,6 +185,18 @@ def engine(tmp_path: Path) -> Iterator[Engine]:
                 os.kill(pid, signal.SIGKILL)
 
 
+def scrape(port: int) -> dict[str, Any]:
+    """The metric families of ``GET /metrics`` on ``port``, by name."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        return {f.name: f for f in text_string_to_metric_families(response.read().decode())}
+
+
+def sample_sum(families: dict[str, Any], sample: str) -> float:
+    return sum(s.value for f in families.values() for s in f.samples if s.name == sample)
+
+
 def node_number(client_id: str) -> int:
     return (int(client_id) >> 12) & 1023
 
@@ -226,6 +238,12 @@ def test_two_workers_share_the_ports_and_mesh_send_reaches_clients_of_both(engin
                 assert answer == {"error": None, "result": {"fail": 0, "success": True, "total": 1}, "id": index}
         for index, (ws, _) in enumerate(clients):
             assert ws.recv(timeout=10) == f"hello {index}"
+        # GET /metrics on the shared API port answers for the whole engine, whichever worker takes it.
+        for _ in range(6):
+            families = scrape(engine.api)
+            assert sample_sum(families, "connmix_engine_servers_clients") == 40
+            assert sample_sum(families, "connmix_build_info") == 1
+            assert sample_sum(families, "connmix_engine_servers_read_messages_total") == 40  # the "id" messages
 
     pids = engine.worker_pids()
     assert len(pids) == 2
