@@ -505,6 +505,14 @@ class ConnmixService(service.MultiService):
             for part in ROLE_PARTS[role]:
                 part(self, config, reactor, fatal)
 
+    def stopService(self) -> Any:
+        """Stop the tree; a supervisor stops its workers first, so they unregister from a live center."""
+        workers = self.workers
+        if workers is None or not workers.running:
+            return super().stopService()
+        stopping = maybeDeferred(workers.stopService)
+        return stopping.addBoth(lambda _: super(ConnmixService, self).stopService())
+
     def reload(self) -> None:
         """SIGHUP: reload this process; a supervisor validates the file first, then forwards it."""
         if self.workers is not None:
@@ -594,7 +602,8 @@ def _add_workers(root: ConnmixService, config: Config, reactor: Any, fatal: Call
 
     def argv(index: int) -> list[str]:
         address = ("127.0.0.1", center.registry_listener.actual_port) if center is not None else None
-        return worker_argv(root.role, source, engine_id, index, address, root.workers.directory)
+        return worker_argv(root.role, source, engine_id, index, address, root.workers.directory,
+                           root.worker_count)
 
     root.workers = WorkerPool(root.worker_count, argv, reactor, fatal, relay)
     root.workers.engine_id = engine_id

@@ -49,8 +49,8 @@ LOGO = r"""
 class Options(usage.Options):
     """``twistd connmix [--dev | --role ROLE] [-f FILE] [-p N] [--version]``.
 
-    ``--worker-of``, ``--worker`` and ``--center-registry`` are internal: a supervisor starts its
-    worker processes with them (docs/workers.md).
+    ``--worker-of``, ``--worker``, ``--center-registry`` and ``--worker-dir`` are internal: a
+    supervisor starts its worker processes with them (docs/workers.md).
     """
 
     synopsis = "[--dev | --role center|engine|single] [-f FILE] [-p N]"

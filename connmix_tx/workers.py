@@ -200,10 +200,13 @@ def _write_stderr(line: str) -> None:
 
 
 def worker_argv(role: str, source: str, engine: str, index: int, center: tuple[str, int] | None,
-                directory: str | None = None) -> list[str]:
-    """The command line of worker ``index``: twistd in the foreground, no pid file."""
+                directory: str | None = None, count: int = 1) -> list[str]:
+    """The command line of worker ``index`` of ``count``: twistd in the foreground, no pid file.
+
+    ``-p count`` makes the worker validate the file exactly as its supervisor did.
+    """
     args = [sys.executable, "-c", TWISTD_BOOT, "-n", "--pidfile=", "connmix", "--role", role,
-            "-f", source, "--worker-of", engine, "--worker", str(index)]
+            "-f", source, "-p", str(count), "--worker-of", engine, "--worker", str(index)]
     if directory:
         args += ["--worker-dir", directory]
     if center is not None:

@@ -134,7 +134,11 @@ class Engine:
             started = sum(1 for n in nodes if self.protocol_started(n["worker"], n["id"]))
             return nodes if started == count else None
 
-        return wait_until(ready, what=f"{count} registered workers")
+        try:
+            return wait_until(ready, what=f"{count} registered workers")
+        except AssertionError:
+            assert self.process is not None
+            raise AssertionError("workers did not register; log:\n" + "\n".join(self.process.lines[-40:]))
 
     def protocol_started(self, worker: int, node_id: str) -> bool:
         """Worker ``worker`` (registered as ``node_id``) logged its protocol server line."""
