@@ -21,7 +21,7 @@ from twisted.application import service
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet import endpoints
 from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks, maybeDeferred
-from twisted.internet.error import CannotListenError
+from twisted.internet.error import CannotListenError, ReactorNotRunning
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 
@@ -95,7 +95,10 @@ class Fatal:
         log.error("{message}", message=message)
         self.reactor.addSystemEventTrigger("after", "shutdown", _exit_now, code)
         if self.reactor.running:
-            self.reactor.stop()
+            try:
+                self.reactor.stop()
+            except ReactorNotRunning:
+                pass  # already stopping (a signal came first); the exit code still applies
 
 
 def write_fatal_line(message: str, stream: Any = None) -> None:

@@ -8,7 +8,6 @@ import ipaddress
 import socket
 import ssl
 from pathlib import Path
-from typing import Any
 
 import pytest
 from cryptography import x509

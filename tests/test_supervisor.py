@@ -232,3 +232,27 @@ def test_exit_status_text() -> None:
     assert ExitStatus(code=3).describe() == "exit code 3"
     assert ExitStatus(signal=15).describe() == "killed by SIGTERM"
     assert ExitStatus(signal=200).describe() == "killed by signal 200"
+
+
+def test_fatal_while_the_reactor_is_already_stopping_keeps_the_exit_code() -> None:
+    """A worker told to stop (SIGTERM) whose registration deadline fires meanwhile exits quietly."""
+    import io
+
+    from twisted.internet.error import ReactorNotRunning
+
+    from connmix_tx.service import Fatal
+
+    class StoppingReactor:
+        running = True
+        triggers: list = []
+
+        def addSystemEventTrigger(self, phase: str, event: str, f: Any, *args: Any) -> None:
+            self.triggers.append((phase, event, args))
+
+        def stop(self) -> None:
+            raise ReactorNotRunning("Can't stop reactor that isn't running.")
+
+    reactor, stderr = StoppingReactor(), io.StringIO()
+    Fatal(reactor, stderr)(4, "cannot reach center registry 127.0.0.1:1: connection refused")
+    assert stderr.getvalue() == "connmix: cannot reach center registry 127.0.0.1:1: connection refused\n"
+    assert reactor.triggers == [("after", "shutdown", (4,))]
