@@ -95,10 +95,7 @@ class Fatal:
         log.error("{message}", message=message)
         self.reactor.addSystemEventTrigger("after", "shutdown", _exit_now, code)
         if self.reactor.running:
-            try:
-                self.reactor.stop()
-            except ReactorNotRunning:
-                pass  # already stopping (a signal came first); the exit code still applies
+            _stop_reactor(self.reactor)  # already stopping after a signal: the exit code still applies
 
 
 def write_fatal_line(message: str, stream: Any = None) -> None:
@@ -106,6 +103,14 @@ def write_fatal_line(message: str, stream: Any = None) -> None:
     out = stream or sys.__stderr__
     out.write(f"connmix: {message}\n")
     out.flush()
+
+
+def _stop_reactor(reactor: Any) -> None:
+    """Stop the reactor unless it is stopping already (a fatal error, or a second signal)."""
+    try:
+        reactor.stop()
+    except ReactorNotRunning:
+        pass
 
 
 def _exit_now(code: int) -> None:
@@ -547,7 +552,7 @@ class ConnmixService(service.MultiService):
 
         def stop(signum: int, frame: Any) -> None:
             log.info("received {signal}, stopping", signal=signal.Signals(signum).name)
-            reactor.callFromThread(reactor.stop)
+            reactor.callFromThread(_stop_reactor, reactor)
 
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, stop)

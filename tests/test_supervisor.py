@@ -256,3 +256,16 @@ def test_fatal_while_the_reactor_is_already_stopping_keeps_the_exit_code() -> No
     Fatal(reactor, stderr)(4, "cannot reach center registry 127.0.0.1:1: connection refused")
     assert stderr.getvalue() == "connmix: cannot reach center registry 127.0.0.1:1: connection refused\n"
     assert reactor.triggers == [("after", "shutdown", (4,))]
+
+
+def test_a_stop_signal_after_a_fatal_error_is_quiet() -> None:
+    """SIGTERM from the supervisor reaching a worker that is already ending raises nothing."""
+    from twisted.internet.error import ReactorNotRunning
+
+    from connmix_tx.service import _stop_reactor
+
+    class Stopped:
+        def stop(self) -> None:
+            raise ReactorNotRunning("Can't stop reactor that isn't running.")
+
+    _stop_reactor(Stopped())  # no exception: no "Unhandled Error" traceback in the log
