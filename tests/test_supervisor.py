@@ -269,3 +269,83 @@ def test_a_stop_signal_after_a_fatal_error_is_quiet() -> None:
             raise ReactorNotRunning("Can't stop reactor that isn't running.")
 
     _stop_reactor(Stopped())  # no exception: no "Unhandled Error" traceback in the log
+
+
+# --------------------------------------------------------------------------- the process side
+
+
+class FakePool:
+    def __init__(self) -> None:
+        self.out: list[str] = []
+        self.err: list[str] = []
+        self.events: list[tuple] = []
+        pool = self
+
+        class Recorder:
+            def ready(self, index: int) -> None:
+                pool.events.append(("ready", index))
+
+            def ended(self, index: int, status: ExitStatus, line: str | None) -> None:
+                pool.events.append(("ended", index, status, line))
+
+        self.supervisor = Recorder()
+        self.relay_out = self.out.append
+        self.relay_err = self.err.append
+
+
+def test_worker_output_is_relayed_by_line_and_the_fatal_line_kept_for_the_supervisor() -> None:
+    from twisted.internet.error import ProcessTerminated
+    from twisted.python.failure import Failure
+
+    from connmix_tx.workers import WorkerProtocol
+
+    pool = FakePool()
+    proto = WorkerProtocol(pool, 1)  # type: ignore[arg-type]
+    proto.childDataReceived(1, b"line one\nline t")
+    proto.childDataReceived(1, b"wo\npartial")
+    proto.childDataReceived(2, b"a warning\nconnmix: cannot listen on 127.0.0.1:6790 (engine.servers[0]): busy\n")
+    proto.childDataReceived(3, b"ready\n")
+    assert pool.out == ["line one", "line two"]
+    assert pool.err == ["a warning"]  # the fatal line is the supervisor's to print, once
+    assert pool.events == [("ready", 1)]
+    proto.processEnded(Failure(ProcessTerminated(exitCode=3)))
+    assert pool.out[-1] == "partial"
+    assert pool.events[-1] == ("ended", 1, ExitStatus(code=3),
+                               "cannot listen on 127.0.0.1:6790 (engine.servers[0]): busy")
+
+
+def test_a_worker_killed_by_a_signal_reports_it() -> None:
+    from twisted.internet.error import ProcessTerminated
+    from twisted.python.failure import Failure
+
+    from connmix_tx.workers import WorkerProtocol
+
+    pool = FakePool()
+    WorkerProtocol(pool, 0).processEnded(Failure(ProcessTerminated(signal=9)))  # type: ignore[arg-type]
+    assert pool.events == [("ended", 0, ExitStatus(signal=9), None)]
+
+
+def test_a_worker_stops_when_its_supervisor_is_gone() -> None:
+    from connmix_tx.workers import ParentWatch
+
+    clock, parent, gone = Clock(), [100], []
+    watch = ParentWatch(clock, lambda: gone.append(True), getppid=lambda: parent[0])
+    watch.startService()
+    clock.advance(5)
+    assert gone == []
+    parent[0] = 1  # re-parented to init: the supervisor died
+    clock.advance(1)
+    clock.advance(5)
+    assert gone == [True]
+
+
+def test_worker_command_line() -> None:
+    import sys
+
+    from connmix_tx.workers import worker_argv
+
+    args = worker_argv("dev", "/etc/c.yaml", "engineid", 1, ("127.0.0.1", 6786), "/tmp/run", 2)
+    assert args[0] == sys.executable
+    assert args[3:] == ["-n", "--pidfile=", "connmix", "--role", "dev", "-f", "/etc/c.yaml", "-p", "2",
+                        "--worker-of", "engineid", "--worker", "1", "--worker-dir", "/tmp/run",
+                        "--center-registry", "127.0.0.1:6786"]
