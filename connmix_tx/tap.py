@@ -71,6 +71,11 @@ class Options(usage.Options):
     #: Set when this process is a worker started by a supervisor.
     worker_role: Any = None
 
+    def getUsage(self, width: int | None = None) -> str:
+        """The usage text without the internal worker options."""
+        text = super().getUsage(width)
+        return "\n".join(line for line in text.splitlines() if "Internal: " not in line) + "\n"
+
     def opt_version(self) -> None:
         """Print the version line and exit."""
         print(version_line())

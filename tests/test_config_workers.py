@@ -131,3 +131,11 @@ def test_worker_options_need_an_index(workdir: Path, monkeypatch: pytest.MonkeyP
     monkeypatch.chdir(workdir)
     with pytest.raises(usage.UsageError, match="--worker-of needs --worker N"):
         options("--dev", "--worker-of", "abc")
+
+
+def test_help_shows_dash_p_but_not_the_internal_worker_options() -> None:
+    from connmix_tx.tap import Options
+
+    text = Options().getUsage()
+    assert "-p, --processes=" in text
+    assert "--worker" not in text and "--center-registry" not in text
