@@ -598,7 +598,21 @@ def _add_worker(root: ConnmixService, config: Config, reactor: Any, fatal: Calla
     )
     root.engine.on_ready = report_ready
     root.engine.setServiceParent(root)
-    ParentWatch(reactor, lambda: reactor.callLater(0, reactor.stop)).setServiceParent(root)
+
+    def supervisor_gone() -> None:
+        # Nobody else will remove the engine's run directory: the last worker out does.
+        if worker.directory:
+            reactor.addSystemEventTrigger("after", "shutdown", _remove_empty_directory, worker.directory)
+        reactor.callLater(0, _stop_reactor, reactor)
+
+    ParentWatch(reactor, supervisor_gone).setServiceParent(root)
+
+
+def _remove_empty_directory(path: str) -> None:
+    try:
+        os.rmdir(path)
+    except OSError:
+        pass  # a sibling still has its socket there; it will try too
 
 
 def _add_workers(root: ConnmixService, config: Config, reactor: Any, fatal: Callable,

@@ -320,11 +320,14 @@ def test_sigterm_stops_supervisor_and_workers_with_exit_0(engine: Engine) -> Non
     engine.write(1, level="info", filename=str(logfile))  # the supervisor writes its workers' lines too
     process = engine.start("-p", "2")
     pids = engine.worker_pids()
+    run_dir = Path(re.findall(r"--worker-dir\0([^\0]+)", Path(f"/proc/{pids[0]}/cmdline").read_text())[0])
+    assert (run_dir / "w0.metrics").exists()
     stack = ExitStack()
     clients = open_clients(engine, 6, stack)
     os.kill(process.pid, signal.SIGTERM)
     assert process.proc.wait(timeout=10) == 0
     assert all(gone(pid) for pid in pids.values())
+    assert not run_dir.exists()  # the supervisor removed the engine's run directory
     codes = []
     for ws, _ in clients:  # every worker closed its clients (1001 "going away")
         with pytest.raises(ConnectionClosed):
@@ -345,8 +348,11 @@ def test_sigterm_stops_supervisor_and_workers_with_exit_0(engine: Engine) -> Non
 def test_a_killed_supervisor_leaves_no_orphan_worker(engine: Engine) -> None:
     process = engine.start("-p", "2")
     pids = engine.worker_pids()
+    run_dir = re.search(r"--worker-dir (\S+)", Path(f"/proc/{pids[0]}/cmdline").read_text().replace("\0", " "))
     process.kill()
     wait_until(lambda: all(gone(pid) for pid in pids.values()), what="workers gone after the supervisor")
+    assert run_dir is not None
+    wait_until(lambda: not Path(run_dir.group(1)).exists(), what="the engine's run directory removed")
 
 
 def fatal_line(result: Any) -> str:
