@@ -34,6 +34,21 @@ __all__ = [
 ]
 
 ROLES = ("center", "engine", "dev", "single")
+#: Upper bound of ``engine.workers`` and ``-p``.
+MAX_WORKERS = 64
+
+
+def device_cpus() -> int:
+    """CPUs this process may run on (its affinity mask where the platform has one)."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def worker_count(workers: int) -> int:
+    """The number of worker processes ``engine.workers`` / ``-p`` asks for (``0``: one per CPU)."""
+    return workers if workers > 0 else min(device_cpus(), MAX_WORKERS)
 
 
 class ConfigError(Exception):
@@ -242,6 +257,8 @@ class EngineConfig:
     api_server: ApiServerConfig
     luavm: LuaVMConfig
     servers: tuple[ServerConfig, ...]
+    #: Worker processes of this engine (``0``: one per CPU); see ``worker_count``.
+    workers: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -626,6 +643,7 @@ _SCHEMA = _Map(Config, (
             _Field("redis", _List(_REDIS, unique="name"), [{}]),
         )), {}),
         _Field("servers", _List(_SERVER), [{}]),
+        _Field("workers", _Int(0, MAX_WORKERS), 1),
     )), {}),
     _Field("licenses", _Map(None, unused=("activationCode", "server")), None, keep=False),
     _Field("prometheus", _Map(None, (
@@ -666,8 +684,12 @@ def _check_file(path: str, filename: str) -> None:
         raise ConfigError(path, f"cannot read {filename}: {exc.strerror or exc}") from None
 
 
-def _check_role(config: Config, role: str) -> None:
-    """The checks that depend on the listeners the role opens: unique ports, then files."""
+def _check_role(config: Config, role: str, workers: int | None = None) -> None:
+    """The checks that depend on the listeners the role opens: unique ports, then files.
+
+    With N worker processes the mesh point takes ``meshPoint.port`` .. ``meshPoint.port + N - 1``
+    (worker ``i`` listens on ``port + i``); ``workers`` overrides ``engine.workers`` (``-p``).
+    """
     opened = listeners(config, role)
     owners: dict[int, str] = {}
     for path, listener in opened:
@@ -675,6 +697,18 @@ def _check_role(config: Config, role: str) -> None:
             problem = f"port {listener.port} already used by {owners[listener.port]}"
             raise ConfigError(f"{path}.port", problem)
         owners[listener.port] = path
+    count = worker_count(config.engine.workers if workers is None else workers)
+    mesh = config.engine.mesh_point
+    if role != "center" and count > 1 and mesh.port:
+        last = mesh.port + count - 1
+        need = f"with {count} workers the mesh point needs ports {mesh.port}-{last}"
+        if last > 65535:
+            raise ConfigError("engine.meshPoint.port", f"{need}, beyond 65535")
+        for index in range(1, count):
+            owner = owners.get(mesh.port + index)
+            if owner is not None:
+                problem = f"port {mesh.port + index} of worker {index} already used by {owner}; {need}"
+                raise ConfigError("engine.meshPoint.port", problem)
     for path, listener in opened:
         if isinstance(listener, ServerConfig):
             _check_file(f"{path}.entry", listener.entry)
@@ -688,21 +722,24 @@ def _check_role(config: Config, role: str) -> None:
 
 
 def parse_config(data: object, role: str = "dev", cwd: str | None = None,
-                 source: str | None = None) -> Config:
+                 source: str | None = None, workers: int | None = None) -> Config:
     """Validate parsed YAML ``data`` for ``role`` and return the ``Config``.
 
     The whole file is validated whatever the role; duplicate ports, entry scripts and TLS files
     are checked only for the listeners ``role`` opens.  Relative paths resolve against ``cwd``
-    (default: the working directory), then the home directory.  Raises ``ConfigError``.
+    (default: the working directory), then the home directory.  ``workers`` (``-p``) overrides
+    ``engine.workers`` for the mesh port range check only; the returned config keeps the file's
+    value.  Raises ``ConfigError``.
     """
     if role not in ROLES:
         raise ValueError(f"unknown role {role!r}, expected one of {', '.join(ROLES)}")
     config = _walk(data, cwd)
-    _check_role(config, role)
+    _check_role(config, role, workers)
     return dataclasses.replace(config, source=source)
 
 
-def load_config(path: str | None = None, role: str = "dev", cwd: str | None = None) -> Config:
+def load_config(path: str | None = None, role: str = "dev", cwd: str | None = None,
+                workers: int | None = None) -> Config:
     """Read and validate the YAML file ``path`` (default ``<home>/etc/connmix.yaml``).
 
     A relative ``path`` is taken from ``cwd``.  An empty file means all defaults.  Raises
@@ -718,7 +755,7 @@ def load_config(path: str | None = None, role: str = "dev", cwd: str | None = No
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError("", f"invalid YAML in {filename}: {_yaml_problem(exc)}") from None
-    return parse_config(data, role=role, cwd=cwd, source=filename)
+    return parse_config(data, role=role, cwd=cwd, source=filename, workers=workers)
 
 
 def _yaml_problem(exc: yaml.YAMLError) -> str:

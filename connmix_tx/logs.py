@@ -103,26 +103,30 @@ def is_twisted_noise(event: dict[str, Any]) -> bool:
     )
 
 
-def format_text(event: dict[str, Any]) -> str:
+def format_text(event: dict[str, Any], worker: int | None = None) -> str:
     """Format an event as a tab-separated ``text`` line, without the trailing newline.
 
     Local time with microseconds, upper-case level, namespace, message; a failure's traceback
-    follows on the next lines.
+    follows on the next lines.  A worker process (``worker`` = its index ``i``) suffixes the
+    namespace with ``.w{i}``: ``connmix.engine.w1``.
     """
     stamp = datetime.fromtimestamp(_event_time(event)).strftime("%Y-%m-%d %H:%M:%S.%f")
     namespace = str(event.get("log_namespace") or "-")
+    if worker is not None:
+        namespace = f"{namespace}.w{worker}"
     line = "\t".join((stamp, _level_name(event).upper(), namespace, _message(event)))
     traceback = _traceback(event)
     return f"{line}\n{traceback}" if traceback else line
 
 
-def format_json(event: dict[str, Any]) -> str:
+def format_json(event: dict[str, Any], worker: int | None = None) -> str:
     """Format an event as one ``json`` object on one line.
 
     Keys: ``time`` (ISO 8601, local time with its UTC offset), ``level``, ``namespace``,
-    ``message``, ``traceback`` when the event carries a failure, then the event's own keyword
-    fields (keys not starting with ``log_``) that JSON can encode; the others are skipped, and so
-    is a field that would overwrite one of the fixed keys.
+    ``message``, ``traceback`` when the event carries a failure, ``worker`` (the index) in a
+    worker process, then the event's own keyword fields (keys not starting with ``log_``) that
+    JSON can encode; the others are skipped, and so is a field that would overwrite one of the
+    fixed keys.
     """
     when = datetime.fromtimestamp(_event_time(event), timezone.utc).astimezone()
     record: dict[str, Any] = {
@@ -134,9 +138,11 @@ def format_json(event: dict[str, Any]) -> str:
     traceback = _traceback(event)
     if traceback:
         record["traceback"] = traceback
+    if worker is not None:
+        record["worker"] = worker
     legacy = _is_legacy(event)
     for key, value in event.items():
-        if not isinstance(key, str) or key.startswith("log_") or key in _JSON_CORE:
+        if not isinstance(key, str) or key.startswith("log_") or key in _JSON_CORE or key in record:
             continue
         if legacy and key in _LEGACY_KEYS:
             continue
@@ -148,7 +154,7 @@ def format_json(event: dict[str, Any]) -> str:
     return json.dumps(record, separators=(",", ":"), allow_nan=False)
 
 
-_FORMATTERS: dict[str, Callable[[dict[str, Any]], str]] = {"text": format_text, "json": format_json}
+_FORMATTERS: dict[str, Callable[[dict[str, Any], int | None], str]] = {"text": format_text, "json": format_json}
 
 
 class _DailyFile(DailyLogFile):
@@ -222,6 +228,8 @@ class LogControl:
         its directory is created if missing.  Opening it may raise ``OSError``.
     :param max_files: rotated files kept (``logging.maxFiles``, at least 1).
     :param clock: the time source for the rotation day (tests inject their own).
+    :param worker: the index of this worker process of a multi-process engine, or None; it
+        marks every line (``.w{i}`` namespace suffix in ``text``, a ``worker`` field in ``json``).
     :raises ValueError: for an unknown level or format or ``max_files < 1``.
     """
 
@@ -233,8 +241,10 @@ class LogControl:
         filename: str = "",
         max_files: int = 7,
         clock: Callable[[], float] = time.time,
+        worker: int | None = None,
     ) -> None:
         self._settings = ("info", "text")
+        self.worker = worker
         self.configure(level, fmt)
         if max_files < 1:
             raise ValueError(f"max_files must be at least 1, got {max_files!r}")
@@ -303,9 +313,17 @@ class LogControl:
         except Exception:
             pass
 
+    def write_line(self, line: str) -> None:
+        """Write one already formatted line (a worker's, relayed by its supervisor).  Never raises."""
+        try:
+            with self._lock:
+                self._write(line.rstrip("\n") + "\n")
+        except Exception:
+            pass
+
     def _format(self, event: dict[str, Any], fmt: str) -> str:
         try:
-            return _FORMATTERS[fmt](event)
+            return _FORMATTERS[fmt](event, self.worker)
         except Exception as exc:
             return self._fallback(event, fmt, exc)
 

@@ -11,6 +11,7 @@ on stderr, reactor stop, the exit code of SPEC 2.5.  Each part keeps its own Pro
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import sys
@@ -20,7 +21,7 @@ from twisted.application import service
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet import endpoints
 from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks, maybeDeferred
-from twisted.internet.error import CannotListenError
+from twisted.internet.error import CannotListenError, ReactorNotRunning
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 
@@ -29,7 +30,9 @@ from connmix_tx.auth import AccessControl
 from connmix_tx.center.api import center_site
 from connmix_tx.center.pb import GuardedPBServerFactory, LoggingPortal, SecretChecker, registry_factory
 from connmix_tx.center.registry import Registry
-from connmix_tx.config import AnyListener, Config, HostPort
+from connmix_tx.config import (
+    AnyListener, Config, ConfigError, HostPort, load_config, worker_count,
+)
 from connmix_tx.engine.api_server import ApiWebSocketFactory, api_site
 from connmix_tx.engine.center_link import CenterLink
 from connmix_tx.engine.connections import ConnectionRegistry
@@ -48,7 +51,10 @@ from connmix_tx.metrics import (
     CenterMetrics, EngineMetrics, MeshPointOps, MeteredApiDispatcher, MeteredHotReloader,
     MeteredMeshLink, MeteredMeshRealm, MeteredRouter, MetricsResource,
 )
+from connmix_tx.reuseport import ReusePortEndpoint
 from connmix_tx.tls import TLSError, check_server_files, client_endpoint, server_options
+from connmix_tx.worker_metrics import EngineMetricsResource, SiblingMetrics
+from connmix_tx.workers import ParentWatch, WorkerPool, WorkerRole, report_ready, worker_argv
 
 EXIT_CONFIG, EXIT_LISTEN = 2, 3
 #: How long a clean stop waits for clients to finish their close handshakes (SPEC 2.5: < 5 s).
@@ -91,7 +97,7 @@ class Fatal:
         log.error("{message}", message=message)
         self.reactor.addSystemEventTrigger("after", "shutdown", _exit_now, code)
         if self.reactor.running:
-            self.reactor.stop()
+            _stop_reactor(self.reactor)  # already stopping after a signal: the exit code still applies
 
 
 def write_fatal_line(message: str, stream: Any = None) -> None:
@@ -99,6 +105,14 @@ def write_fatal_line(message: str, stream: Any = None) -> None:
     out = stream or sys.__stderr__
     out.write(f"connmix: {message}\n")
     out.flush()
+
+
+def _stop_reactor(reactor: Any) -> None:
+    """Stop the reactor unless it is stopping already (a fatal error, or a second signal)."""
+    try:
+        reactor.stop()
+    except ReactorNotRunning:
+        pass
 
 
 def _exit_now(code: int) -> None:
@@ -129,9 +143,22 @@ def endpoint_string(listener: AnyListener) -> str:
 CLIENT_CERTIFICATE_LISTENERS = ("center.registry", "engine.meshPoint")
 
 
-def server_endpoint(reactor: Any, key: str, listener: AnyListener) -> Any:
-    """The endpoint a listener serves on; a bad certificate or key is a config error (exit 2)."""
+def server_endpoint(reactor: Any, key: str, listener: AnyListener, reuse_port: bool = False) -> Any:
+    """The endpoint a listener serves on; a bad certificate or key is a config error (exit 2).
+
+    ``reuse_port``: the port is shared with the other workers of the engine (``SO_REUSEPORT``).
+    """
     tls = listener.tls
+    if reuse_port:
+        options = None
+        if tls is not None:
+            try:
+                check_server_files(tls)
+                require = bool(tls.ca_certificates) and key in CLIENT_CERTIFICATE_LISTENERS
+                options = server_options(tls, require_client_certificate=require)
+            except TLSError as e:
+                raise FatalError(EXIT_CONFIG, f"config {key}.tls: {e}") from None
+        return ReusePortEndpoint(reactor, listener.port, listener.bind, context_factory=options)
     if tls is not None:
         try:
             check_server_files(tls)
@@ -148,9 +175,10 @@ class Listener(StreamServerEndpointService):
     """One listening port: opens synchronously, logs its start line, maps bind errors to exit 3."""
 
     def __init__(
-        self, reactor: Any, key: str, listener: AnyListener, factory: Any, started: Callable[[str], None]
+        self, reactor: Any, key: str, listener: AnyListener, factory: Any, started: Callable[[str], None],
+        reuse_port: bool = False,
     ) -> None:
-        super().__init__(server_endpoint(reactor, key, listener), factory)
+        super().__init__(server_endpoint(reactor, key, listener, reuse_port), factory)
         self._raiseSynchronously = True
         self.key = key
         self.listener = listener
@@ -239,6 +267,7 @@ class EnginePart(service.MultiService):
         center_address: Callable[[], tuple[str, int]],
         in_process_center: bool,
         access: AccessControl,
+        worker: WorkerRole | None = None,
     ) -> None:
         super().__init__()
         self.setName("engine")
@@ -246,7 +275,15 @@ class EnginePart(service.MultiService):
         self.reactor = reactor
         self.fatal = fatal
         self.node_id = new_node_id()
+        #: Set when this process is one worker of a multi-process engine (docs/workers.md).
+        self.worker = worker
+        #: The engine id shared by the workers of one supervisor; a one-process engine is its own.
+        self.engine_id = worker.engine if worker is not None else self.node_id
+        shared = worker is not None  # protocol and API ports shared with the sibling workers
         engine = config.engine
+        mesh_point = engine.mesh_point
+        if worker is not None and mesh_point.port:
+            mesh_point = dataclasses.replace(mesh_point, port=mesh_point.port + worker.index)
         self.metrics = EngineMetrics()
         self.connections = ConnectionRegistry()
         self.queues = _queues(engine.luavm, reactor, self.node_id, self.metrics)
@@ -266,25 +303,34 @@ class EnginePart(service.MultiService):
         ]
         self.protocol_listeners: list[Listener] = []
         self.client_factories: list[Any] = []
+        #: Called once every protocol server listens (a worker tells its supervisor).
+        self.on_ready: Callable[[], None] | None = None
 
         mesh_log = Logger(namespace="connmix.mesh")
         api_log = Logger(namespace="connmix.api")
         secret = config.cluster.secret
         mesh_realm = MeteredMeshRealm(MeshPointOps(self.metrics, self.connections), self.metrics)
         self.mesh_listener = Listener(
-            reactor, "engine.meshPoint", engine.mesh_point,
+            reactor, "engine.meshPoint", mesh_point,
             GuardedPBServerFactory(LoggingPortal(mesh_realm, [SecretChecker(secret)], "mesh"), secret, "mesh"),
             lambda address: mesh_log.info("start the mesh node ({address})", address=address),
         )
         self.mesh_listener.setServiceParent(self)
+        metrics_resource: Any = MetricsResource(self.metrics.registry)
+        if worker is not None and worker.directory:
+            # /metrics answers for every worker of the engine, whichever takes the scrape.
+            self.sibling_metrics = SiblingMetrics(reactor, worker.directory, worker.index, self.metrics.registry)
+            self.sibling_metrics.setServiceParent(self)
+            metrics_resource = EngineMetricsResource(self.sibling_metrics.gather)
         self.api_factory = ApiWebSocketFactory(
             engine.api_server, MeteredApiDispatcher(self.metrics, self.router, self.queues, access),
             self.queues, self.node_id, metrics=self.metrics, clock=reactor,
         )
         self.api_listener = Listener(
             reactor, "engine.apiServer", engine.api_server,
-            api_site(self.api_factory, MetricsResource(self.metrics.registry)),
+            api_site(self.api_factory, metrics_resource),
             lambda address: api_log.info("start the api server ({address})", address=address),
+            reuse_port=shared,
         )
         self.api_listener.setServiceParent(self)
         self.metrics.watch(self)
@@ -302,7 +348,8 @@ class EnginePart(service.MultiService):
             center_endpoint,
             self.node_id,
             {"version": __version__, "advertise_host": engine.advertise_host,
-             "api_server_port": 0, "mesh_point_port": 0},
+             "api_server_port": 0, "mesh_point_port": 0,
+             "engine": self.engine_id, "worker": worker.index if worker is not None else 0},
             config.cluster.secret,
             reactor,
             config.cluster.heartbeat_interval,
@@ -366,6 +413,14 @@ class EnginePart(service.MultiService):
         self.nodes = nodes
         self.peers.update(nodes)
 
+    def siblings(self) -> list[dict[str, Any]]:
+        """The other workers of this engine in the center's latest node list (same ``engine``).
+
+        Their mesh links are ``self.peers``' links to their node ids.
+        """
+        return [node for node in self.nodes
+                if node.get("engine") == self.engine_id and node.get("id") != self.node_id]
+
     def _registered(self, number: int) -> None:
         self.router.node_number = number
         ids = Snowflake(number)
@@ -381,6 +436,7 @@ class EnginePart(service.MultiService):
                     lambda address, entry=server.entry: server_log.info(
                         "start the protocol server {entry} ({address})", entry=entry, address=address
                     ),
+                    reuse_port=self.worker is not None,
                 )
                 listener.privilegedStartService()
             except FatalError as e:
@@ -389,6 +445,8 @@ class EnginePart(service.MultiService):
             listener.startService()
             self.protocol_listeners.append(listener)
             self.client_factories.append(factory)
+        if self.on_ready is not None:
+            self.on_ready()
 
     @inlineCallbacks
     def stopService(self) -> Any:
@@ -424,20 +482,68 @@ class EnginePart(service.MultiService):
 
 
 class ConnmixService(service.MultiService):
-    """The root service: the parts of the role, in start order."""
+    """The root service: the parts of the role, in start order.
 
-    def __init__(self, config: Config, role: str, reactor: Any, fatal: Callable[[int, str], None]) -> None:
+    With more than one worker process (``processes``, the ``-p`` value, else ``engine.workers``)
+    an engine role runs as a supervisor: the center part in dev / single, then a ``WorkerPool``
+    in place of the engine part.  A process started as a worker (``worker``) runs the engine part
+    only, on the ports it shares with its siblings (docs/workers.md).
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        role: str,
+        reactor: Any,
+        fatal: Callable[[int, str], None],
+        processes: int | None = None,
+        worker: WorkerRole | None = None,
+        relay: Callable[[str], None] | None = None,
+    ) -> None:
         super().__init__()
         self.config = config
         self.role = role
         self.center: CenterPart | None = None
         self.engine: EnginePart | None = None
+        #: The supervisor's worker processes (None in a one-process engine and in a worker).
+        self.workers: WorkerPool | None = None
+        self.worker = worker
+        self.processes = processes
+        self.worker_count = worker_count(config.engine.workers if processes is None else processes)
         #: One access control for every API listener of the process (hot on SIGHUP).
         self.access = AccessControl(config.access)
         #: Set by the twistd plugin: what SIGHUP runs (``connmix_tx.reload.Reloader``).
         self.reloader: Any = None
-        for part in ROLE_PARTS[role]:
-            part(self, config, reactor, fatal)
+        if worker is not None:
+            _add_worker(self, config, reactor, fatal)
+        elif self.worker_count > 1 and role != "center":
+            if role != "engine":
+                _add_center(self, config, reactor, fatal)
+            _add_workers(self, config, reactor, fatal, relay or _print_line)
+        else:
+            for part in ROLE_PARTS[role]:
+                part(self, config, reactor, fatal)
+
+    def stopService(self) -> Any:
+        """Stop the tree; a supervisor stops its workers first, so they unregister from a live center."""
+        workers = self.workers
+        if workers is None or not workers.running:
+            return super().stopService()
+        stopping = maybeDeferred(workers.stopService)
+        return stopping.addBoth(lambda _: super(ConnmixService, self).stopService())
+
+    def reload(self) -> None:
+        """SIGHUP: reload this process; a supervisor validates the file first, then forwards it."""
+        if self.workers is not None:
+            try:
+                load_config(self.config.source, role=self.role, workers=self.processes)
+            except ConfigError as e:
+                Logger(namespace="connmix.config").error("config reload failed: {error}", error=str(e))
+                return
+        if self.reloader is not None:
+            self.reloader.reload()
+        if self.workers is not None:
+            self.workers.forward("HUP")
 
     def privilegedStartService(self) -> None:
         try:
@@ -457,14 +563,17 @@ class ConnmixService(service.MultiService):
 
         def stop(signum: int, frame: Any) -> None:
             log.info("received {signal}, stopping", signal=signal.Signals(signum).name)
-            reactor.callFromThread(reactor.stop)
+            reactor.callFromThread(_stop_reactor, reactor)
 
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, stop)
+        if self.worker is not None:
+            # Ctrl-C in a terminal reaches the whole process group: the supervisor alone decides
+            # (it sends SIGTERM), so a worker does not end before its supervisor knows it should.
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
 
-        reloader = self.reloader
-        if reloader is not None:
-            signal.signal(signal.SIGHUP, lambda signum, frame: reactor.callFromThread(reloader.reload))
+        if self.reloader is not None or self.workers is not None:
+            signal.signal(signal.SIGHUP, lambda signum, frame: reactor.callFromThread(self.reload))
 
 
 def _add_center(root: ConnmixService, config: Config, reactor: Any, fatal: Callable) -> None:
@@ -488,6 +597,54 @@ def _add_engine(root: ConnmixService, config: Config, reactor: Any, fatal: Calla
         config, reactor, fatal, address, in_process_center=center is not None, access=root.access
     )
     root.engine.setServiceParent(root)
+
+
+def _add_worker(root: ConnmixService, config: Config, reactor: Any, fatal: Callable) -> None:
+    """Worker ``i`` of a multi-process engine: the engine part, and a watch on its supervisor."""
+    worker = root.worker
+    assert worker is not None
+    target = worker.center or (config.engine.center_registry.host, config.engine.center_registry.port)
+    root.engine = EnginePart(
+        config, reactor, fatal, lambda: target, in_process_center=False, access=root.access, worker=worker
+    )
+    root.engine.on_ready = report_ready
+    root.engine.setServiceParent(root)
+
+    def supervisor_gone() -> None:
+        # Nobody else will remove the engine's run directory: the last worker out does.
+        if worker.directory:
+            reactor.addSystemEventTrigger("after", "shutdown", _remove_empty_directory, worker.directory)
+        reactor.callLater(0, _stop_reactor, reactor)
+
+    ParentWatch(reactor, supervisor_gone).setServiceParent(root)
+
+
+def _remove_empty_directory(path: str) -> None:
+    try:
+        os.rmdir(path)
+    except OSError:
+        pass  # a sibling still has its socket there; it will try too
+
+
+def _add_workers(root: ConnmixService, config: Config, reactor: Any, fatal: Callable,
+                 relay: Callable[[str], None]) -> None:
+    """The supervisor's worker processes; in dev / single they dial the in-process registry."""
+    engine_id = new_node_id()
+    center = root.center
+    source = config.source or ""
+
+    def argv(index: int) -> list[str]:
+        address = ("127.0.0.1", center.registry_listener.actual_port) if center is not None else None
+        return worker_argv(root.role, source, engine_id, index, address, root.workers.directory,
+                           root.worker_count)
+
+    root.workers = WorkerPool(root.worker_count, argv, reactor, fatal, relay)
+    root.workers.engine_id = engine_id
+    root.workers.setServiceParent(root)
+
+
+def _print_line(line: str) -> None:
+    print(line, flush=True)
 
 
 #: Role -> the parts it runs, in start order (STYLE 4: a table, not if-chains).

@@ -47,14 +47,34 @@ LOGO = r"""
 
 
 class Options(usage.Options):
-    """``twistd connmix [--dev | --role ROLE] [-f FILE] [--version]``."""
+    """``twistd connmix [--dev | --role ROLE] [-f FILE] [-p N] [--version]``.
 
-    synopsis = "[--dev | --role center|engine|single] [-f FILE]"
+    ``--worker-of``, ``--worker``, ``--center-registry`` and ``--worker-dir`` are internal: a
+    supervisor starts its worker processes with them (docs/workers.md).
+    """
+
+    synopsis = "[--dev | --role center|engine|single] [-f FILE] [-p N]"
     optFlags = [["dev", None, "Run center and engine in one process (development)."]]
     optParameters = [
         ["role", None, None, "Run this role: center, engine or single."],
         ["config", "f", None, "YAML configuration file (default: <home>/etc/connmix.yaml)."],
+        ["processes", "p", None,
+         "Engine worker processes (overrides engine.workers); 0 = one per CPU."],
+        ["worker-of", None, None, "Internal: run as a worker process of this engine id."],
+        ["worker", None, None, "Internal: the index of this worker process."],
+        ["center-registry", None, None, "Internal: host:port of the supervisor's registry."],
+        ["worker-dir", None, None, "Internal: the engine's run directory."],
     ]
+
+    #: The ``-p`` value (None: ``engine.workers`` decides); set by ``postOptions``.
+    processes: int | None = None
+    #: Set when this process is a worker started by a supervisor.
+    worker_role: Any = None
+
+    def getUsage(self, width: int | None = None) -> str:
+        """The usage text without the internal worker options."""
+        text = super().getUsage(width)
+        return "\n".join(line for line in text.splitlines() if "Internal: " not in line) + "\n"
 
     def opt_version(self) -> None:
         """Print the version line and exit."""
@@ -72,18 +92,44 @@ class Options(usage.Options):
         if role is not None and role not in ROLE_CHOICES:
             raise usage.UsageError(f"--role must be one of {', '.join(ROLE_CHOICES)}")
         self["role"] = "dev" if self["dev"] else role
+        self._worker_options()
         self._load_config()
         self._install_logging()
-        print(LOGO)
-        print(version_line())
-        sys.stdout.flush()
+        if self.worker_role is None:  # the supervisor printed the banner already
+            print(LOGO)
+            print(version_line())
+            sys.stdout.flush()
+
+    def _worker_options(self) -> None:
+        from connmix_tx.config import MAX_WORKERS
+        from connmix_tx.workers import WorkerRole
+
+        text = self["processes"]
+        if text is not None:
+            try:
+                self.processes = int(text)
+            except ValueError:
+                self.processes = -1
+            if not 0 <= self.processes <= MAX_WORKERS:
+                raise usage.UsageError(f"-p/--processes must be an integer 0-{MAX_WORKERS}, got {text!r}")
+        if self["worker-of"] is None:
+            return
+        try:
+            index = int(self["worker"])
+            center = None
+            if self["center-registry"]:
+                host, _, port = self["center-registry"].rpartition(":")
+                center = (host, int(port))
+        except (TypeError, ValueError):
+            raise usage.UsageError("--worker-of needs --worker N (and --center-registry host:port)") from None
+        self.worker_role = WorkerRole(self["worker-of"], index, center, self["worker-dir"])
 
     def _load_config(self) -> None:
         from connmix_tx.config import ConfigError, load_config
         from connmix_tx.service import EXIT_CONFIG, write_fatal_line
 
         try:
-            self.config = load_config(self["config"], role=self["role"])
+            self.config = load_config(self["config"], role=self["role"], workers=self.processes)
         except ConfigError as e:
             write_fatal_line(str(e))
             raise SystemExit(EXIT_CONFIG) from None
@@ -94,13 +140,17 @@ class Options(usage.Options):
         parent: Any = getattr(self, "parent", None)
         stream = None
         logfile = parent.get("logfile") if parent is not None else None
-        if logfile and logfile != "-":
+        worker = self.worker_role
+        if logfile and logfile != "-" and worker is None:
             stream = open(logfile, "a", encoding="utf-8")
         logging = self.config.logging
         try:
+            # A worker writes its lines to its stdout only: the supervisor relays them into its
+            # own destinations (stream and logging.filename).
             self.log_control = LogControl(
                 level=logging.level, fmt=logging.format, stream=stream,
-                filename=logging.filename, max_files=logging.max_files,
+                filename=logging.filename if worker is None else "", max_files=logging.max_files,
+                worker=worker.index if worker is not None else None,
             )
         except OSError as e:
             from connmix_tx.service import EXIT_CONFIG, write_fatal_line
@@ -116,17 +166,32 @@ def makeService(options: Options) -> Any:
     from twisted.internet import reactor
     from twisted.logger import Logger
 
+    from connmix_tx.config import device_cpus, worker_count
     from connmix_tx.service import ConnmixService, Fatal, FatalError, write_fatal_line
     from connmix_tx.reload import Reloader
 
     log = Logger(namespace="connmix.config")
     config = options.config
-    if options["role"] == "dev":
-        log.warn("dev mode: center and engine run in one process")
-    for key in config.unused_keys:
-        log.warn("config key {path} is not used by connmix-tx", path=key)
+    worker = options.worker_role
+    role = options["role"]
+    if worker is None:  # a worker's supervisor logged these
+        processes = options.processes
+        workers = worker_count(config.engine.workers if processes is None else processes)
+        cpus = device_cpus()
+        if role in ("dev", "single") and workers < cpus:
+            Logger(namespace="connmix.engine").warn(
+                "cpu underutilized, max_procs: {max_procs}, device_cpus: {device_cpus}",
+                max_procs=workers, device_cpus=cpus,
+            )
+        if role == "dev":
+            log.warn("dev mode: center and engine run in one process")
+        for key in config.unused_keys:
+            log.warn("config key {path} is not used by connmix-tx", path=key)
+    log_control = getattr(options, "log_control", None)
+    relay = log_control.write_line if log_control is not None else None
     try:
-        root = ConnmixService(config, options["role"], reactor, Fatal(reactor))
+        root = ConnmixService(config, role, reactor, Fatal(reactor), processes=options.processes,
+                              worker=worker, relay=relay)
     except FatalError as e:
         write_fatal_line(e.message)
         raise SystemExit(e.code) from None

@@ -146,10 +146,10 @@ def test_describe_fields_and_order(clock, registry) -> None:
     assert registry.describe() == [
         {"id": "first", "number": 0, "api_server": "192.0.2.9:6789", "mesh_point": "192.0.2.9:6788",
          "host": "192.0.2.9", "version": "0.1.0", "clients": 0, "channels": 0,
-         "registered_at": 1764097293, "last_seen": 1764097353},
+         "registered_at": 1764097293, "last_seen": 1764097353, "engine": "first", "worker": 0},
         {"id": "second", "number": 4, "api_server": "10.0.0.1:6789", "mesh_point": "10.0.0.1:6788",
          "host": "10.0.0.1", "version": "0.1.0", "clients": 0, "channels": 0,
-         "registered_at": 1764097293, "last_seen": 1764097293},
+         "registered_at": 1764097293, "last_seen": 1764097293, "engine": "second", "worker": 0},
     ]
 
 
@@ -288,3 +288,19 @@ def test_empty_secret_accepts_loopback(registry, address) -> None:
 
 def test_a_secret_opens_the_registry_to_all(registry) -> None:
     assert isinstance(registry_factory(registry, SECRET).buildProtocol(PEER), pb.Broker)
+
+
+def test_workers_of_one_engine_share_the_engine_id(clock, registry) -> None:
+    """A multi-process engine: every worker is its own node, marked with its engine and index."""
+    registry.register("w0", {**info(), "engine": "eng", "worker": 0}, "127.0.0.1")
+    registry.register("w1", {**info(), "engine": "eng", "worker": 1}, "127.0.0.1")
+    registry.register("alone", info(), "127.0.0.1")
+    nodes = {n["id"]: n for n in registry.describe()}
+    assert [(nodes[i]["engine"], nodes[i]["worker"], nodes[i]["number"]) for i in ("w0", "w1", "alone")] == [
+        ("eng", 0, 0), ("eng", 1, 1), ("alone", 0, 2)]
+
+
+@pytest.mark.parametrize("bad", [-1, "1", True, 5000, None, 1.5])
+def test_a_bad_worker_index_is_read_as_zero(clock, registry, bad) -> None:
+    registry.register("w", {**info(), "engine": "eng", "worker": bad}, "127.0.0.1")
+    assert registry.describe()[0]["worker"] == 0

@@ -37,6 +37,9 @@ class EngineRecord:
     last_seen: float
     clients: int = 0
     channels: int = 0
+    #: The engine this node is a worker of (shared by the workers of one supervisor) and its index.
+    engine: str = ""
+    worker: int = 0
     mind: Any = field(default=None, repr=False, compare=False)
 
     @property
@@ -60,7 +63,16 @@ class EngineRecord:
             "channels": self.channels,
             "registered_at": int(self.registered_at),
             "last_seen": int(self.last_seen),
+            "engine": self.engine or self.node_id,
+            "worker": self.worker,
         }
+
+
+def _worker_index(value: Any) -> int:
+    """The ``worker`` of registration info: a small non-negative integer, else 0."""
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 1024:
+        return value
+    return 0
 
 
 def _host_port(host: str, port: int) -> str:
@@ -106,8 +118,10 @@ class Registry:
     ) -> EngineRecord:
         """Register (or re-register) an engine; return its record.  Raise RegistryError.
 
-        ``info`` carries ``api_server_port``, ``mesh_point_port``, ``advertise_host``, ``version``
-        and, when the engine registers again, the ``number`` it holds.
+        ``info`` carries ``api_server_port``, ``mesh_point_port``, ``advertise_host``, ``version``,
+        ``engine`` and ``worker`` (which engine this node is a worker process of, and its index;
+        an engine without them is its own engine, worker 0) and, when the engine registers
+        again, the ``number`` it holds.
         """
         now = self.clock.seconds()
         self._expire_reservations(now)
@@ -127,6 +141,8 @@ class Registry:
             api_port=int(info["api_server_port"]),
             mesh_port=int(info["mesh_point_port"]),
             version=str(info.get("version", "")),
+            engine=str(info.get("engine") or node_id),
+            worker=_worker_index(info.get("worker")),
             registered_at=previous.registered_at if previous else now,
             last_seen=now,
             mind=mind,
