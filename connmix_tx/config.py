@@ -687,8 +687,8 @@ def _check_file(path: str, filename: str) -> None:
 def _check_role(config: Config, role: str, workers: int | None = None) -> None:
     """The checks that depend on the listeners the role opens: unique ports, then files.
 
-    With N worker processes the mesh point takes ``meshPoint.port`` .. ``meshPoint.port + N - 1``
-    (worker ``i`` listens on ``port + i``); ``workers`` overrides ``engine.workers`` (``-p``).
+    With N worker processes the mesh point needs N ports (``worker_mesh_ports``); ``workers``
+    overrides ``engine.workers`` (``-p``).
     """
     opened = listeners(config, role)
     owners: dict[int, str] = {}
@@ -698,17 +698,12 @@ def _check_role(config: Config, role: str, workers: int | None = None) -> None:
             raise ConfigError(f"{path}.port", problem)
         owners[listener.port] = path
     count = worker_count(config.engine.workers if workers is None else workers)
-    mesh = config.engine.mesh_point
-    if role != "center" and count > 1 and mesh.port:
-        last = mesh.port + count - 1
-        need = f"with {count} workers the mesh point needs ports {mesh.port}-{last}"
+    if role != "center" and count > 1:
+        last = worker_mesh_ports(config, role, count)[-1]
         if last > 65535:
-            raise ConfigError("engine.meshPoint.port", f"{need}, beyond 65535")
-        for index in range(1, count):
-            owner = owners.get(mesh.port + index)
-            if owner is not None:
-                problem = f"port {mesh.port + index} of worker {index} already used by {owner}; {need}"
-                raise ConfigError("engine.meshPoint.port", problem)
+            raise ConfigError("engine.meshPoint.port",
+                              f"with {count} workers the mesh point needs {count} free ports from "
+                              f"{config.engine.mesh_point.port}, beyond 65535")
     for path, listener in opened:
         if isinstance(listener, ServerConfig):
             _check_file(f"{path}.entry", listener.entry)
@@ -785,6 +780,21 @@ def listeners(config: Config, role: str) -> list[tuple[str, AnyListener]]:
         result += [("engine.meshPoint", engine.mesh_point), ("engine.apiServer", engine.api_server)]
         result += [(f"engine.servers[{i}]", server) for i, server in enumerate(engine.servers)]
     return result
+
+
+def worker_mesh_ports(config: Config, role: str, count: int) -> list[int]:
+    """The mesh port of each of ``count`` workers (docs/workers.md): worker 0 takes
+    ``meshPoint.port``, each next worker the next port up that no other listener of ``role`` uses,
+    so the packaged ports (mesh 6788, API 6789, protocol 6790) give 6788, 6791, 6792, ..."""
+    first = config.engine.mesh_point.port
+    taken = {listener.port for path, listener in listeners(config, role) if path != "engine.meshPoint"}
+    ports: list[int] = []
+    port = first
+    while len(ports) < count:
+        if port not in taken:
+            ports.append(port)
+        port += 1
+    return ports
 
 
 def reload_diff(old: Config, new: Config) -> tuple[list[str], list[str]]:

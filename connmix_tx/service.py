@@ -31,7 +31,7 @@ from connmix_tx.center.api import center_site
 from connmix_tx.center.pb import GuardedPBServerFactory, LoggingPortal, SecretChecker, registry_factory
 from connmix_tx.center.registry import Registry
 from connmix_tx.config import (
-    AnyListener, Config, ConfigError, HostPort, load_config, worker_count,
+    AnyListener, Config, ConfigError, HostPort, load_config, worker_count, worker_mesh_ports,
 )
 from connmix_tx.engine.api_server import ApiWebSocketFactory, api_site
 from connmix_tx.engine.center_link import CenterLink
@@ -282,8 +282,9 @@ class EnginePart(service.MultiService):
         shared = worker is not None  # protocol and API ports shared with the sibling workers
         engine = config.engine
         mesh_point = engine.mesh_point
-        if worker is not None and mesh_point.port:
-            mesh_point = dataclasses.replace(mesh_point, port=mesh_point.port + worker.index)
+        if worker is not None:
+            port = worker_mesh_ports(config, worker.role, worker.index + 1)[-1]
+            mesh_point = dataclasses.replace(mesh_point, port=port)
         self.metrics = EngineMetrics()
         self.connections = ConnectionRegistry()
         self.queues = _queues(engine.luavm, reactor, self.node_id, self.metrics)

@@ -122,7 +122,7 @@ class Options(usage.Options):
                 center = (host, int(port))
         except (TypeError, ValueError):
             raise usage.UsageError("--worker-of needs --worker N (and --center-registry host:port)") from None
-        self.worker_role = WorkerRole(self["worker-of"], index, center, self["worker-dir"])
+        self.worker_role = WorkerRole(self["worker-of"], index, center, self["worker-dir"], self["role"])
 
     def _load_config(self) -> None:
         from connmix_tx.config import ConfigError, load_config

@@ -52,6 +52,8 @@ class WorkerRole:
     center: tuple[str, int] | None = None
     #: The engine's private run directory (the workers' metrics sockets), made by the supervisor.
     directory: str | None = None
+    #: The role the engine runs as (its listeners decide the workers' mesh ports).
+    role: str = "engine"
 
 
 def report_ready() -> None:

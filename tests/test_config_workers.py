@@ -9,7 +9,9 @@ import pytest
 from twisted.python import usage
 
 from connmix_tx import config as config_module
-from connmix_tx.config import ConfigError, default_config, load_config, reload_diff, worker_count
+from connmix_tx.config import (
+    ConfigError, default_config, load_config, reload_diff, worker_count, worker_mesh_ports,
+)
 
 
 @pytest.fixture
@@ -76,32 +78,30 @@ engine:
 """
 
 
-def test_the_mesh_port_range_of_the_workers_must_not_overlap_other_ports(workdir: Path) -> None:
-    assert load(workdir, MESH_NEXT_TO_API.format(workers=2)).engine.workers == 2  # 7000, 7001
-    assert error_of(workdir, MESH_NEXT_TO_API.format(workers=3)) == (
-        "config engine.meshPoint.port: port 7002 of worker 2 already used by engine.apiServer;"
-        " with 3 workers the mesh point needs ports 7000-7002"
-    )
+def test_worker_mesh_ports_skip_the_ports_of_other_listeners(workdir: Path) -> None:
+    config = load(workdir, MESH_NEXT_TO_API.format(workers=3))
+    assert worker_mesh_ports(config, "engine", 3) == [7000, 7001, 7003]  # 7002 is the API port
 
 
-def test_the_default_ports_leave_no_room_for_a_second_worker(workdir: Path) -> None:
-    """meshPoint 6788 + 1 is the API port 6789: the user is told to move the mesh point."""
-    assert error_of(workdir, "engine: {workers: 2}") == (
-        "config engine.meshPoint.port: port 6789 of worker 1 already used by engine.apiServer;"
-        " with 2 workers the mesh point needs ports 6788-6789"
-    )
+def test_the_default_ports_give_a_second_worker_the_first_free_port(workdir: Path) -> None:
+    """meshPoint 6788; 6789 (API) and 6790 (protocol server) are taken: worker 1 gets 6791, so
+    ``twistd -n connmix --dev -p 2`` runs on the packaged configuration."""
+    config = load(workdir, "engine: {workers: 2}")
+    assert worker_mesh_ports(config, "dev", 2) == [6788, 6791]
+    assert worker_mesh_ports(config, "dev", 1) == [6788]
 
 
 def test_dash_p_overrides_the_file_for_the_port_check(workdir: Path) -> None:
-    text = MESH_NEXT_TO_API.format(workers=1)
-    assert error_of(workdir, text, workers=3).startswith("config engine.meshPoint.port: port 7002 of worker 2")
-    assert load(workdir, text, workers=3 - 1).engine.workers == 1  # the file's value is kept
+    text = "engine: {workers: 1, meshPoint: {port: 65534}}"
+    assert error_of(workdir, text, workers=3).startswith("config engine.meshPoint.port: with 3 workers")
+    assert load(workdir, text, workers=2).engine.workers == 1  # the file's value is kept
 
 
-def test_a_mesh_port_range_past_65535_is_refused(workdir: Path) -> None:
+def test_mesh_ports_past_65535_are_refused(workdir: Path) -> None:
     text = "engine: {workers: 4, meshPoint: {port: 65534}}"
     assert error_of(workdir, text) == (
-        "config engine.meshPoint.port: with 4 workers the mesh point needs ports 65534-65537, beyond 65535"
+        "config engine.meshPoint.port: with 4 workers the mesh point needs 4 free ports from 65534,"
+        " beyond 65535"
     )
 
 

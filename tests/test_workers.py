@@ -409,13 +409,14 @@ def test_dev_mode_warns_when_workers_leave_cpus_idle(engine: Engine) -> None:
     assert not any("cpu underutilized" in line for line in others)
 
 
-def test_a_mesh_port_range_clash_is_a_config_error_before_any_worker(engine: Engine) -> None:
-    config = engine.config.read_text().replace(f"port: {engine.mesh}", f"port: {engine.api - 1}")
+def test_mesh_ports_past_65535_are_a_config_error_before_any_worker(engine: Engine) -> None:
+    config = engine.config.read_text().replace(f"port: {engine.mesh}", "port: 65535")
     engine.config.write_text(config)
     result = run(engine.args("-p", "2"), engine.folder)
     assert result.returncode == 2
-    assert fatal_line(result).startswith(
-        f"connmix: config engine.meshPoint.port: port {engine.api} of worker 1 already used by engine.apiServer")
+    assert fatal_line(result) == (
+        "connmix: config engine.meshPoint.port: with 2 workers the mesh point needs 2 free ports from 65535,"
+        " beyond 65535")
     assert started_pids(result.stdout) == []
 
 
