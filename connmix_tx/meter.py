@@ -37,8 +37,8 @@ class ServerMeter(Protocol):
     slow: Count
     local_send: Timer
 
-    def lua_error(self, callback: str) -> None:
-        """One error raised by ``callback`` of this server's script."""
+    def lua_error(self, callback: str, message: object = None) -> None:
+        """One error raised by ``callback`` of this server's script (``message``: its text)."""
 
 
 class ServersMeter(Protocol):
@@ -114,7 +114,7 @@ class NullMeter:
     def server(self, protocol: str, entry: str) -> NullMeter:
         return self
 
-    def lua_error(self, callback: str) -> None:
+    def lua_error(self, callback: str, message: object = None) -> None:
         pass
 
     def pushed(self, topic: str, result: str) -> None:

@@ -19,6 +19,7 @@ from zope.interface import implementer
 from connmix_tx.center.pb import GuardedPBServerFactory, LoggingPortal, SecretChecker
 from connmix_tx.engine.connections import CLIENT_NOT_FOUND, ENCODE_FAILED, SLOW_CONSUMER
 from connmix_tx.engine.router import CALL_FUNCS, LocalOps, valid_call_args
+from connmix_tx.meter import NULL_METER, MeshMeter
 
 STATUS_OK, STATUS_NOT_FOUND, STATUS_SLOW, STATUS_ENCODE, STATUS_BAD = 0, 1, 2, 3, 4
 _SEND_STATUS = {CLIENT_NOT_FOUND: STATUS_NOT_FOUND, SLOW_CONSUMER: STATUS_SLOW, ENCODE_FAILED: STATUS_ENCODE}
@@ -66,12 +67,19 @@ def apply_op(local: LocalOps, op: list) -> list:
     return [seq, STATUS_BAD, f"unknown op {name!r}", None]
 
 
-def apply_batch(local: LocalOps, blob: bytes) -> bytes:
+#: The operations counted by name in ``connmix_engine_mesh_messages{direction="in"}`` (a peer
+#: cannot grow the label values with made-up names).
+COUNTED_OPS = frozenset(("send", "publish", "call"))
+
+
+def apply_batch(local: LocalOps, blob: bytes, meter: MeshMeter = NULL_METER) -> bytes:
     """Run every operation of a batch blob; return the reply blob."""
     ops = msgpack.unpackb(blob, raw=False)
     replies = []
     for op in ops:
         try:
+            if op[0] in COUNTED_OPS:
+                meter.op("in", op[0]).inc()
             replies.append(apply_op(local, op))
         except Exception as e:  # one malformed op must not fail the others
             seq = op[1] if isinstance(op, list) and len(op) > 1 else None
@@ -83,27 +91,31 @@ def apply_batch(local: LocalOps, blob: bytes) -> bytes:
 class MeshPeerAvatar(pb.Avatar):
     """One engine logged in to this mesh point."""
 
-    def __init__(self, local: LocalOps, peer_node_id: str) -> None:
+    def __init__(self, local: LocalOps, peer_node_id: str, meter: MeshMeter = NULL_METER) -> None:
         self.local = local
         self.peer_node_id = peer_node_id
+        self.meter = meter
+        self._batches_in = meter.batch("in")
 
     def perspective_batch(self, blob: bytes) -> bytes:
-        return apply_batch(self.local, blob)
+        self._batches_in.inc()
+        return apply_batch(self.local, blob, self.meter)
 
 
 @implementer(portal.IRealm)
 class MeshRealm:
-    def __init__(self, local: LocalOps) -> None:
+    def __init__(self, local: LocalOps, meter: MeshMeter = NULL_METER) -> None:
         self.local = local
+        self.meter = meter
 
     def requestAvatar(self, avatar_id: Any, mind: Any, *interfaces: Any) -> tuple:
         if pb.IPerspective not in interfaces:
             raise NotImplementedError("PB only")
         peer = avatar_id.decode() if isinstance(avatar_id, bytes) else str(avatar_id)
-        return pb.IPerspective, MeshPeerAvatar(self.local, peer), lambda: None
+        return pb.IPerspective, MeshPeerAvatar(self.local, peer, self.meter), lambda: None
 
 
-def mesh_factory(local: LocalOps, secret: str) -> pb.PBServerFactory:
+def mesh_factory(local: LocalOps, secret: str, meter: MeshMeter = NULL_METER) -> pb.PBServerFactory:
     """The PB factory served on ``engine.meshPoint``."""
-    realm = LoggingPortal(MeshRealm(local), [SecretChecker(secret)], "mesh")
+    realm = LoggingPortal(MeshRealm(local, meter), [SecretChecker(secret)], "mesh")
     return GuardedPBServerFactory(realm, secret, "mesh")

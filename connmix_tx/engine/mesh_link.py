@@ -36,6 +36,7 @@ from twisted.python.failure import Failure
 from connmix_tx.engine.mesh import STATUS_ENCODE, STATUS_NOT_FOUND, STATUS_OK, STATUS_SLOW
 from connmix_tx.engine.connections import CLIENT_NOT_FOUND, ENCODE_FAILED, SLOW_CONSUMER
 from connmix_tx.engine.router import NODE_UNAVAILABLE
+from connmix_tx.meter import NULL_METER, MeshMeter
 from connmix_tx.pbclient import BrokerFactory, login, reason_text, retry_delay
 
 log = Logger(namespace="connmix.mesh")
@@ -113,8 +114,11 @@ class MeshLink:
         heartbeat_interval: float = 5.0,
         heartbeat_timeout: float = 15.0,
         endpoint: Any = None,
+        meter: MeshMeter = NULL_METER,
     ) -> None:
         self.reactor = reactor
+        self.meter = meter
+        self._batches_out = meter.batch("out")
         self.node_id = str(node["id"])
         self.number = int(node["number"])
         self.mesh_point = str(node["mesh_point"])
@@ -247,6 +251,7 @@ class MeshLink:
             return
         self._ops[seq] = _Op(kind, group, index, packed)
         self._queue.append(seq)
+        self.meter.op("out", kind).inc()
 
     # Batching --------------------------------------------------------------------------------
 
@@ -275,6 +280,7 @@ class MeshLink:
             packer = msgpack.Packer()
             blob = packer.pack_array_header(len(parts)) + b"".join(parts)
             self._in_flight += 1
+            self._batches_out.inc()
             self._last_sent = self.reactor.seconds()
             self._avatar.callRemote("batch", blob).addCallbacks(
                 self._answered, self._batch_failed, callbackArgs=(batch,), errbackArgs=(batch,)

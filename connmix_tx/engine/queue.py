@@ -25,6 +25,8 @@ from typing import Protocol
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
+from connmix_tx.meter import NULL_METER, QueueMeter
+
 log = Logger(namespace="connmix.queue")
 
 DISPATCH_BATCH = 256
@@ -52,33 +54,6 @@ class Consumer(Protocol):
         """
 
 
-class QueueMeter(Protocol):
-    """What the queues report to the metrics (connmix_tx/metrics.py implements it)."""
-
-    def pushed(self, topic: str, result: str) -> None:
-        """One push: ``result`` ok, full or error."""
-
-    def acked(self, topic: str, count: int) -> None:
-        """``count`` messages of ``topic`` acknowledged with ``queue.ack``."""
-
-    def redelivered(self, topic: str, count: int) -> None:
-        """``count`` unacknowledged messages of ``topic`` put back for another delivery."""
-
-
-class NullQueueMeter:
-    """A ``QueueMeter`` that counts nothing (unit tests, tools)."""
-
-    def pushed(self, topic: str, result: str) -> None:
-        pass
-
-    def acked(self, topic: str, count: int) -> None:
-        pass
-
-    def redelivered(self, topic: str, count: int) -> None:
-        pass
-
-
-NULL_METER = NullQueueMeter()
 #: Seconds an unacknowledged message may wait for its ack by default.
 ACK_TIMEOUT = 30.0
 

@@ -42,10 +42,11 @@ from twisted.python.failure import Failure
 
 from connmix_tx.config import RedisConfig
 from connmix_tx.engine.queue import (
-    ACK_TIMEOUT, DISPATCH_BATCH, NULL_METER, Consumer, Message, QueueError, QueueManager, QueueMeter, Topic, valid_name,
+    ACK_TIMEOUT, DISPATCH_BATCH, Consumer, Message, QueueError, QueueManager, Topic, valid_name,
 )
 from connmix_tx.engine.redis_link import RedisLink
 from connmix_tx.lua.redis import RedisError, ReplyError
+from connmix_tx.meter import NULL_METER, QueueMeter
 
 log = Logger(namespace="connmix.queue")
 

@@ -33,7 +33,8 @@ from connmix_tx.engine.connections import (
 )
 from connmix_tx.engine.outbound import buffered_bytes
 from connmix_tx.engine.session import CallbackSession, ProtocolServerFactory, open_client
-from connmix_tx.engine.websocket import WRITE_TIMEOUT, NullMeter
+from connmix_tx.engine.websocket import WRITE_TIMEOUT
+from connmix_tx.meter import NULL_METER, ServerMeter
 from connmix_tx.ids import Snowflake
 from connmix_tx.lua.runtime import Script, ScriptError
 
@@ -54,7 +55,7 @@ class SocketServerProtocol(Protocol):
     conn: ClientConnection | None = None
     session: CallbackSession | None = None
     last_received = 0.0
-    meter: Any = NullMeter()
+    meter: ServerMeter = NULL_METER
     #: The server settings this connection was accepted with ("new conns" keys).
     limits: ServerConfig
     write_timeout = 0
@@ -375,7 +376,7 @@ class SocketServerFactory(ProtocolServerFactory, Factory):
         meter: Any = None,
     ) -> None:
         self.config = config
-        self.share(script, connections, ids, clock, meter if meter is not None else NullMeter(),
+        self.share(script, connections, ids, clock, meter if meter is not None else NULL_METER,
                    config.read_timeout)
         # The Lua buffer object of SPEC 5.6 (engine.new_buffer in bootstrap.lua).
         self.new_buffer = script.new_buffer

@@ -37,6 +37,7 @@ from connmix_tx.engine.session import CallbackSession, ProtocolServerFactory, op
 from connmix_tx.ids import Snowflake
 from connmix_tx.lua.convert import py_to_lua
 from connmix_tx.lua.runtime import Script
+from connmix_tx.meter import NULL_METER, ServerMeter
 
 TEXT, BINARY = b"text", b"binary"
 CLOSE_NORMAL, CLOSE_GOING_AWAY, CLOSE_POLICY = 1000, 1001, 1008
@@ -53,25 +54,6 @@ _END_OF_HEADER = b"\r\n\r\n"
 #: A refusal reason from ``on_handshake`` is cut to this many characters.
 MAX_REASON = 120
 log = Logger(namespace="connmix.server")
-
-
-class _NoCount:
-    """A counter that counts nothing (a factory built without metrics: unit tests, tools)."""
-
-    def inc(self, amount: float = 1) -> None:
-        pass
-
-    def observe(self, amount: float) -> None:
-        pass
-
-
-class NullMeter:
-    """The ``connmix_tx.metrics.ServerMeter`` interface, counting nothing."""
-
-    read = sent = errors = local_send = slow = _NoCount()
-
-    def lua_error(self, callback: str, message: Any = None) -> None:
-        pass
 
 
 def accept_deflate(offers: list) -> PerMessageDeflateOfferAccept | None:
@@ -147,7 +129,7 @@ class ClientWebSocketProtocol(WebSocketServerProtocol):
     session: CallbackSession | None = None
     last_received = 0.0
     _close_err: str | None = None
-    meter: Any = NullMeter()
+    meter: ServerMeter = NULL_METER
     #: The server settings this connection was accepted with ("new conns" keys).
     limits: ServerConfig
     write_timeout = 0
@@ -402,7 +384,7 @@ class ClientWebSocketFactory(ProtocolServerFactory, WebSocketServerFactory):
         meter: Any = None,
     ) -> None:
         WebSocketServerFactory.__init__(self, server="connmix")
-        self.share(script, connections, ids, clock, meter if meter is not None else NullMeter(),
+        self.share(script, connections, ids, clock, meter if meter is not None else NULL_METER,
                    config.read_timeout)
         self.reconfigure(config)
 

@@ -18,6 +18,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from connmix_tx.lua.runtime import Script, ScriptError
+from connmix_tx.meter import NULL_METER, ReloadMeter
 
 log = Logger(namespace="connmix.lua")
 
@@ -36,7 +37,8 @@ def _stamp(path: str) -> tuple[float, int] | None:
 class HotReloader:
     """Reloads one server's script when its files change; ``interval`` 0 = off."""
 
-    def __init__(self, script: Script, clock: Any, interval: float) -> None:
+    def __init__(self, script: Script, clock: Any, interval: float, meter: ReloadMeter = NULL_METER) -> None:
+        self.meter = meter
         self.script = script
         self.clock = clock
         self.interval = interval
@@ -80,13 +82,16 @@ class HotReloader:
         except ScriptError as e:
             self._failed = now
             log.error("lua reload failed {entry}: {error}", entry=self.entry, error=str(e))
+            self.meter.reloaded(self.entry, ok=False)
             return False
         except Exception:
             # Not the script's fault; keep polling (a LoopingCall that raises stops for good).
             self._failed = now
             log.failure("lua reload failed {entry}", entry=self.entry)
+            self.meter.reloaded(self.entry, ok=False)
             return False
         self._failed = None
         self.script.use(generation)
         log.info("lua reloaded {entry}", entry=self.entry)
+        self.meter.reloaded(self.entry, ok=True)
         return True
