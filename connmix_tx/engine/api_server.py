@@ -39,7 +39,7 @@ from connmix_tx.engine.frames import direct, frame, write_message
 from connmix_tx.engine.outbound import WriteWatch, buffered_bytes, pause_reading
 from connmix_tx.engine.queue import QueueManager
 from connmix_tx.engine.connections import peer_address
-from connmix_tx.engine.websocket import CLOSE_SLOW, WRITE_TIMEOUT, websocket_options
+from connmix_tx.engine.ws_settings import CLOSE_SLOW, WRITE_TIMEOUT, websocket_options
 from connmix_tx.later import now_or_later
 from connmix_tx.web import METHOD_NOT_ALLOWED_BODY, JsonTree, QuietSite, json_response
 
