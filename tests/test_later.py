@@ -41,7 +41,7 @@ def test_an_already_fired_deferred_is_still_a_result_later() -> None:
 
 def test_failed_sees_the_failure_of_the_result_and_of_then() -> None:
     refused: Deferred = Deferred()
-    answer = when_ready(refused, lambda value: "unreached", lambda f: f"refused: {f.value}")
+    answer = when_ready(refused, lambda value: "unreached", failed=lambda f: f"refused: {f.value}")
     refused.errback(ValueError("no link"))
     assert fired(answer) == "refused: no link"
 
@@ -49,7 +49,7 @@ def test_failed_sees_the_failure_of_the_result_and_of_then() -> None:
         raise KeyError(value)
 
     late: Deferred = Deferred()
-    answer = when_ready(late, broken, lambda f: f.type.__name__)
+    answer = when_ready(late, broken, failed=lambda f: f.type.__name__)
     late.callback("x")
     assert fired(answer) == "KeyError"
 
@@ -67,7 +67,16 @@ def test_then_raising_on_a_result_now_raises_to_the_caller() -> None:
         raise RuntimeError(f"send failed: {error}")
 
     with pytest.raises(RuntimeError, match="send failed: client not found"):
-        when_ready("client not found", refuse, lambda f: "never called for a result now")
+        when_ready("client not found", refuse, failed=lambda f: "never called for a result now")
+
+
+def test_extra_args_go_to_then_and_failed_alike() -> None:
+    assert when_ready(2, lambda value, factor, offset: value * factor + offset, 10, 1) == 21
+    later: Deferred = Deferred()
+    answer = when_ready(later, lambda value, request_id: (value, request_id), 7,
+                        failed=lambda failure, request_id: ("error", request_id, str(failure.value)))
+    later.errback(ValueError("late"))
+    assert fired(answer) == ("error", 7, "late")
 
 
 def test_now_or_later_picks_the_continuation_by_the_kind_of_result() -> None:

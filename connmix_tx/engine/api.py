@@ -150,7 +150,7 @@ class ApiDispatcher:
                     self._forward(forwards, replies, completion)
                 replies.append(None)
                 completion.expect()  # _fill, now or later, marks it finished
-                when_ready(self.handle(session, raw), partial(_fill, replies, len(replies) - 1, completion.finished))
+                when_ready(self.handle(session, raw), _fill, replies, len(replies) - 1, completion)
                 continue
             replies.append(reply)
         if forwards:
@@ -256,11 +256,7 @@ class ApiDispatcher:
             result = self.call(session, dialect, name, params)
         except ApiError as e:
             return dialect.error(e.code, e.message, request_id)
-        return when_ready(
-            result,
-            lambda value: dialect.reply(value, request_id),
-            lambda failure: dialect.error(failure.value.code, failure.value.message, request_id),
-        )
+        return when_ready(result, dialect.reply, request_id, failed=dialect.failure)
 
     def call(self, session: ApiSession, dialect: Dialect, name: str, params: Any) -> Later[dict]:
         """Run method ``name`` with ``params``, both as written in ``dialect``.
@@ -275,7 +271,7 @@ class ApiDispatcher:
                 raise ApiError(METHOD_NOT_FOUND, f"method not found: {name}")
             self._authorize(session, method)
             result = self.methods[method](session, dialect.params(method, params), dialect)
-            return when_ready(result, partial(dialect.result, method), partial(self._failed, session=session, name=name))
+            return when_ready(result, _in_dialect, method, dialect, session, name, failed=self._failed)
         except ApiError as e:
             self._debug(session, name, e.code)
             raise
@@ -288,7 +284,7 @@ class ApiDispatcher:
         if self.access is not None and not self.access.allows(session.user, role):
             raise ApiError(UNAUTHORIZED, f"permission denied: {method} needs the {role} role")
 
-    def _failed(self, failure: Any, session: ApiSession, name: str) -> Any:
+    def _failed(self, failure: Any, method: str, dialect: Dialect, session: ApiSession, name: str) -> Any:
         if failure.check(ApiError):
             self._debug(session, name, failure.value.code)
             return failure
@@ -401,10 +397,16 @@ class _Completion:
 
 
 
-def _fill(replies: list, index: int, finished: Callable[[], None], reply: bytes) -> None:
+def _fill(reply: bytes, replies: list, index: int, completion: _Completion) -> None:
     """The reply of request ``index`` of a read is known (now or later)."""
     replies[index] = reply
-    finished()
+    completion.finished()
+
+
+def _in_dialect(result: dict, method: str, dialect: Dialect, session: ApiSession, name: str) -> dict:
+    """The long ``result`` of ``method`` as ``dialect`` writes it (``session`` and ``name`` are
+    for ``ApiDispatcher._failed``, which gets the same arguments)."""
+    return dialect.result(method, result)
 
 
 def _answer(method: str, error: str | None, dialect: Dialect, request_id: Any) -> tuple[bytes, int]:

@@ -142,6 +142,10 @@ class Dialect:
     def error(self, code: int, message: str, request_id: Any) -> bytes:
         raise NotImplementedError
 
+    def failure(self, failure: Any, request_id: Any) -> bytes:
+        """The error reply of a method that failed later with an ``ApiError``."""
+        return self.error(failure.value.code, failure.value.message, request_id)
+
     def event(self, node_json: bytes, topic: str, client_id: str, data: bytes) -> bytes:
         """A queue event; ``node_json`` is the JSON string of the node id, ``data`` JSON text."""
         raise NotImplementedError
