@@ -11,6 +11,7 @@ is an edge to ``P.N`` when that is a module of the package, else to ``P`` itself
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -200,3 +201,11 @@ def test_the_split_rooms_import_first(name: str) -> None:
     done = subprocess.run([sys.executable, "-c", f"import {name}"], cwd=REPO, capture_output=True, text=True,
                           timeout=60)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_every_package_folder_is_installed() -> None:
+    """setup.py lists its packages by hand (some folders are namespace packages): a folder of
+    modules missing there would be missing from an installed wheel (``connmix_tx.client``)."""
+    listed = set(re.findall(r'"(connmix_tx(?:\.\w+)*)"', (REPO / "setup.py").read_text(encoding="utf-8")))
+    folders = {name.rpartition(".")[0] if path.name != "__init__.py" else name for name, path in MODULES.items()}
+    assert folders - listed == set(), "packages missing from setup.py"
