@@ -33,15 +33,14 @@ from twisted.web.server import NOT_DONE_YET, Request, Site
 from connmix_tx.auth import UNAUTHORIZED, AccessGuard, request_user
 from connmix_tx.config import ApiServerConfig
 from connmix_tx.console import ConsolePage
-from connmix_tx.engine.api import (
-    COMPACT, INTERNAL_ERROR, INVALID_REQUEST, PARSE_ERROR, ApiDispatcher, ApiError, ApiSession,
-    strict_loads,
-)
+from connmix_tx.engine.api import ApiDispatcher, ApiSession
+from connmix_tx.engine.api_wire import COMPACT, INTERNAL_ERROR, INVALID_REQUEST, PARSE_ERROR, ApiError, strict_loads
 from connmix_tx.engine.frames import direct, frame, write_message
 from connmix_tx.engine.outbound import WriteWatch, buffered_bytes, pause_reading
 from connmix_tx.engine.queue import QueueManager
 from connmix_tx.engine.connections import peer_address
-from connmix_tx.engine.websocket import CLOSE_SLOW, WRITE_TIMEOUT, websocket_options
+from connmix_tx.engine.ws_settings import CLOSE_SLOW, WRITE_TIMEOUT, websocket_options
+from connmix_tx.later import now_or_later
 from connmix_tx.web import METHOD_NOT_ALLOWED_BODY, JsonTree, QuietSite, json_response
 
 __all__ = ["ApiWebSocketFactory", "ApiWebSocketProtocol", "HttpApiMethod", "api_site", "buffered_bytes"]
@@ -376,8 +375,14 @@ class HttpApiMethod(Resource):
             result = self.dispatcher.call(session, COMPACT, self.method, spec)
         except ApiError as e:
             return self._error(request, e)
-        if not isinstance(result, Deferred):
-            return json_response(request, 200, COMPACT.envelope(result))
+        return now_or_later(
+            result,
+            lambda value: json_response(request, 200, COMPACT.envelope(value)),
+            lambda later: self._answer_later(request, later),
+        )
+
+    def _answer_later(self, request: Request, later: Deferred) -> Any:
+        """Write the reply once the result comes (unless the client went away first)."""
         gone: list[Failure] = []
         request.notifyFinish().addErrback(gone.append)
 
@@ -387,7 +392,7 @@ class HttpApiMethod(Resource):
                 request.write(body)
                 request.finish()
 
-        result.addCallbacks(
+        later.addCallbacks(
             lambda value: json_response(request, 200, COMPACT.envelope(value)),
             lambda failure: self._error(request, failure.value),
         ).addCallback(reply)

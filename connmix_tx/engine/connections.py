@@ -11,7 +11,7 @@ from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred
 
-from connmix_tx.engine.queue import valid_name
+from connmix_tx.names import valid_name
 
 MAX_CHANNELS_PER_CONNECTION = 128
 

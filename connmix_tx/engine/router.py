@@ -8,24 +8,25 @@ requests arriving over the mesh alike.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Protocol, Union
+from typing import Any, Callable, Optional, Protocol
 
-from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.defer import gatherResults
 
 from connmix_tx.engine.connections import (
     CLIENT_NOT_FOUND,
     ClientConnection,
     ConnectionRegistry,
 )
-from connmix_tx.engine.queue import valid_name
+from connmix_tx.names import valid_name
 from connmix_tx.ids import node_number_of
+from connmix_tx.later import Later
 
 NODE_UNAVAILABLE = "node unavailable"
 
-#: An error text (None on success), now or later.
-SendResult = Union[str, None, Deferred]
+#: An error text (None on success), now or later (callers use ``connmix_tx.later.when_ready``).
+SendResult = Later[Optional[str]]
 #: (success count, fail count), now or later.
-PublishResult = Union[tuple[int, int], Deferred]
+PublishResult = Later[tuple[int, int]]
 
 CALL_FUNCS = ("set_context_value", "set_context", "subscribe", "unsubscribe", "close")
 
