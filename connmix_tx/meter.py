@@ -73,6 +73,10 @@ class ApiMeter(Protocol):
         """One request of ``method`` (a long name, ``unknown`` or ``""``) ending with ``code``."""
 
 
+class ApiServerMeter(ApiMeter, QueueMeter, Protocol):
+    """The API server counts slow connections and the queue events it writes."""
+
+
 class MeshMeter(Protocol):
     """Mesh operations and batches, both directions, and forwarded send times."""
 

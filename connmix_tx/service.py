@@ -46,14 +46,16 @@ from connmix_tx.ids import Snowflake, new_node_id
 from connmix_tx.lua.http import HttpClient
 from connmix_tx.lua.mixlib import MixLibrary
 from connmix_tx.lua.redis import RedisPools
-from connmix_tx.lua.runtime import Script, ScriptError
-from connmix_tx.metrics import (
-    CenterMetrics, EngineMetrics, MeshPointOps, MeteredApiDispatcher, MeteredHotReloader,
-    MeteredMeshLink, MeteredMeshRealm, MeteredRouter, MetricsResource,
-)
+from connmix_tx.lua.runtime import Script, ScriptError, lua_version
+from connmix_tx.engine.api import ApiDispatcher
+from connmix_tx.engine.mesh import MeshRealm
+from connmix_tx.engine.mesh_link import MeshLink
+from connmix_tx.engine.router import Router
+from connmix_tx.lua.reload import HotReloader
+from connmix_tx.metrics import CenterMeter, EngineMeter, MetricsResource, own
 from connmix_tx.reuseport import ReusePortEndpoint
 from connmix_tx.tls import TLSError, check_server_files, client_endpoint, server_options
-from connmix_tx.worker_metrics import EngineMetricsResource, SiblingMetrics
+from connmix_tx.worker_metrics import SiblingMetrics
 from connmix_tx.workers import ParentWatch, WorkerPool, WorkerRole, report_ready, worker_argv
 
 EXIT_CONFIG, EXIT_LISTEN = 2, 3
@@ -219,7 +221,7 @@ class CenterPart(service.MultiService):
         self.setName("center")
         cluster = config.cluster
         self.registry = Registry(reactor, cluster.heartbeat_timeout, cluster.number_reserve)
-        self.metrics = CenterMetrics(self.registry)
+        self.metrics = CenterMeter(self.registry, lua_version())
         registry_log = Logger(namespace="connmix.registry")
         center_log = Logger(namespace="connmix.center")
         self.registry_listener = Listener(
@@ -231,7 +233,7 @@ class CenterPart(service.MultiService):
         self.api_listener = Listener(
             reactor, "center.apiServer", config.center.api_server,
             center_site(self.registry, access, config.center.api_server,
-                        MetricsResource(self.metrics.registry)),
+                        MetricsResource(own(self.metrics))),
             lambda address: center_log.info("start the center api server ({address})", address=address),
         )
         self.api_listener.setServiceParent(self)
@@ -254,6 +256,31 @@ def _queues(luavm: Any, reactor: Any, node_id: str, meter: Any) -> QueueManager:
         return RedisQueueManager(reactor, redis, node_id, queue.topic_size, queue.prefix,
                                  queue.ack_timeout, meter=meter)
     return QueueManager(reactor, queue.topic_size, queue.max_topics, queue.ack_timeout, meter=meter)
+
+
+def watch_engine(meter: EngineMeter, engine: EnginePart) -> None:
+    """The engine's gauges, read from its live objects when ``/metrics`` is scraped."""
+
+    def clients() -> list[tuple[tuple[str, ...], float]]:
+        return [((factory.config.protocol, str(listener.actual_port)), len(factory.open_protocols))
+                for listener, factory in zip(engine.protocol_listeners, engine.client_factories)]
+
+    def topics(read: Callable[[Any], int]) -> Callable[[], list[tuple[tuple[str, ...], float]]]:
+        return lambda: [((name,), read(topic)) for name, topic in list(engine.queues.topics.items())]
+
+    meter.gauge("connmix_engine_servers_clients", "Open client connections", clients, ("protocol", "port"))
+    meter.gauge("connmix_engine_channels", "Distinct channels with a local subscriber",
+                lambda: [((), len(engine.connections.channels))])
+    meter.gauge("connmix_engine_queue_length", "Waiting messages", topics(lambda t: t.waiting), ("topic",))
+    meter.gauge("connmix_engine_queue_consumers", "Consumers", topics(lambda t: len(t.consumers)), ("topic",))
+    meter.gauge("connmix_engine_queue_unacked", "Delivered, unacknowledged messages",
+                topics(lambda t: len(t.unacked)), ("topic",))
+    if hasattr(engine.queues, "up"):
+        meter.gauge("connmix_engine_queue_backend_up", "1 while the queue backend (redis) answers, else 0",
+                    lambda: [((), int(engine.queues.up))])
+    meter.gauge("connmix_engine_api_connections", "Open API WebSockets",
+                lambda: [((), len(engine.api_factory.open_protocols))])
+    meter.gauge("connmix_engine_mesh_peers", "Connected mesh links", lambda: [((), engine.peers.up)])
 
 
 class EnginePart(service.MultiService):
@@ -285,12 +312,12 @@ class EnginePart(service.MultiService):
         if worker is not None:
             port = worker_mesh_ports(config, worker.role, worker.index + 1)[-1]
             mesh_point = dataclasses.replace(mesh_point, port=port)
-        self.metrics = EngineMetrics()
+        self.metrics = EngineMeter(lua_version())
         self.connections = ConnectionRegistry()
         self.queues = _queues(engine.luavm, reactor, self.node_id, self.metrics)
         self.local = LocalOps(self.connections)
         self.peers = MeshPeers(self._mesh_link, self.node_id)
-        self.router = MeteredRouter(self.metrics, 0, self.local, self.peers)
+        self.router = Router(0, self.local, self.peers, meter=self.metrics)
         self.nodes: list[dict[str, Any]] = []
         self.libraries: list[MixLibrary] = []
         # mix.http / mix.redis of every server share the engine's client and pools (lazy).
@@ -299,7 +326,7 @@ class EnginePart(service.MultiService):
         self.scripts = [self._script(i, server) for i, server in enumerate(engine.servers)]
         #: One hot reloader per server (SPEC 5.9); SIGHUP calls ``set_interval`` on them.
         self.reloaders = [
-            MeteredHotReloader(self.metrics, script, reactor, server.byte_code_expires)
+            HotReloader(script, reactor, server.byte_code_expires, meter=self.metrics)
             for server, script in zip(engine.servers, self.scripts)
         ]
         self.protocol_listeners: list[Listener] = []
@@ -310,22 +337,22 @@ class EnginePart(service.MultiService):
         mesh_log = Logger(namespace="connmix.mesh")
         api_log = Logger(namespace="connmix.api")
         secret = config.cluster.secret
-        mesh_realm = MeteredMeshRealm(MeshPointOps(self.metrics, self.connections), self.metrics)
+        mesh_realm = MeshRealm(self.local, self.metrics)
         self.mesh_listener = Listener(
             reactor, "engine.meshPoint", mesh_point,
             GuardedPBServerFactory(LoggingPortal(mesh_realm, [SecretChecker(secret)], "mesh"), secret, "mesh"),
             lambda address: mesh_log.info("start the mesh node ({address})", address=address),
         )
         self.mesh_listener.setServiceParent(self)
-        metrics_resource: Any = MetricsResource(self.metrics.registry)
+        metrics_resource = MetricsResource(own(self.metrics))
         if worker is not None and worker.directory:
             # /metrics answers for every worker of the engine, whichever takes the scrape.
-            self.sibling_metrics = SiblingMetrics(reactor, worker.directory, worker.index, self.metrics.registry)
+            self.sibling_metrics = SiblingMetrics(reactor, worker.directory, worker.index, self.metrics.snapshot)
             self.sibling_metrics.setServiceParent(self)
-            metrics_resource = EngineMetricsResource(self.sibling_metrics.gather)
+            metrics_resource = MetricsResource(self.sibling_metrics.gather)
         self.api_factory = ApiWebSocketFactory(
-            engine.api_server, MeteredApiDispatcher(self.metrics, self.router, self.queues, access),
-            self.queues, self.node_id, metrics=self.metrics, clock=reactor,
+            engine.api_server, ApiDispatcher(self.router, self.queues, access, meter=self.metrics),
+            self.queues, self.node_id, meter=self.metrics, clock=reactor,
         )
         self.api_listener = Listener(
             reactor, "engine.apiServer", engine.api_server,
@@ -334,7 +361,7 @@ class EnginePart(service.MultiService):
             reuse_port=shared,
         )
         self.api_listener.setServiceParent(self)
-        self.metrics.watch(self)
+        watch_engine(self.metrics, self)
 
         def center_endpoint() -> tuple[Any, str]:
             host, port = center_address()
@@ -361,16 +388,17 @@ class EnginePart(service.MultiService):
         )
         self.center_link.registered.addCallback(self._registered)
 
-    def _mesh_link(self, node: dict[str, Any]) -> MeteredMeshLink:
+    def _mesh_link(self, node: dict[str, Any]) -> MeshLink:
         """The link to another engine's mesh point; TLS when this engine's meshPoint has ``tls``."""
         cluster, tls = self.config.cluster, self.config.engine.mesh_point.tls
         endpoint = None
         if tls is not None:
             target = HostPort.parse(str(node["mesh_point"]))
             endpoint = client_endpoint(self.reactor, target.host, target.port, tls, tls, timeout=5)
-        return MeteredMeshLink(
-            self.metrics, self.reactor, node, self.node_id, cluster.secret,
+        return MeshLink(
+            self.reactor, node, self.node_id, cluster.secret,
             cluster.mesh_timeout, cluster.heartbeat_interval, cluster.heartbeat_timeout, endpoint=endpoint,
+            meter=self.metrics,
         )
 
     def _script(self, index: int, server: Any) -> Script:

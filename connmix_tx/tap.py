@@ -18,17 +18,11 @@ from connmix_tx import __version__
 ROLE_CHOICES = ("center", "engine", "single")
 
 
-def lua_version() -> str:
-    """``jit.version`` read from a fresh LuaJIT runtime, e.g. ``LuaJIT 2.1.1774896198``."""
-    from lupa import luajit21
-
-    runtime = luajit21.LuaRuntime(register_eval=False, register_builtins=False, encoding=None)
-    return runtime.eval("jit.version").decode()
-
-
 def version_line() -> str:
     """The version line of SPEC 2.3."""
     import twisted
+
+    from connmix_tx.lua.runtime import lua_version
 
     python = ".".join(str(p) for p in sys.version_info[:3])
     return (

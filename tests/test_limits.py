@@ -91,10 +91,11 @@ def test_write_watch_ignores_connections_without_timeout() -> None:
 
 def test_api_connection_over_its_write_buffer_is_closed_4008() -> None:
     from connmix_tx.engine.api_server import ApiWebSocketProtocol
-    from connmix_tx.metrics import EngineMetrics
+    from connmix_tx.metrics import EngineMeter
+    from connmix_tx.testing import sample_value
 
     class Factory:
-        metrics = EngineMetrics()
+        meter = EngineMeter()
         write_watch = WriteWatch(Clock())
 
         class queues:
@@ -122,8 +123,7 @@ def test_api_connection_over_its_write_buffer_is_closed_4008() -> None:
     assert closes == [(4008, b"slow consumer")]
     assert logs.find("close slow api connection 127.0.0.1:5000 buffered=164")  # two 82-byte frames
     assert Factory.queues.unconsumed == [proto.session]
-    assert Factory.metrics.registry.get_sample_value(
-        "connmix_engine_slow_disconnects_total", {"kind": "api"}) == 1
+    assert sample_value(Factory.meter, "connmix_engine_slow_disconnects_total", {"kind": "api"}) == 1
 
 
 # Integration: slow clients, write timeout, sizes ---------------------------------------------

@@ -17,8 +17,9 @@ import websockets
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import in_asyncio, loopback_config, start_engine
-from connmix_tx.engine.websocket import NullMeter
-from connmix_tx.metrics import EngineMetrics, MeteredQueueManager, ServerMeter
+from connmix_tx.meter import NullMeter, ServerMeter
+from connmix_tx.metrics import EngineMeter, ServerCounts
+from connmix_tx.tally import exposition
 from netclients import api_call, basic, http_request, post
 
 ENGINE_NAMES = {
@@ -173,8 +174,10 @@ def test_queue_push_results_and_bounded_topic_labels() -> None:
 
     from connmix_tx.engine.queue import QueueError
 
-    metrics = EngineMetrics()
-    queues = MeteredQueueManager(metrics, Clock(), topic_size=1, max_topics=1)
+    from connmix_tx.engine.queue import QueueManager
+
+    metrics = EngineMeter()
+    queues = QueueManager(Clock(), topic_size=1, max_topics=1, meter=metrics)
     queues.push("a", "1", b"{}")
     for topic in ("a", "b", "bad topic"):
         with pytest.raises(QueueError):
@@ -187,12 +190,11 @@ def test_queue_push_results_and_bounded_topic_labels() -> None:
 
 
 def test_lua_errors_and_reloads_are_counted_per_entry() -> None:
-    metrics = EngineMetrics()
-    meter = metrics.server("websocket", "lua/entry.websocket.lua")
-    assert isinstance(meter, ServerMeter)
+    metrics = EngineMeter()
+    meter: ServerMeter = metrics.server("websocket", "lua/entry.websocket.lua")
     meter.lua_error("on_message", "boom")
     meter.lua_error("on_message")
-    metrics.lua_reload("lua/entry.websocket.lua", ok=False)
+    metrics.reloaded("lua/entry.websocket.lua", ok=False)
     text = Scrape(_text(metrics))
     assert text.value("connmix_engine_lua_errors_total", entry="lua/entry.websocket.lua",
                       callback="on_message") == 2
@@ -200,26 +202,25 @@ def test_lua_errors_and_reloads_are_counted_per_entry() -> None:
 
 
 def test_the_null_meter_takes_every_call_a_server_makes_and_keeps_nothing() -> None:
-    """Factories built without metrics (unit tests, tools) count into a ``NullMeter``: it offers
-    each counter of ``ServerMeter`` with the same methods, and ``lua_error`` with its signature."""
-    real = EngineMetrics().server("websocket", "lua/entry.websocket.lua")
+    """Plain classes built without metrics (unit tests, tools) count into the ``NullMeter``: it
+    offers each counter of a server's real meter with the same methods, and ``lua_error`` with its
+    signature, and keeps nothing."""
+    real = EngineMeter().server("websocket", "lua/entry.websocket.lua")
     null = NullMeter()
-    counters = [name for name in ServerMeter.__slots__ if not name.startswith("_")]
-    assert counters == ["read", "sent", "errors", "local_send", "slow"]
+    counters = [name for name in ServerCounts.__slots__ if not name.startswith("_")]
+    assert counters == ["read", "sent", "errors", "slow", "local_send"]
     for name in counters:
         methods = [m for m in ("inc", "observe") if hasattr(getattr(real, name), m)]
         assert methods, name
         for method in methods:
             assert getattr(getattr(null, name), method)(1) is None
-    assert inspect.signature(NullMeter.lua_error) == inspect.signature(ServerMeter.lua_error)
+    assert inspect.signature(NullMeter.lua_error) == inspect.signature(ServerCounts.lua_error)
     assert null.lua_error("on_message", "boom") is None
     assert vars(null) == {}  # nothing was kept
 
 
-def _text(metrics: EngineMetrics) -> str:
-    from prometheus_client import generate_latest
-
-    return generate_latest(metrics.registry).decode()
+def _text(metrics: EngineMeter) -> str:
+    return exposition([metrics.snapshot()]).decode()
 
 
 def test_hot_reloads_are_counted_ok_and_failed_once_per_broken_version(tmp_path: Any) -> None:
@@ -227,8 +228,8 @@ def test_hot_reloads_are_counted_ok_and_failed_once_per_broken_version(tmp_path:
 
     from twisted.internet.task import Clock
 
+    from connmix_tx.lua.reload import HotReloader
     from connmix_tx.lua.runtime import Script
-    from connmix_tx.metrics import MeteredHotReloader
 
     entry = tmp_path / "lua" / "entry.lua"
     entry.parent.mkdir()
@@ -236,8 +237,8 @@ def test_hot_reloads_are_counted_ok_and_failed_once_per_broken_version(tmp_path:
     entry.write_text(body)
     script = Script(str(entry), "websocket", {}, Clock())
     script.load()
-    metrics = EngineMetrics()
-    reloader = MeteredHotReloader(metrics, script, Clock(), 1)
+    metrics = EngineMeter()
+    reloader = HotReloader(script, Clock(), 1, meter=metrics)
 
     def rewrite(text: str, stamp: int) -> None:
         entry.write_text(text)

@@ -339,11 +339,10 @@ def test_disconnect_of_a_manual_consumer_redelivers_to_another_session() -> None
 
 
 def test_engine_metrics_count_acks_and_redeliveries(clock) -> None:
-    from prometheus_client import generate_latest
+    from connmix_tx.metrics import EngineMeter
+    from connmix_tx.testing import metrics_text
 
-    from connmix_tx.metrics import EngineMetrics
-
-    metrics = EngineMetrics()
+    metrics = EngineMeter()
     queues = QueueManager(clock, topic_size=5, max_topics=10, ack_timeout=1, meter=metrics)
     c = Consumer()
     queues.consume(c, ["foo"], manual=True)
@@ -351,7 +350,7 @@ def test_engine_metrics_count_acks_and_redeliveries(clock) -> None:
     clock.advance(0)
     queues.ack(c, "foo", c.ids()[:1])
     clock.advance(1)
-    text = generate_latest(metrics.registry).decode()
+    text = metrics_text(metrics)
     assert 'connmix_engine_queue_acks_total{topic="foo"} 1.0' in text
     assert 'connmix_engine_queue_redeliveries_total{topic="foo"} 1.0' in text
     assert 'connmix_engine_queue_push_total{result="ok",topic="foo"} 2.0' in text

@@ -219,9 +219,9 @@ async def test_push_full_and_never_trimmed(redis_address: HostPort, logs: Logs) 
 
 
 async def metrics_text(running: Any) -> str:
-    from prometheus_client import generate_latest
+    from connmix_tx.testing import metrics_text
 
-    return generate_latest(running.service.engine.metrics.registry).decode()
+    return metrics_text(running.service.engine.metrics)
 
 
 # Manual ack, redelivery ---------------------------------------------------------------------------

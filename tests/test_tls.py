@@ -27,7 +27,7 @@ from cryptography.x509.oid import NameOID
 from conftest import in_asyncio, loopback_config, start_engine
 from connmix_tx.config import TLSConfig
 from connmix_tx.service import FatalError, endpoint_string, server_endpoint
-from connmix_tx.testing import LogCapture
+from connmix_tx.testing import LogCapture, sample_value
 
 # Twisted hands pyOpenSSL objects to pyOpenSSL, which now prefers cryptography's: not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:Passing pyOpenSSL:DeprecationWarning")
@@ -217,8 +217,8 @@ async def test_engines_register_and_mesh_over_tls_with_client_certificates(tmp_p
             assert (status, json.loads(answer)["E"]) == (200, None)
             assert await asyncio.wait_for(client.recv(), 5) == "across the tls mesh"
         batches = "connmix_engine_mesh_batches_total"
-        assert first.service.engine.metrics.registry.get_sample_value(batches, {"direction": "out"}) >= 1
-        assert second.engine.metrics.registry.get_sample_value(batches, {"direction": "in"}) >= 1
+        assert sample_value(first.service.engine.metrics, batches, {"direction": "out"}) >= 1
+        assert sample_value(second.engine.metrics, batches, {"direction": "in"}) >= 1
         assert fatal == []
     finally:
         await wait_for(maybe_deferred(second.stopService()), 10)

@@ -33,37 +33,20 @@ from twisted.web.server import NOT_DONE_YET, Request, Site
 from connmix_tx.auth import UNAUTHORIZED, AccessGuard, request_user
 from connmix_tx.config import ApiServerConfig
 from connmix_tx.console import ConsolePage
-from connmix_tx.engine.api import (
-    COMPACT, INTERNAL_ERROR, INVALID_REQUEST, PARSE_ERROR, ApiDispatcher, ApiError, ApiSession,
-    strict_loads,
-)
+from connmix_tx.engine.api import ApiDispatcher, ApiSession
+from connmix_tx.engine.api_wire import COMPACT, INTERNAL_ERROR, INVALID_REQUEST, PARSE_ERROR, ApiError, strict_loads
 from connmix_tx.engine.frames import direct, frame, write_message
 from connmix_tx.engine.outbound import WriteWatch, buffered_bytes, pause_reading
 from connmix_tx.engine.queue import QueueManager
+from connmix_tx.meter import NULL_METER, ApiServerMeter
 from connmix_tx.engine.connections import peer_address
-from connmix_tx.engine.websocket import CLOSE_SLOW, WRITE_TIMEOUT, websocket_options
+from connmix_tx.engine.ws_settings import CLOSE_SLOW, WRITE_TIMEOUT, websocket_options
+from connmix_tx.later import now_or_later
 from connmix_tx.web import METHOD_NOT_ALLOWED_BODY, JsonTree, QuietSite, json_response
 
 __all__ = ["ApiWebSocketFactory", "ApiWebSocketProtocol", "HttpApiMethod", "api_site", "buffered_bytes"]
 
 log = Logger(namespace="connmix.api")
-
-
-class MeteredSession(ApiSession):
-    """``ApiSession`` that counts the queue events it writes, per topic (SPEC 7.5)."""
-
-    def __init__(self, metrics: Any, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._metrics = metrics
-        self._delivered: dict[str, Any] = {}
-
-    def deliver(self, topic: str, client_id: str, data: bytes, message_id: str | None = None,
-                redelivered: int = 0) -> None:
-        child = self._delivered.get(topic)
-        if child is None:
-            child = self._delivered[topic] = self._metrics.delivered(topic)
-        child.inc()
-        super().deliver(topic, client_id, data, message_id, redelivered)
 
 
 class ApiWebSocketProtocol(WebSocketServerProtocol):
@@ -87,11 +70,8 @@ class ApiWebSocketProtocol(WebSocketServerProtocol):
     def onOpen(self) -> None:
         self.peer_text = peer_address(self.transport)
         factory = self.factory
-        args = (self._write, self._buffered, factory.node_id, self.peer_text)
-        if factory.metrics is not None:
-            self.session = MeteredSession(factory.metrics, *args, user=self.user)
-        else:
-            self.session = ApiSession(*args, user=self.user)
+        self.session = ApiSession(self._write, self._buffered, factory.node_id, self.peer_text,
+                                  user=self.user, meter=factory.meter)
         self._replies: deque[list] = deque()
         factory.open_protocols.add(self)
 
@@ -212,8 +192,7 @@ class ApiWebSocketProtocol(WebSocketServerProtocol):
             return
         self._slow = True
         log.warn("close slow api connection {peer} buffered={bytes}", peer=self.peer_text, bytes=buffered)
-        if self.factory.metrics is not None:
-            self.factory.metrics.slow_api.inc()
+        self.factory.meter.slow_api.inc()
         if self.session is not None:
             self.factory.queues.unconsume(self.session)  # stop feeding it events at once
         # Read nothing more (requests, pings) from a peer that takes nothing.
@@ -253,14 +232,14 @@ class ApiWebSocketFactory(WebSocketServerFactory):
         dispatcher: ApiDispatcher,
         queues: QueueManager,
         node_id: str,
-        metrics: Any = None,
+        meter: ApiServerMeter = NULL_METER,
         clock: Any = None,
     ) -> None:
         super().__init__(server="connmix")
         self.dispatcher = dispatcher
         self.queues = queues
         self.node_id = node_id
-        self.metrics = metrics
+        self.meter = meter
         if clock is None:
             from twisted.internet import reactor as clock
         self.write_watch = WriteWatch(clock)
@@ -376,8 +355,14 @@ class HttpApiMethod(Resource):
             result = self.dispatcher.call(session, COMPACT, self.method, spec)
         except ApiError as e:
             return self._error(request, e)
-        if not isinstance(result, Deferred):
-            return json_response(request, 200, COMPACT.envelope(result))
+        return now_or_later(
+            result,
+            lambda value: json_response(request, 200, COMPACT.envelope(value)),
+            lambda later: self._answer_later(request, later),
+        )
+
+    def _answer_later(self, request: Request, later: Deferred) -> Any:
+        """Write the reply once the result comes (unless the client went away first)."""
         gone: list[Failure] = []
         request.notifyFinish().addErrback(gone.append)
 
@@ -387,7 +372,7 @@ class HttpApiMethod(Resource):
                 request.write(body)
                 request.finish()
 
-        result.addCallbacks(
+        later.addCallbacks(
             lambda value: json_response(request, 200, COMPACT.envelope(value)),
             lambda failure: self._error(request, failure.value),
         ).addCallback(reply)

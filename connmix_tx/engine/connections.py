@@ -11,7 +11,8 @@ from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred
 
-from connmix_tx.engine.queue import valid_name
+from connmix_tx.meter import ServerMeter
+from connmix_tx.names import valid_name
 
 MAX_CHANNELS_PER_CONNECTION = 128
 
@@ -33,6 +34,9 @@ def peer_address(transport: Any) -> str:
 
 class ClientTransport(Protocol):
     """What the engine needs from the protocol object that carries a client connection."""
+
+    #: The counters of the server the connection arrived on.
+    meter: ServerMeter
 
     def send_message(self, data: bytes, binary: bool) -> str | None:
         """Send one message written by the script itself (``conn:send``); return an error or None."""

@@ -26,13 +26,13 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
 from connmix_tx.meter import NULL_METER, QueueMeter
+from connmix_tx.names import MAX_NAME_BYTES, valid_name  # noqa: F401 - also imported from here
 
 log = Logger(namespace="connmix.queue")
 
 DISPATCH_BATCH = 256
 #: While messages wait and every consumer is busy, look again after this many seconds.
 RETRY_DELAY = 0.05
-MAX_NAME_BYTES = 255
 
 
 class QueueError(Exception):
@@ -82,15 +82,6 @@ class Unacked:
         self.message = message
         self.consumer = consumer
         self.deadline = deadline
-
-
-def valid_name(name: object) -> bool:
-    """Topic and channel names: 1-255 bytes of text, no whitespace or control characters."""
-    if not isinstance(name, str) or not name:
-        return False
-    if len(name.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES:
-        return False
-    return not any(c.isspace() or ord(c) < 32 or ord(c) == 127 for c in name)
 
 
 class Topic:

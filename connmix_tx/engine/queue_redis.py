@@ -42,11 +42,12 @@ from twisted.python.failure import Failure
 
 from connmix_tx.config import RedisConfig
 from connmix_tx.engine.queue import (
-    ACK_TIMEOUT, DISPATCH_BATCH, Consumer, Message, QueueError, QueueManager, Topic, valid_name,
+    ACK_TIMEOUT, DISPATCH_BATCH, Consumer, Message, QueueError, QueueManager, Topic,
 )
 from connmix_tx.engine.redis_link import RedisLink
 from connmix_tx.lua.redis import RedisError, ReplyError
 from connmix_tx.meter import NULL_METER, QueueMeter
+from connmix_tx.names import valid_name
 
 log = Logger(namespace="connmix.queue")
 

@@ -8,24 +8,27 @@ requests arriving over the mesh alike.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Protocol, Union
+from time import perf_counter
+from typing import Any, Callable, Optional, Protocol
 
-from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.defer import gatherResults
 
 from connmix_tx.engine.connections import (
     CLIENT_NOT_FOUND,
     ClientConnection,
     ConnectionRegistry,
 )
-from connmix_tx.engine.queue import valid_name
+from connmix_tx.names import valid_name
 from connmix_tx.ids import node_number_of
+from connmix_tx.later import Later
+from connmix_tx.meter import NULL_METER, MeshMeter
 
 NODE_UNAVAILABLE = "node unavailable"
 
-#: An error text (None on success), now or later.
-SendResult = Union[str, None, Deferred]
+#: An error text (None on success), now or later (callers use ``connmix_tx.later.when_ready``).
+SendResult = Later[Optional[str]]
 #: (success count, fail count), now or later.
-PublishResult = Union[tuple[int, int], Deferred]
+PublishResult = Later[tuple[int, int]]
 
 CALL_FUNCS = ("set_context_value", "set_context", "subscribe", "unsubscribe", "close")
 
@@ -65,7 +68,11 @@ class LocalOps:
         conn = self.connections.get(client_id)
         if conn is None:
             return CLIENT_NOT_FOUND
-        return conn.transport.deliver(data, binary, {})
+        transport = conn.transport
+        start = perf_counter()
+        error = transport.deliver(data, binary, {})
+        transport.meter.local_send.observe(perf_counter() - start)
+        return error
 
     def publish(self, channel: str, data: bytes, binary: bool) -> tuple[int, int]:
         shared: dict[str, Any] = {}
@@ -107,10 +114,13 @@ def apply_call(
 class Router:
     """Routes by the node bits of a client id: local operations or the mesh."""
 
-    def __init__(self, node_number: int, local: LocalOps, peers: MeshPeers | None = None) -> None:
+    def __init__(self, node_number: int, local: LocalOps, peers: MeshPeers | None = None,
+                 meter: MeshMeter = NULL_METER) -> None:
         self.node_number = node_number
         self.local = local
         self.peers = peers
+        #: Forwarded sends are timed to the mesh reply (local ones in ``LocalOps.send``).
+        self.forward_send = meter.forward_send
 
     def route(self, client_id: int) -> Any:
         """Where ``client_id`` lives: None (here), its engine's live link, or ``NODE_UNAVAILABLE``."""
@@ -121,8 +131,21 @@ class Router:
         return NODE_UNAVAILABLE if link is None else link
 
     def forward(self, link: Any, ops: list[tuple], done: Callable[[list], Any]) -> None:
-        """Send the operations of one API read to ``link`` (see ``MeshLink.submit``)."""
-        link.submit(ops, done)
+        """Send the operations of one API read to ``link`` (see ``MeshLink.submit``); each send is
+        timed to the link's one answer for all of them."""
+        sends = sum(1 for op in ops if op[0] == "send")
+        if not sends:
+            link.submit(ops, done)
+            return
+        start = perf_counter()
+
+        def answered(results: list) -> Any:
+            elapsed = perf_counter() - start
+            for _ in range(sends):
+                self.forward_send.observe(elapsed)
+            return done(results)
+
+        link.submit(ops, answered)
 
     def send(self, client_id: int, data: bytes, binary: bool) -> SendResult:
         number = node_number_of(client_id)
@@ -131,7 +154,11 @@ class Router:
         link = self.peers.link_for(number) if self.peers else None
         if link is None:
             return NODE_UNAVAILABLE
-        return link.send(client_id, data, binary)
+        return link.send(client_id, data, binary).addBoth(self._forwarded, perf_counter())
+
+    def _forwarded(self, result: Any, start: float) -> Any:
+        self.forward_send.observe(perf_counter() - start)
+        return result
 
     def call(self, client_id: int, func: str, args: list[Any]) -> SendResult:
         number = node_number_of(client_id)

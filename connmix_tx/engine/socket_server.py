@@ -33,7 +33,7 @@ from connmix_tx.engine.connections import (
 )
 from connmix_tx.engine.outbound import buffered_bytes
 from connmix_tx.engine.session import CallbackSession, ProtocolServerFactory, open_client
-from connmix_tx.engine.websocket import WRITE_TIMEOUT
+from connmix_tx.engine.ws_settings import WRITE_TIMEOUT
 from connmix_tx.meter import NULL_METER, ServerMeter
 from connmix_tx.ids import Snowflake
 from connmix_tx.lua.runtime import Script, ScriptError

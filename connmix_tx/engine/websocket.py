@@ -17,7 +17,6 @@ from fnmatch import fnmatchcase
 from typing import Any
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
-from autobahn.websocket.compress import PerMessageDeflateOffer, PerMessageDeflateOfferAccept
 from autobahn.websocket.types import ConnectionDeny
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
@@ -34,19 +33,15 @@ from connmix_tx.engine.connections import (
 from connmix_tx.engine.frames import frame, write_frame, write_message
 from connmix_tx.engine.outbound import buffered_bytes, pause_reading, resume_reading
 from connmix_tx.engine.session import CallbackSession, ProtocolServerFactory, open_client
+from connmix_tx.engine.ws_settings import (
+    CLOSE_GOING_AWAY, CLOSE_NORMAL, CLOSE_POLICY, CLOSE_SLOW, CLOSE_TOO_BIG, WRITE_TIMEOUT, websocket_options,
+)
 from connmix_tx.ids import Snowflake
 from connmix_tx.lua.convert import py_to_lua
 from connmix_tx.lua.runtime import Script
 from connmix_tx.meter import NULL_METER, ServerMeter
 
 TEXT, BINARY = b"text", b"binary"
-CLOSE_NORMAL, CLOSE_GOING_AWAY, CLOSE_POLICY = 1000, 1001, 1008
-CLOSE_TOO_BIG = 1009
-#: SPEC 4.1 / 7.7: the peer does not read what it is sent.
-CLOSE_SLOW = 4008
-WRITE_TIMEOUT = "write timeout"
-#: SPEC 4.2: the whole opening handshake, ``on_handshake`` included.
-HANDSHAKE_TIMEOUT = 10
 #: The largest opening handshake request (request line and headers) a protocol server reads;
 #: a bigger one is answered ``431`` and closed before more of it is buffered.
 MAX_HANDSHAKE = 16384
@@ -56,12 +51,6 @@ MAX_REASON = 120
 log = Logger(namespace="connmix.server")
 
 
-def accept_deflate(offers: list) -> PerMessageDeflateOfferAccept | None:
-    """Accept the first permessage-deflate offer (the ``compression: true`` servers)."""
-    for offer in offers:
-        if isinstance(offer, PerMessageDeflateOffer):
-            return PerMessageDeflateOfferAccept(offer)
-    return None
 
 
 def origin_allowed(origin: str | None, patterns: tuple[str, ...] | None) -> bool:
@@ -76,21 +65,6 @@ def origin_patterns(option: str | None) -> tuple[str, ...] | None:
     """The globs of an ``origins`` option (lower-cased), or None when any origin is allowed."""
     patterns = tuple(p.strip().lower() for p in (option or "*").split(",") if p.strip())
     return None if not patterns or "*" in patterns else patterns
-
-
-def websocket_options(max_message_size: int, compression: bool) -> dict[str, Any]:
-    """The Autobahn factory settings SPEC 4.2 prescribes (shared with the API server)."""
-    return dict(
-        maxFramePayloadSize=max_message_size,
-        maxMessagePayloadSize=max_message_size,
-        openHandshakeTimeout=HANDSHAKE_TIMEOUT,
-        closeHandshakeTimeout=1,
-        utf8validateIncoming=True,
-        failByDrop=False,
-        webStatus=False,
-        trustXForwardedFor=0,
-        perMessageCompressionAccept=accept_deflate if compression else (lambda offers: None),
-    )
 
 
 def refusal(values: tuple) -> tuple[int, str]:

@@ -13,6 +13,7 @@ no Deferred at all.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 from dataclasses import dataclass, field
@@ -40,6 +41,13 @@ REQUIRED_CALLBACKS = {"websocket": WEBSOCKET_CALLBACKS, "socket": SOCKET_CALLBAC
 #: ``done(ok, value)``: ``ok`` True -> ``value`` is the tuple the callback returned;
 #: ``ok`` False -> ``value`` is the error message (with file:line).
 Done = Callable[[bool, Any], None]
+
+
+@functools.cache
+def lua_version() -> str:
+    """``jit.version`` read from a fresh LuaJIT runtime, e.g. ``LuaJIT 2.1.1774896198``."""
+    runtime = lupa.LuaRuntime(register_eval=False, register_builtins=False, encoding=None)
+    return str(runtime.eval("jit.version").decode())
 
 
 class ScriptError(Exception):

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from connmix_tx.meter import NULL_METER, ServerMeter
+
 if TYPE_CHECKING:
     from connmix_tx.engine.connections import ClientTransport
 
@@ -20,6 +22,8 @@ class FakeClientTransport:
     that refuses (``"slow consumer"``, ``"closed"``...) records nothing.  ``clear_error`` is the
     answer to ``clear_buffer`` (None: supported, as on socket servers).
     """
+
+    meter: ServerMeter = NULL_METER
 
     def __init__(self, error: str | None = None, clear_error: str | None = None) -> None:
         self.error = error

@@ -1,0 +1,49 @@
+"""WebSocket settings both servers share: the client-facing ``protocol: websocket`` server
+(connmix_tx/engine/websocket.py) and the engine API (connmix_tx/engine/api_server.py).
+
+Close codes, the write-timeout reason, the opening-handshake timeout and the Autobahn factory
+options; nothing here imports the Lua side, so the API server does not need it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from autobahn.websocket.compress import PerMessageDeflateOffer, PerMessageDeflateOfferAccept
+
+__all__ = [
+    "CLOSE_GOING_AWAY", "CLOSE_NORMAL", "CLOSE_POLICY", "CLOSE_SLOW", "CLOSE_TOO_BIG", "HANDSHAKE_TIMEOUT",
+    "WRITE_TIMEOUT", "accept_deflate", "websocket_options",
+]
+
+CLOSE_NORMAL, CLOSE_GOING_AWAY, CLOSE_POLICY = 1000, 1001, 1008
+CLOSE_TOO_BIG = 1009
+#: The peer does not read what it is sent (docs/robustness-clients.md).
+CLOSE_SLOW = 4008
+WRITE_TIMEOUT = "write timeout"
+#: The whole opening handshake, ``on_handshake`` included, in seconds.
+HANDSHAKE_TIMEOUT = 10
+
+
+def accept_deflate(offers: list) -> PerMessageDeflateOfferAccept | None:
+    """Accept the first permessage-deflate offer (the ``compression: true`` servers)."""
+    for offer in offers:
+        if isinstance(offer, PerMessageDeflateOffer):
+            return PerMessageDeflateOfferAccept(offer)
+    return None
+
+
+
+def websocket_options(max_message_size: int, compression: bool) -> dict[str, Any]:
+    """The Autobahn factory settings of both WebSocket servers (docs/configuration.md)."""
+    return dict(
+        maxFramePayloadSize=max_message_size,
+        maxMessagePayloadSize=max_message_size,
+        openHandshakeTimeout=HANDSHAKE_TIMEOUT,
+        closeHandshakeTimeout=1,
+        utf8validateIncoming=True,
+        failByDrop=False,
+        webStatus=False,
+        trustXForwardedFor=0,
+        perMessageCompressionAccept=accept_deflate if compression else (lambda offers: None),
+    )
