@@ -47,6 +47,7 @@ setup(
     packages=[
         "connmix_tx",
         "connmix_tx.center",
+        "connmix_tx.config",
         "connmix_tx.console",
         "connmix_tx.engine",
         "connmix_tx.lua",
