@@ -17,7 +17,8 @@ from twisted.python.failure import Failure
 from twisted.spread import pb
 from twisted.test import iosim
 
-from connmix_tx.center.pb import GuardedPBServerFactory, registry_factory
+from connmix_tx.center.pb import registry_factory
+from connmix_tx.pb import GuardedPBServerFactory
 from connmix_tx.center.registry import Registry, RegistryError
 
 SECRET = "s3cret"
