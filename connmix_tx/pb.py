@@ -16,7 +16,6 @@ connection that closes.  ``is_refusal`` and ``reason_text`` read the failures.
 from __future__ import annotations
 
 import hmac
-import ipaddress
 from typing import Any, Callable
 
 from twisted.cred import credentials, error, portal
@@ -29,6 +28,8 @@ from twisted.python.failure import Failure
 from twisted.spread import pb
 from zope.interface import implementer
 
+from connmix_tx.auth import is_loopback
+
 __all__ = [
     "ENGINE_USER", "BrokerFactory", "GuardedPBServerFactory", "LoggingPortal", "SecretChecker",
     "is_refusal", "login", "reason_text", "retry_delay",
@@ -40,13 +41,6 @@ log = Logger(namespace="connmix.registry")
 ENGINE_USER = b"engine"
 
 _REFUSALS = (b"twisted.cred.error.UnauthorizedLogin", b"twisted.spread.pb.Error")
-
-
-def is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host.split("%")[0]).is_loopback
-    except ValueError:
-        return False
 
 
 # --------------------------------------------------------------------------- server side
