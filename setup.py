@@ -48,6 +48,7 @@ setup(
         "connmix_tx",
         "connmix_tx.center",
         "connmix_tx.client",
+        "connmix_tx.config",
         "connmix_tx.console",
         "connmix_tx.engine",
         "connmix_tx.lua",

@@ -63,7 +63,9 @@ class Verdict(NamedTuple):
 
 
 def is_loopback(peer_ip: str) -> bool:
-    """127.0.0.0/8, ::1 and IPv4-mapped loopback; anything unparsable is not loopback."""
+    """127.0.0.0/8, ::1 (with or without a zone, ``::1%lo``) and IPv4-mapped loopback; anything
+    unparsable is not loopback.  The API listeners' protected mode and the PB listeners' guard
+    (``connmix_tx.pb.GuardedPBServerFactory``) both ask it."""
     try:
         address = ipaddress.ip_address(peer_ip)
     except ValueError:

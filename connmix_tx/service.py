@@ -28,7 +28,7 @@ from twisted.logger import Logger
 from connmix_tx import __version__
 from connmix_tx.auth import AccessControl
 from connmix_tx.center.api import center_site
-from connmix_tx.center.pb import GuardedPBServerFactory, LoggingPortal, SecretChecker, registry_factory
+from connmix_tx.center.pb import registry_factory
 from connmix_tx.center.registry import Registry
 from connmix_tx.config import (
     AnyListener, Config, ConfigError, HostPort, load_config, worker_count, worker_mesh_ports,
@@ -53,6 +53,7 @@ from connmix_tx.engine.mesh_link import MeshLink
 from connmix_tx.engine.router import Router
 from connmix_tx.lua.reload import HotReloader
 from connmix_tx.metrics import CenterMeter, EngineMeter, MetricsResource, own
+from connmix_tx.pb import GuardedPBServerFactory, LoggingPortal, SecretChecker
 from connmix_tx.reuseport import ReusePortEndpoint
 from connmix_tx.tls import TLSError, check_server_files, client_endpoint, server_options
 from connmix_tx.worker_metrics import SiblingMetrics

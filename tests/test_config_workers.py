@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from twisted.python import usage
 
-from connmix_tx import config as config_module
+from connmix_tx.config import roles as config_module
 from connmix_tx.config import (
     ConfigError, default_config, load_config, reload_diff, worker_count, worker_mesh_ports,
 )

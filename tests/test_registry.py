@@ -17,7 +17,8 @@ from twisted.python.failure import Failure
 from twisted.spread import pb
 from twisted.test import iosim
 
-from connmix_tx.center.pb import GuardedPBServerFactory, registry_factory
+from connmix_tx.center.pb import registry_factory
+from connmix_tx.pb import GuardedPBServerFactory
 from connmix_tx.center.registry import Registry, RegistryError
 
 SECRET = "s3cret"
@@ -277,10 +278,17 @@ def test_empty_secret_refuses_other_hosts(registry, host) -> None:
     assert factory.buildProtocol(IPv4Address("TCP", host, 5000)) is None
 
 
+@pytest.mark.parametrize("host", ["::ffff:10.0.0.7", "fe80::1%eth0", "2001:db8::1", "::"])
+def test_empty_secret_refuses_other_ipv6_hosts(registry, host) -> None:
+    """A dual-stack listener sees IPv4 peers as IPv4-mapped IPv6: only mapped loopback passes."""
+    assert registry_factory(registry, "").buildProtocol(IPv6Address("TCP", host, 5000)) is None
+
+
 @pytest.mark.parametrize(
     "address",
     [IPv4Address("TCP", "127.0.0.1", 5000), IPv4Address("TCP", "127.8.9.1", 1),
-     IPv6Address("TCP", "::1", 5000)],
+     IPv6Address("TCP", "::1", 5000), IPv6Address("TCP", "::1%lo", 5000),
+     IPv6Address("TCP", "::ffff:127.0.0.1", 5000)],
 )
 def test_empty_secret_accepts_loopback(registry, address) -> None:
     assert isinstance(registry_factory(registry, "").buildProtocol(address), pb.Broker)

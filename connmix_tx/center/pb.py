@@ -1,96 +1,24 @@
-"""The registry's Perspective Broker face (SPEC 8.1): portal, realm, checker, engine avatars.
+"""The registry's Perspective Broker face: the realm and the engine avatars behind ``center.registry``.
 
-Engines log in as ``engine`` with ``cluster.secret`` and pass a mind (a ``Referenceable``) that
-receives node lists.  The avatar offers ``register`` and ``heartbeat``; logging out (the PB
-connection closing) marks the engine down.  The same ``SecretChecker`` and ``LoopbackGuard``
-serve the mesh point.
+Engines log in as ``ENGINE_USER`` with ``cluster.secret`` and pass a mind (a ``Referenceable``)
+that receives node lists.  The avatar offers ``register`` and ``heartbeat``; logging out (the PB
+connection closing) marks the engine down.  The checker, portal and guarded factory are shared
+with the mesh point and live in ``connmix_tx.pb``.
 """
 
 from __future__ import annotations
 
-import hmac
-import ipaddress
 from typing import Any
 
-from twisted.cred import credentials, error, portal
-from twisted.cred.checkers import ICredentialsChecker
-from twisted.internet import defer
+from twisted.cred import portal
 from twisted.logger import Logger
 from twisted.spread import pb
 from zope.interface import implementer
 
 from connmix_tx.center.registry import Registry, RegistryError
+from connmix_tx.pb import ENGINE_USER, GuardedPBServerFactory, LoggingPortal, SecretChecker
 
 log = Logger(namespace="connmix.registry")
-
-ENGINE_USER = b"engine"
-
-
-def is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host.split("%")[0]).is_loopback
-    except ValueError:
-        return False
-
-
-@implementer(ICredentialsChecker)
-class SecretChecker:
-    """Accepts any username (or only ``username``) with the cluster secret as password."""
-
-    credentialInterfaces = (credentials.IUsernameHashedPassword, credentials.IUsernamePassword)
-
-    def __init__(self, secret: str, username: bytes | None = None) -> None:
-        self.secret = secret.encode()
-        self.username = username
-
-    def requestAvatarId(self, creds: Any) -> defer.Deferred:
-        if self.username is not None and not hmac.compare_digest(creds.username, self.username):
-            return defer.fail(error.UnauthorizedLogin("unknown user"))
-        if creds.checkPassword(self.secret):
-            return defer.succeed(creds.username)
-        return defer.fail(error.UnauthorizedLogin("wrong cluster secret"))
-
-
-class LoggingPortal(portal.Portal):
-    """A portal that logs refused logins with the peer address (SPEC 10) and answers them with a
-    plain ``pb.Error``, which PB passes to the client without logging a traceback here."""
-
-    def __init__(self, realm: Any, checkers: Any, name: str) -> None:
-        super().__init__(realm, checkers)
-        self.name = name
-
-    def login(self, creds: Any, mind: Any, *interfaces: Any) -> defer.Deferred:
-        def refused(failure: Any) -> Any:
-            failure.trap(error.UnauthorizedLogin, error.UnhandledCredentials)
-            transport = getattr(getattr(creds, "broker", None), "transport", None)
-            peer = getattr(transport.getPeer(), "host", "?") if transport is not None else "?"
-            log.warn("{name}: refused login from {peer}: {reason}", name=self.name, peer=peer,
-                     reason=failure.getErrorMessage())
-            raise pb.Error(f"login refused: {failure.getErrorMessage()}")
-
-        return super().login(creds, mind, *interfaces).addErrback(refused)
-
-
-class GuardedPBServerFactory(pb.PBServerFactory):
-    """A PB server that, with an empty cluster secret, talks to loopback peers only (SPEC 10)."""
-
-    noisy = False
-
-    def __init__(self, root: Any, secret: str, name: str) -> None:
-        super().__init__(root)
-        self.open_to_all = bool(secret)
-        self.name = name
-
-    def buildProtocol(self, addr: Any) -> pb.Broker | None:
-        host = getattr(addr, "host", "")
-        if not self.open_to_all and not is_loopback(host):
-            log.warn(
-                "{name}: refused login from {peer}: cluster.secret is empty, loopback peers only",
-                name=self.name,
-                peer=host,
-            )
-            return None
-        return super().buildProtocol(addr)
 
 
 class EngineAvatar(pb.Avatar):

@@ -19,8 +19,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.spread import pb
 
-from connmix_tx.center.pb import ENGINE_USER
-from connmix_tx.pbclient import BrokerFactory, is_refusal, login, reason_text, retry_delay
+from connmix_tx.pb import ENGINE_USER, BrokerFactory, is_refusal, login, reason_text, retry_delay
 
 log = Logger(namespace="connmix.engine")
 

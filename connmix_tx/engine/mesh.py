@@ -16,10 +16,10 @@ from twisted.logger import Logger
 from twisted.spread import pb
 from zope.interface import implementer
 
-from connmix_tx.center.pb import GuardedPBServerFactory, LoggingPortal, SecretChecker
 from connmix_tx.engine.connections import CLIENT_NOT_FOUND, ENCODE_FAILED, SLOW_CONSUMER
 from connmix_tx.engine.router import CALL_FUNCS, LocalOps, valid_call_args
 from connmix_tx.meter import NULL_METER, MeshMeter
+from connmix_tx.pb import GuardedPBServerFactory, LoggingPortal, SecretChecker
 
 STATUS_OK, STATUS_NOT_FOUND, STATUS_SLOW, STATUS_ENCODE, STATUS_BAD = 0, 1, 2, 3, 4
 _SEND_STATUS = {CLIENT_NOT_FOUND: STATUS_NOT_FOUND, SLOW_CONSUMER: STATUS_SLOW, ENCODE_FAILED: STATUS_ENCODE}

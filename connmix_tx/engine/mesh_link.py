@@ -37,7 +37,7 @@ from connmix_tx.engine.mesh import STATUS_ENCODE, STATUS_NOT_FOUND, STATUS_OK, S
 from connmix_tx.engine.connections import CLIENT_NOT_FOUND, ENCODE_FAILED, SLOW_CONSUMER
 from connmix_tx.engine.router import NODE_UNAVAILABLE
 from connmix_tx.meter import NULL_METER, MeshMeter
-from connmix_tx.pbclient import BrokerFactory, login, reason_text, retry_delay
+from connmix_tx.pb import BrokerFactory, login, reason_text, retry_delay
 
 log = Logger(namespace="connmix.mesh")
 
