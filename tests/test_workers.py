@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import re
 import signal
 import socket
@@ -26,6 +25,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
 
 from connmix_tx.config import device_cpus
+from connmix_tx.testing import free_ports
 from procs import Process, run, twistd, write_yaml
 
 FAST = {"heartbeatInterval": 0.5, "heartbeatTimeout": 1.5, "meshTimeout": 2, "registerTimeout": 10}
@@ -40,31 +40,6 @@ function on_message(msg)
 end
 function on_close(client_id, err) end
 """
-
-
-def listen_ports(count: int, consecutive: bool = False) -> list[int]:
-    """``count`` ports of 127.0.0.1 that were free a moment ago, below the ephemeral range.
-
-    Ports of ``free_ports`` come from the ephemeral range, where any outgoing connection on the
-    machine may take one before the engine binds it; a (shared, busy) test machine makes that
-    likely enough to matter for a test that starts three processes.
-    """
-    for _ in range(200):
-        base = random.randrange(20000, 32000 - count)
-        ports = list(range(base, base + count)) if consecutive else random.sample(range(20000, 32000), count)
-        sockets = []
-        try:
-            for port in ports:
-                s = socket.socket()
-                sockets.append(s)
-                s.bind(("127.0.0.1", port))
-            return ports
-        except OSError:
-            continue
-        finally:
-            for s in sockets:
-                s.close()
-    raise RuntimeError("no free ports")
 
 
 def gone(pid: int) -> bool:
@@ -95,8 +70,8 @@ class Engine:
 
     def __init__(self, folder: Path, workers_in_file: int = 1) -> None:
         self.folder = folder
-        self.registry, self.center_api, self.api, self.client = listen_ports(4)
-        self.mesh = listen_ports(2, consecutive=True)[0]
+        self.registry, self.center_api, self.api, self.client = free_ports(4)
+        self.mesh = free_ports(2, consecutive=True)[0]
         (folder / "lua").mkdir(exist_ok=True)
         (folder / "lua" / "id.lua").write_text(ENTRY)
         self.config = self.write(workers_in_file)
