@@ -42,16 +42,26 @@ end
 
 -- LuaJIT has no emergency collection: garbage a slice leaves near the budget (a loop under
 -- pcall that ran out) would make the next allocation fail.  After each slice, when usage is in
--- the last eighth of the budget and grew by a sixteenth since the last full collection, collect.
+-- the last eighth of the budget and grew by a sixteenth since the last full collection there,
+-- collect (a script keeping most of its budget in globals does not get a full collection after
+-- every slice).
 local gc_count = collectgarbage
 local gc_high, gc_step, gc_after = math.huge, math.huge, 0
 
 local function collect_when_high()
   local used = gc_count("count")
-  if used > gc_high and used > gc_after + gc_step then
+  if used <= gc_high then
+    gc_after = 0
+  elseif used > gc_after + gc_step then
     gc_count("collect")
     gc_after = gc_count("count")
   end
+end
+
+-- A full collection (the Python side asks after a memory error, or before a large result).
+function engine.collect()
+  gc_count("collect")
+  gc_after = 0
 end
 
 function engine.set_memory_limits(soft, hard)
@@ -60,9 +70,23 @@ function engine.set_memory_limits(soft, hard)
   set_hard()
 end
 
+-- Set when a host function raised: lupa keeps the Python exception, and with it the frames of
+-- the Python caller (which may hold the coroutine), until another exception replaces it.  The
+-- driver tells the Python side after the slice, which then drops it.
+local python_raised = false
+
 local function host_done(was_soft, ok, ...)
+  if not ok then
+    -- The error is the Python exception, whose traceback holds Python frames that may hold
+    -- the coroutine: a reference cycle across the two heaps that no collector breaks.  Lua
+    -- gets its text only.
+    python_raised = true
+    local err = (...)
+    if type(err) == "userdata" then err = tostring(err) end
+    if was_soft then set_soft() end
+    error(err, 0)
+  end
   if was_soft then set_soft() end
-  if not ok then error((...), 0) end
   return ...
 end
 
@@ -727,6 +751,10 @@ end
 local function finish(co, saved_active, saved_cid, saved_protocol, ok, first, ...)
   disarm_limit()
   set_hard()
+  if python_raised then
+    python_raised = false
+    raw_host.raised()
+  end
   if not ok then
     coroutine_cid[co] = nil
     local text = error_text(first)
@@ -777,6 +805,10 @@ end
 local function after_protocol(co, saved_active, saved_cid, saved_protocol, ok, ...)
   disarm_limit()
   set_hard()
+  if python_raised then
+    python_raised = false
+    raw_host.raised()
+  end
   if not ok then
     local text = error_text((...))
     active, current_cid, in_protocol = saved_active, saved_cid, saved_protocol
@@ -802,6 +834,12 @@ function engine.call_protocol(env, name, cid, ...)
   set_soft()
   arm_limit()
   return after_protocol(co, saved_active, saved_cid, saved_protocol, co_resume(co, ...))
+end
+
+-- Raises the Python exception of raw_host.fail out of the runtime, so that lupa lets go of the
+-- one it kept.
+function engine.rethrow()
+  raw_host.fail()
 end
 
 function engine.type_of(env, name)

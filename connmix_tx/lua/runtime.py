@@ -104,6 +104,8 @@ class Script:
         # Set when a callback ran out of memory: its dead coroutine held the memory until the
         # Python side let go of it, so the next callback collects first.
         self._collect = False
+        # Set when a host function raised during a slice (see bootstrap.lua, python_raised).
+        self._drop_exception = False
         self.budget = max_memory_mib * 1024 * 1024
         self.runtime = lupa.LuaRuntime(
             register_eval=False,
@@ -116,7 +118,7 @@ class Script:
         limit_address = _limit_address(self.runtime, self.budget + HEADROOM)
         if limit_address is None:
             log.warn("lua memory limit cannot be split; the script may use the headroom too")
-        set_budget(self.runtime, self.budget)
+
         host = dict(functions)
         if "valid_utf8" in host:
             host["valid_utf8"] = self._sized(host["valid_utf8"])
@@ -124,6 +126,8 @@ class Script:
             server_kind=kind.encode(),
             read_module=self._read_module,
             forget=self._forget,
+            raised=self._raised,
+            fail=_fail,
             extensions=self.runtime.table_from(
                 {name.encode(): self._sized(fn) for name, fn in (extensions or {}).items()}
             ),
@@ -135,6 +139,7 @@ class Script:
         ), limit_address)
         base = self.runtime.get_memory_used(total=True) - self.runtime.get_memory_used()
         self._engine.set_memory_limits(base + self.budget, base + self.budget + HEADROOM)
+        set_budget(self.runtime, self.budget, self._engine.collect)
         self._resume = self._engine.resume
         self._start = self._engine.start
         self._start_message = self._engine.start_message
@@ -166,7 +171,7 @@ class Script:
         try:
             env, err = self._engine.compile(source, self.chunk_name(self.entry).encode())
         except lupa.LuaError as e:
-            self.runtime.gccollect()
+            self._collect = True
             raise ScriptError(_text(e)) from None
         finally:
             self._loading = None
@@ -252,12 +257,12 @@ class Script:
         assert self._generation is not None, "load() first"
         if self._collect:
             self._collect = False
-            self.runtime.gccollect()
+            self._engine.collect()
         self._depth += 1
         try:
             co, *outcome = self._start(self._generation.env, callback.encode(), cid, *args)
         except lupa.LuaError as e:
-            self.runtime.gccollect()
+            self._collect = True
             done(False, _text(e))
             return
         finally:
@@ -272,12 +277,12 @@ class Script:
             return
         if self._collect:
             self._collect = False
-            self.runtime.gccollect()
+            self._engine.collect()
         self._depth += 1
         try:
             co, *outcome = self._start_message(self._generation.env, cid, kind, data)
         except lupa.LuaError as e:
-            self.runtime.gccollect()
+            self._collect = True
             done(False, _text(e))
             return
         finally:
@@ -289,15 +294,17 @@ class Script:
         assert self._generation is not None, "load() first"
         if self._collect:
             self._collect = False
-            self.runtime.gccollect()
+            self._engine.collect()
         self._depth += 1
         try:
             ok, *values = self._call_protocol(self._generation.env, name.encode(), cid, *args)
         except lupa.LuaError as e:
-            self.runtime.gccollect()
+            self._collect = True
             raise ScriptError(_text(e)) from None
         finally:
             self._depth -= 1
+        if self._drop_exception:
+            self._let_go()
         if not ok:
             message = _text(values[0])
             if NOT_ENOUGH_MEMORY in message:
@@ -305,7 +312,20 @@ class Script:
             raise ScriptError(message)
         return tuple(values)
 
+    def _raised(self) -> None:
+        self._drop_exception = True
+
+    def _let_go(self) -> None:
+        """Make lupa drop the Python exception it kept (and the frames it holds)."""
+        self._drop_exception = False
+        try:
+            self._engine.rethrow()
+        except _Dropped:
+            pass
+
     def _outcome(self, co: Any, cid: bytes, outcome: list, done: Done) -> None:
+        if self._drop_exception:
+            self._let_go()
         while True:
             status = outcome[0]
             if status == b"done":
@@ -330,13 +350,15 @@ class Script:
                 return
             del self._waits[outcome[1]]
             outcome = self._resume_now(co, wait.result or ())
+            if self._drop_exception:
+                self._let_go()
 
     def _resume_now(self, co: Any, values: tuple) -> list:
         self._depth += 1
         try:
             result = self._resume(co, *values)
         except lupa.LuaError as e:
-            self.runtime.gccollect()
+            self._collect = True
             return [b"error", _text(e).encode(), b""]
         finally:
             self._depth -= 1
@@ -391,23 +413,25 @@ class Script:
         return self.runtime.table_from(mapping)
 
 
-_BUDGETS: dict[int, int] = {}
+_BUDGETS: dict[int, tuple[int, Callable[[], Any]]] = {}
 
 
-def set_budget(runtime: Any, budget: int) -> None:
-    """Record the script budget (bytes) of ``runtime`` for ``has_room``."""
-    _BUDGETS[id(runtime)] = budget
+def set_budget(runtime: Any, budget: int, collect: Callable[[], Any]) -> None:
+    """Record the script budget (bytes) of ``runtime`` and how to collect its garbage, for
+    ``has_room``."""
+    _BUDGETS[id(runtime)] = budget, collect
 
 
 def has_room(runtime: Any, size: int) -> bool:
     """Whether ``size`` more bytes fit in the budget of ``runtime``; collects garbage once
     before saying no."""
-    budget = _BUDGETS.get(id(runtime))
-    if budget is None:
+    known = _BUDGETS.get(id(runtime))
+    if known is None:
         return True
+    budget, collect = known
     if runtime.get_memory_used() + size <= budget:
         return True
-    runtime.gccollect()
+    collect()
     return runtime.get_memory_used() + size <= budget
 
 
@@ -427,6 +451,14 @@ def _limit_address(runtime: Any, limit: int) -> int | None:
     if len(found) != 1:
         return None
     return id(runtime) + found[0] * ctypes.sizeof(ctypes.c_size_t)
+
+
+class _Dropped(Exception):
+    """Raised through the runtime to replace the exception lupa keeps."""
+
+
+def _fail() -> None:
+    raise _Dropped()
 
 
 def _stat(path: str) -> tuple[float, int]:
