@@ -43,18 +43,23 @@ end
 -- LuaJIT has no emergency collection: garbage a slice leaves near the budget (a loop under
 -- pcall that ran out) would make the next allocation fail.  After each slice, when usage is in
 -- the last eighth of the budget and grew by a sixteenth since the last full collection there,
--- collect (a script keeping most of its budget in globals does not get a full collection after
--- every slice).
+-- collect; a script keeping most of its budget in globals gets a full collection every 64th
+-- slice only.
 local gc_count = collectgarbage
 local gc_high, gc_step, gc_after = math.huge, math.huge, 0
+
+local gc_slices = 0
 
 local function collect_when_high()
   local used = gc_count("count")
   if used <= gc_high then
     gc_after = 0
-  elseif used > gc_after + gc_step then
+    return
+  end
+  gc_slices = gc_slices + 1
+  if used > gc_after + gc_step or gc_slices >= 64 then
     gc_count("collect")
-    gc_after = gc_count("count")
+    gc_after, gc_slices = gc_count("count"), 0
   end
 end
 
@@ -548,7 +553,7 @@ local function new_mix()
   mix.json_encode = json_encode
   function mix.json_decode(s)
     if type(s) ~= "string" then error("bad argument #1 to 'json_decode' (string expected)", 2) end
-    return host.json_decode(s)
+    return python_result(pcall(host.json_decode, s))
   end
   function mix.log(level, msg)
     if not LEVELS[level] then error("bad argument #1 to 'log' (unknown level '" .. tostring(level) .. "')", 2) end

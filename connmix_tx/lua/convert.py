@@ -209,7 +209,16 @@ def lua_to_json(value: object) -> bytes:
 
 
 def json_to_lua(runtime: Any, text: bytes | str) -> object:
-    """Decode JSON text to a Lua value (``mix.json_decode``); raise ConvertError when invalid."""
+    """Decode JSON text to a Lua value (``mix.json_decode``); raise ConvertError when invalid.
+
+    Raises MemoryShortage before parsing when the containers the text may hold would not fit
+    in the script's budget (parsing first would cost Python memory in proportion too).
+    """
+    if len(text) > 65536:
+        raw = text.encode() if isinstance(text, str) else text
+        containers = raw.count(b"[") + raw.count(b"{")
+        if not has_room(runtime, containers * 128 + len(raw) * 2):
+            raise MemoryShortage()
     try:
         value = json.loads(text, parse_constant=_refuse_constant)
     except (ValueError, RecursionError) as e:
