@@ -19,7 +19,7 @@ import socket
 import textwrap
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import pytest
 from websockets.exceptions import InvalidStatus, WebSocketException
@@ -263,8 +263,7 @@ class Node:
             with connect(self.url(), open_timeout=20, close_timeout=5) as ws:
                 ws.send(code)
                 ws.send("reset")
-                ws.send("ping")
-                assert ws.recv(timeout=30) == "pong"
+                self._ping_after_reset(ws)
         elif place == "handshake":
             try:
                 with connect(self.url(), additional_headers={"X-Code": code}, open_timeout=30) as ws:
@@ -303,6 +302,20 @@ class Node:
         time.sleep(0.01)
         entry.write_text(good + "\n-- restored\n")
         self.process.wait_for_line(r"lua reloaded .*entry\.ws\.lua", timeout=60)
+
+    @staticmethod
+    def _ping_after_reset(ws: Any) -> None:
+        """After a script dropped what filled its budget, one callback may still fail with
+        ``not enough memory`` (that failure collects, docs/robustness.md): a second ping must
+        be answered."""
+        for attempt in range(2):
+            ws.send("ping")
+            try:
+                assert ws.recv(timeout=15 if attempt == 0 else 30) == "pong"
+                return
+            except TimeoutError:
+                if attempt:
+                    raise
 
     @staticmethod
     def _read_until_closed_or_pong(s: socket.socket) -> None:

@@ -43,12 +43,12 @@ end
 -- LuaJIT has no emergency collection: garbage a slice leaves near the budget (a loop under
 -- pcall that ran out) would make the next allocation fail.  After each slice, when usage is in
 -- the last eighth of the budget and grew by a sixteenth since the last full collection there,
--- collect; a script keeping most of its budget in globals gets a full collection every 64th
--- slice only.
+-- collect before the next callback; a script keeping most of its budget in globals gets a full
+-- collection every 64th slice only.
 local gc_count = collectgarbage
 local gc_high, gc_step, gc_after = math.huge, math.huge, 0
 
-local gc_slices = 0
+local gc_slices, gc_pending = 0, false
 
 local function collect_when_high()
   local used = gc_count("count")
@@ -58,6 +58,15 @@ local function collect_when_high()
   end
   gc_slices = gc_slices + 1
   if used > gc_after + gc_step or gc_slices >= 64 then
+    -- At the start of the next callback: by then Python has let go of the coroutine that just
+    -- ran, whose stack may hold what it allocated.
+    gc_pending = true
+  end
+end
+
+local function collect_if_pending()
+  if gc_pending then
+    gc_pending = false
     gc_count("collect")
     gc_after, gc_slices = gc_count("count"), 0
   end
@@ -793,6 +802,7 @@ end
 function engine.start(env, name, cid, ...)
   local fn = env[name]
   if fn == nil then return nil, "done" end
+  collect_if_pending()
   local co = co_create(fn)
   coroutine_cid[co] = cid
   engine_owned[co] = true
@@ -831,6 +841,7 @@ end
 function engine.call_protocol(env, name, cid, ...)
   local fn = env[name]
   if type(fn) ~= "function" then return false, name .. " is not defined" end
+  collect_if_pending()
   local saved_active, saved_cid, saved_protocol = active, current_cid, in_protocol
   active, current_cid, in_protocol = nil, cid, true
   local co = co_create(fn)
