@@ -16,6 +16,7 @@ from __future__ import annotations
 import ctypes
 import itertools
 import os
+import weakref
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, Callable, Iterable
@@ -139,11 +140,14 @@ class Script:
         ), limit_address)
         base = self.runtime.get_memory_used(total=True) - self.runtime.get_memory_used()
         self._engine.set_memory_limits(base + self.budget, base + self.budget + HEADROOM)
-        set_budget(self.runtime, self.budget, self._engine.collect)
+        _SCRIPTS[id(self.runtime)] = weakref.ref(self, lambda _, key=id(self.runtime): _SCRIPTS.pop(key, None))
         self._resume = self._engine.resume
         self._start = self._engine.start
         self._start_message = self._engine.start_message
         self._call_protocol = self._engine.call_protocol
+        # Looked up once: reading a field of the engine table while Lua runs (a host function
+        # asking for room) does not give the function back.
+        self._collect_garbage = self._engine.collect
         self.set_instruction_limit(max_instructions)
         self._generation: _Generation | None = None
 
@@ -231,7 +235,10 @@ class Script:
     def room(self, size: int) -> bool:
         """Whether ``size`` more bytes fit in the script's budget (collecting garbage first if
         they do not); host functions ask before building a large result."""
-        return has_room(self.runtime, size)
+        if self.runtime.get_memory_used() + size <= self.budget:
+            return True
+        self._collect_garbage()
+        return self.runtime.get_memory_used() + size <= self.budget
 
     def set_instruction_limit(self, limit: int) -> None:
         """Apply ``engine.luavm.maxInstructions`` (hot): user code runs uncompiled while a limit is
@@ -257,7 +264,7 @@ class Script:
         assert self._generation is not None, "load() first"
         if self._collect:
             self._collect = False
-            self._engine.collect()
+            self._collect_garbage()
         self._depth += 1
         try:
             co, *outcome = self._start(self._generation.env, callback.encode(), cid, *args)
@@ -277,7 +284,7 @@ class Script:
             return
         if self._collect:
             self._collect = False
-            self._engine.collect()
+            self._collect_garbage()
         self._depth += 1
         try:
             co, *outcome = self._start_message(self._generation.env, cid, kind, data)
@@ -294,7 +301,7 @@ class Script:
         assert self._generation is not None, "load() first"
         if self._collect:
             self._collect = False
-            self._engine.collect()
+            self._collect_garbage()
         self._depth += 1
         try:
             ok, *values = self._call_protocol(self._generation.env, name.encode(), cid, *args)
@@ -413,26 +420,18 @@ class Script:
         return self.runtime.table_from(mapping)
 
 
-_BUDGETS: dict[int, tuple[int, Callable[[], Any]]] = {}
-
-
-def set_budget(runtime: Any, budget: int, collect: Callable[[], Any]) -> None:
-    """Record the script budget (bytes) of ``runtime`` and how to collect its garbage, for
-    ``has_room``."""
-    _BUDGETS[id(runtime)] = budget, collect
+#: id(runtime) -> the Script that owns it (LuaRuntime objects take no weak references).
+_SCRIPTS: dict[int, "weakref.ref[Script]"] = {}
 
 
 def has_room(runtime: Any, size: int) -> bool:
-    """Whether ``size`` more bytes fit in the budget of ``runtime``; collects garbage once
-    before saying no."""
-    known = _BUDGETS.get(id(runtime))
-    if known is None:
+    """Whether ``size`` more bytes fit in the script budget of ``runtime`` (always true for a
+    runtime no Script owns); collects garbage once before saying no."""
+    ref = _SCRIPTS.get(id(runtime))
+    script = ref() if ref is not None else None
+    if script is None or script.runtime is not runtime:
         return True
-    budget, collect = known
-    if runtime.get_memory_used() + size <= budget:
-        return True
-    collect()
-    return runtime.get_memory_used() + size <= budget
+    return script.room(size)
 
 
 def _limit_address(runtime: Any, limit: int) -> int | None:
