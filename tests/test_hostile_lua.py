@@ -305,13 +305,13 @@ class Node:
 
     @staticmethod
     def _ping_after_reset(ws: Any) -> None:
-        """After a script dropped what filled its budget, one callback may still fail with
-        ``not enough memory`` (that failure collects, docs/robustness.md): a second ping must
-        be answered."""
+        """After a script dropped what filled its budget, the first callback that needs memory
+        may still fail with ``not enough memory`` (that failure collects, docs/robustness.md):
+        a second ping must be answered."""
         for attempt in range(2):
             ws.send("ping")
             try:
-                assert ws.recv(timeout=15 if attempt == 0 else 30) == "pong"
+                assert ws.recv(timeout=10 if attempt == 0 else 30) == "pong"
                 return
             except TimeoutError:
                 if attempt:
@@ -332,8 +332,7 @@ class Node:
     def ping(self) -> None:
         """The liveness check: a websocket and a socket round trip."""
         with connect(self.url(), open_timeout=20, close_timeout=5) as ws:
-            ws.send("ping")
-            assert ws.recv(timeout=20) == "pong"
+            self._ping_after_reset(ws)
         with socket.create_connection(("127.0.0.1", self.socket_port), timeout=20) as s:
             s.sendall(b"ping\n")
             data = b""
