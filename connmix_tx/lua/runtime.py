@@ -145,9 +145,13 @@ class Script:
         self._start = self._engine.start
         self._start_message = self._engine.start_message
         self._call_protocol = self._engine.call_protocol
-        # Looked up once: reading a field of the engine table while Lua runs (a host function
-        # asking for room) does not give the function back.
+        # Looked up once: lupa reads a table field through the main Lua stack, which gives
+        # garbage while a coroutine runs (a host function asking for room, a connection
+        # forgotten from inside a callback).
         self._collect_garbage = self._engine.collect
+        self._forget_connection = self._engine.forget_connection
+        self._new_buffer = self._engine.new_buffer
+        self._rethrow = self._engine.rethrow
         self.set_instruction_limit(max_instructions)
         self._generation: _Generation | None = None
 
@@ -224,11 +228,11 @@ class Script:
 
     def forget_connection(self, cid: bytes) -> None:
         """Drop what the Lua side caches for a connection that has ended."""
-        self._engine.forget_connection(cid)
+        self._forget_connection(cid)
 
     def new_buffer(self, source: bytes, offset: int = 0) -> Any:
         """A buffer object (SPEC 5.6) over ``source[offset:]`` for ``protocol_input``."""
-        return self._engine.new_buffer(source, offset)
+        return self._new_buffer(source, offset)
 
     # Limits --------------------------------------------------------------------------------
 
@@ -326,7 +330,7 @@ class Script:
         """Make lupa drop the Python exception it kept (and the frames it holds)."""
         self._drop_exception = False
         try:
-            self._engine.rethrow()
+            self._rethrow()
         except _Dropped:
             pass
 
