@@ -64,6 +64,16 @@ def child(*messages: str, memory: int = 32, instructions: int = 0, entry: str | 
 
 
 ALIVE = "return 1 + 1"
+
+
+def test_the_memory_limit_is_split_between_script_and_engine(tmp_path: Path) -> None:
+    # Everything below relies on it; a lupa whose layout differs would silently lose it.
+    engine = make_engine(tmp_path, max_memory_mib=16)
+    assert engine.script.memory_split
+    error = engine.message(None, "local t = {} while true do t[#t + 1] = {} end").error
+    assert error == "not enough memory"
+    # The script stopped at its budget: the headroom above it stayed for the engine.
+    assert engine.script.runtime.get_memory_used() < 17 * 1024 * 1024
 ENOMEM = "not enough memory"
 
 

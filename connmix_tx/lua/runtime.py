@@ -117,6 +117,8 @@ class Script:
             attribute_handlers=(_deny_attribute, _deny_attribute),
         )
         limit_address = _limit_address(self.runtime, self.budget + HEADROOM)
+        #: False when lupa's allocator limit was not found: scripts may then use the headroom.
+        self.memory_split = limit_address is not None
         if limit_address is None:
             log.warn("lua memory limit cannot be split; the script may use the headroom too")
 
