@@ -129,7 +129,11 @@ class CallbackSession:
             done(ok, values)
             self._finish()
 
-        self.script.run("on_close", self.conn.cid, args, finished)
+        try:
+            self.script.run("on_close", self.conn.cid, args, finished)
+        except Exception as e:
+            log.failure("on_close failed in the engine")
+            finished(False, f"internal error: {e}")
 
     def _submit(self, name: str, job: Job) -> None:
         self._pending.append((name, job))
@@ -144,7 +148,20 @@ class CallbackSession:
             while self._pending and not self._busy:
                 name, job = self._pending.popleft()
                 self._busy = True
-                job(lambda ok, values, name=name: self._done(name, ok, values))
+                reported: list[bool] = []
+
+                def done(ok: bool, values: Any, name: str = name, reported: list = reported) -> None:
+                    reported.append(True)
+                    self._done(name, ok, values)
+
+                try:
+                    job(done)
+                except Exception as e:
+                    # Not the script's doing (the runtime reports Lua errors through done); the
+                    # connection's later callbacks, on_close above all, must still run.
+                    log.failure("callback {callback} failed in the engine", callback=name)
+                    if not reported:
+                        done(False, f"internal error: {e}")
         finally:
             self._draining = False
 

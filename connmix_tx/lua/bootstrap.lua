@@ -2,7 +2,7 @@
 -- of the `mix` library.  This chunk runs once, with the full globals of the runtime, before any
 -- user code; it receives `host`, a table of Python functions (see connmix_tx/lua/runtime.py), and
 -- returns the table of functions the Python side drives.  User code never sees `host`.
-local host = ...
+local raw_host, memory_limit_address = ...
 
 local _G = _G
 local assert, error, pairs, ipairs, select, type, tostring, setmetatable, pcall =
@@ -15,6 +15,114 @@ local setfenv, load, concat, unpack = setfenv, load, table.concat, unpack
 local str_byte, str_find, str_sub = string.byte, string.find, string.sub
 
 local engine = {}
+
+-- Memory (docs/robustness.md) ----------------------------------------------------------------
+-- The allocator's limit lives in the LuaRuntime object (lupa's MemoryStatus.limit); Python
+-- hands its address over.  User code runs under the script's budget (soft); the engine's own
+-- code and every host call run under the budget plus a headroom (hard), so the unprotected
+-- Lua API calls Python makes (pushing arguments and results, building tables, raising errors)
+-- never meet an allocation failure: that would longjmp through Python and abort the process.
+local ffi = require("ffi")
+local memory_limit = nil
+if memory_limit_address then
+  memory_limit = ffi.cast("uint64_t *", ffi.cast("uintptr_t", memory_limit_address))
+end
+local soft_limit, hard_limit = 0, 0
+local soft_on = false
+
+local function set_soft()
+  soft_on = true
+  if memory_limit then memory_limit[0] = soft_limit end
+end
+
+local function set_hard()
+  soft_on = false
+  if memory_limit then memory_limit[0] = hard_limit end
+end
+
+-- LuaJIT has no emergency collection: garbage a slice leaves near the budget (a loop under
+-- pcall that ran out) would make the next allocation fail.  After each slice, when usage is in
+-- the last eighth of the budget and grew by a sixteenth since the last full collection there,
+-- collect before the next callback; a script keeping most of its budget in globals gets a full
+-- collection every 64th slice only.
+local gc_count = collectgarbage
+local gc_high, gc_step, gc_after = math.huge, math.huge, 0
+
+local gc_slices, gc_pending = 0, false
+
+local function collect_when_high()
+  local used = gc_count("count")
+  if used <= gc_high then
+    gc_after = 0
+    return
+  end
+  gc_slices = gc_slices + 1
+  if used > gc_after + gc_step or gc_slices >= 64 then
+    -- At the start of the next callback: by then Python has let go of the coroutine that just
+    -- ran, whose stack may hold what it allocated.
+    gc_pending = true
+  end
+end
+
+local function collect_if_pending()
+  if gc_pending then
+    gc_pending = false
+    gc_count("collect")
+    gc_after, gc_slices = gc_count("count"), 0
+  end
+end
+
+-- A full collection (the Python side asks after a memory error, or before a large result).
+function engine.collect()
+  gc_count("collect")
+  gc_after = 0
+end
+
+function engine.set_memory_limits(soft, hard)
+  soft_limit, hard_limit = soft, hard
+  gc_high, gc_step = soft / 1024 * 0.875, soft / 1024 / 16
+  set_hard()
+end
+
+-- Set when a host function raised: lupa keeps the Python exception, and with it the frames of
+-- the Python caller (which may hold the coroutine), until another exception replaces it.  The
+-- driver tells the Python side after the slice, which then drops it.
+local python_raised = false
+
+local function host_done(was_soft, ok, ...)
+  if not ok then
+    -- The error is the Python exception, whose traceback holds Python frames that may hold
+    -- the coroutine: a reference cycle across the two heaps that no collector breaks.  Lua
+    -- gets its text only.
+    python_raised = true
+    local err = (...)
+    if type(err) == "userdata" then err = tostring(err) end
+    if was_soft then set_soft() end
+    error(err, 0)
+  end
+  if was_soft then set_soft() end
+  return ...
+end
+
+-- A host (Python) function as Lua calls it: under the hard limit, back to the soft one after.
+local function guarded(fn)
+  return function(...)
+    local was_soft = soft_on
+    set_hard()
+    return host_done(was_soft, pcall(fn, ...))
+  end
+end
+
+local host = {}
+for name, value in pairs(raw_host) do
+  if type(value) == "userdata" then value = guarded(value) end
+  host[name] = value
+end
+do
+  local extensions = {}
+  for name, fn in pairs(raw_host.extensions) do extensions[name] = guarded(fn) end
+  host.extensions = extensions
+end
 
 -- Marks a yield that waits for the Python side (as opposed to a script's own yield).
 local WAIT = {}
@@ -56,14 +164,140 @@ local function copy(t, without)
   return c
 end
 
--- Sandboxed standard library (SPEC 5.8).  One `string` table per runtime, because the string
--- metatable is shared by every string of the runtime.
-local sandbox_string = copy(string, "dump")
-getmetatable("").__index = sandbox_string
-local sandbox_table, sandbox_math = copy(table), copy(math)
-local sandbox_coroutine, sandbox_bit = copy(coroutine), copy(bit)
-local sandbox_os = { time = os.time, clock = os.clock, date = os.date, difftime = os.difftime }
-local sandbox_debug = { traceback = traceback }
+-- Coroutines the engine drives (callbacks, framing, top levels, error conversion): scripts may
+-- see them (coroutine.running) but cannot resume them.
+local engine_owned = setmetatable({}, { __mode = "k" })
+
+-- Nested coroutine.resume calls use the C stack: without a bound a script can overflow it.
+local MAX_RESUME_DEPTH = 64
+local resume_depth = 0
+
+local function resumed(ok, ...)
+  resume_depth = resume_depth - 1
+  return ok, ...
+end
+
+local function sandbox_resume(co, ...)
+  if engine_owned[co] then return false, "cannot resume a coroutine of the engine" end
+  if resume_depth >= MAX_RESUME_DEPTH then
+    error("coroutines nested deeper than " .. MAX_RESUME_DEPTH, 2)
+  end
+  resume_depth = resume_depth + 1
+  return resumed(co_resume(co, ...))
+end
+
+local function wrapped(ok, ...)
+  if not ok then error((...), 0) end
+  return ...
+end
+
+local function sandbox_wrap(fn)
+  local co = co_create(fn)
+  return function(...) return wrapped(sandbox_resume(co, ...)) end
+end
+
+-- Patterns: the matcher of string.find/match/gmatch/gsub backtracks, and count hooks do not
+-- fire inside C functions.  A pattern with k repeated items (*, +, -) over a subject of n
+-- bytes may try about C(n + k - 1, k - 1) ways; beyond MAX_PATTERN_COST it is refused.
+local MAX_PATTERN_COST = 2e8
+
+local function repeated_items(p)
+  local k, i, n = 0, 1, #p
+  while i <= n do
+    local c = str_sub(p, i, i)
+    local item_end
+    if c == "%" then
+      local d = str_sub(p, i + 1, i + 1)
+      if d == "b" then item_end = i + 3
+      elseif d == "f" then
+        local close = str_find(p, "]", i + 4, true)
+        i = (close or n) + 1
+        item_end = nil
+      else item_end = i + 1 end
+    elseif c == "[" then
+      local j = i + 1
+      if str_sub(p, j, j) == "^" then j = j + 1 end
+      if str_sub(p, j, j) == "]" then j = j + 1 end
+      while j <= n and str_sub(p, j, j) ~= "]" do
+        if str_sub(p, j, j) == "%" then j = j + 1 end
+        j = j + 1
+      end
+      item_end = j
+    else
+      item_end = i
+    end
+    if item_end then
+      local q = str_sub(p, item_end + 1, item_end + 1)
+      if q == "*" or q == "+" or q == "-" then
+        k = k + 1
+        i = item_end + 2
+      else
+        i = item_end + 1
+      end
+    end
+  end
+  return k
+end
+
+local pattern_k = setmetatable({}, { __mode = "k" })
+
+local function check_pattern(fname, s, p, plain)
+  if plain or type(s) ~= "string" or type(p) ~= "string" then return end
+  local k = pattern_k[p]
+  if k == nil then
+    k = repeated_items(p)
+    if #p <= 256 then pattern_k[p] = k end
+  end
+  if k < 3 then return end
+  local n, cost = #s, 1
+  for i = 1, k - 1 do
+    cost = cost * (n + i) / i
+    if cost > MAX_PATTERN_COST then
+      error("bad argument #2 to '" .. fname .. "' (pattern too complex for a subject of " .. n .. " bytes)", 3)
+    end
+  end
+end
+
+local function new_string_library()
+  local lib = copy(string, "dump")
+  local find, match, gmatch, gsub = string.find, string.match, string.gmatch, string.gsub
+  function lib.find(s, p, init, plain)
+    check_pattern("find", s, p, plain)
+    return find(s, p, init, plain)
+  end
+  function lib.match(s, p, init)
+    check_pattern("match", s, p)
+    return match(s, p, init)
+  end
+  function lib.gmatch(s, p)
+    check_pattern("gmatch", s, p)
+    return gmatch(s, p)
+  end
+  function lib.gsub(s, p, repl, n)
+    check_pattern("gsub", s, p)
+    return gsub(s, p, repl, n)
+  end
+  return lib
+end
+
+-- The string metatable is shared by every string of the runtime: scripts cannot reach it.
+-- getmetatable("") gives a copy ({__index = string}); the real __index is the string table of
+-- the generation in use.
+local string_meta = debug.getmetatable("")
+
+-- Sandboxed standard library (SPEC 5.8): fresh tables for every compiled generation, so a
+-- script's changes to them do not survive a hot reload.
+local function new_libraries(env)
+  env.string = new_string_library()
+  env.table, env.math, env.bit = copy(table), copy(math), copy(bit)
+  local co_lib = copy(coroutine)
+  co_lib.resume, co_lib.wrap = sandbox_resume, sandbox_wrap
+  env.coroutine = co_lib
+  env.os = { time = os.time, clock = os.clock, date = os.date, difftime = os.difftime }
+  env.debug = { traceback = traceback }
+end
+string_meta.__index = new_string_library()
+string_meta.__metatable = { __index = string_meta.__index }
 
 -- Every chunk of user code (entry, modules, load/loadstring).  While an instruction limit is set
 -- their functions run in the interpreter, where count hooks fire (they do not fire in compiled
@@ -114,7 +348,8 @@ end
 -- by the host, which replaces invalid UTF-8 byte by byte with U+FFFD.
 
 local floor, huge, str_format, str_gsub, tbl_sort = math.floor, math.huge, string.format, string.gsub, table.sort
-local MAX_EXACT, MAX_DEPTH = 2 ^ 53, 128
+local MAX_EXACT, MAX_DEPTH, MAX_NODES = 2 ^ 53, 128, 100000
+local nodes_left = MAX_NODES
 local ESCAPES = { ['"'] = '\\"', ["\\"] = "\\\\", ["\b"] = "\\b", ["\f"] = "\\f", ["\n"] = "\\n",
                   ["\r"] = "\\r", ["\t"] = "\\t" }
 for byte = 0, 31 do
@@ -163,6 +398,8 @@ local encode_value
 local function encode_table(t, depth, seen, out, n)
   if depth >= MAX_DEPTH then error("nesting deeper than " .. MAX_DEPTH, 0) end
   if seen[t] then error("cyclic table", 0) end
+  nodes_left = nodes_left - 1
+  if nodes_left < 0 then error("value too large (more than " .. MAX_NODES .. " tables)", 0) end
   seen[t] = true
   local count, array = 0, true
   for k in pairs(t) do
@@ -220,6 +457,7 @@ end
 -- Returns the JSON text, or nil and the error.
 local function json_encode(v)
   local out = {}
+  nodes_left = MAX_NODES
   local ok, err = pcall(encode_value, v, 0, {}, out, 0)
   if not ok then return nil, tostring(err) end
   local text = concat(out)
@@ -229,7 +467,7 @@ end
 
 -- The connection object (SPEC 5.5) -----------------------------------------------------------
 
-local Conn = {}
+local Conn = { __metatable = false }
 Conn.__index = Conn
 
 local function conn_object(cid)
@@ -271,6 +509,13 @@ function Conn:set_context(t)
 end
 function Conn:set_context_value(key, value) return host.conn_set_context_value(self._cid, key, value) end
 function Conn:wait_context_value(key, timeout)
+  if timeout ~= nil and (type(timeout) ~= "number" or timeout ~= timeout or timeout < 0
+                         or timeout == math.huge) then
+    error("bad argument #2 to 'wait_context_value' (non-negative finite number expected)", 2)
+  end
+  if not can_wait() then
+    error(in_protocol and "cannot wait in protocol_*" or "cannot wait here", 2)
+  end
   return settle(host.conn_wait_context_value(self._cid, key, timeout))
 end
 function Conn:subscribe(...) return host.conn_subscribe(self._cid, ...) end
@@ -317,7 +562,7 @@ local function new_mix()
   mix.json_encode = json_encode
   function mix.json_decode(s)
     if type(s) ~= "string" then error("bad argument #1 to 'json_decode' (string expected)", 2) end
-    return host.json_decode(s)
+    return python_result(pcall(host.json_decode, s))
   end
   function mix.log(level, msg)
     if not LEVELS[level] then error("bad argument #1 to 'log' (unknown level '" .. tostring(level) .. "')", 2) end
@@ -405,8 +650,7 @@ local function new_env()
   local env = {}
   for _, name in ipairs(BASE) do env[name] = _G[name] end
   env._VERSION = _VERSION
-  env.string, env.table, env.math = sandbox_string, sandbox_table, sandbox_math
-  env.coroutine, env.bit, env.os, env.debug = sandbox_coroutine, sandbox_bit, sandbox_os, sandbox_debug
+  new_libraries(env)
   env.print, env.collectgarbage = print_, collectgarbage_
   env.mix = new_mix()
   env._G = env
@@ -426,7 +670,7 @@ local function new_env()
     if mode ~= nil and mode ~= "t" then return nil, "only text chunks can be loaded" end
     return load_text(chunk, chunkname or "=(load)", fenv or env)
   end
-  local loaded = { bit = sandbox_bit }
+  local loaded = { bit = env.bit }
   function env.require(name)
     if type(name) ~= "string" then error("bad argument #1 to 'require' (string expected)", 2) end
     local cached = loaded[name]
@@ -445,14 +689,65 @@ end
 
 -- Driving ------------------------------------------------------------------------------------
 
--- Compile an entry chunk into a new environment and run it; returns the environment or nil, err.
+-- Run user code `fn(...)` in a coroutine of its own, under the instruction limit and the soft
+-- memory limit, with no current connection and no waiting; returns ok, results... or false, err.
+local error_text
+
+local function after_sealed(co, saved_active, saved_cid, saved_protocol, ok, ...)
+  disarm_limit()
+  set_hard()
+  -- The caller re-arms the limit for its own slice, if it is in one.
+  active, current_cid, in_protocol = saved_active, saved_cid, saved_protocol
+  if not ok then return false, (...) end
+  if co_status(co) ~= "dead" then return false, "cannot yield here" end
+  return true, ...
+end
+
+local function run_sealed(fn, ...)
+  local co = co_create(fn)
+  engine_owned[co] = true
+  local saved_active, saved_cid, saved_protocol = active, current_cid, in_protocol
+  active, current_cid, in_protocol = nil, nil, false
+  set_soft()
+  arm_limit()
+  return after_sealed(co, saved_active, saved_cid, saved_protocol, co_resume(co, ...))
+end
+
+local function collect_if_full(text)
+  if str_find(text, "not enough memory", 1, true) then collectgarbage("collect") end
+end
+
+-- The text of an error object.  Strings and numbers as they are; anything else through
+-- tostring, whose __tostring is user code: it runs sealed (limits armed), and when it fails,
+-- loops or returns no string the text names the type instead.
+error_text = function(err)
+  local kind = type(err)
+  if kind == "string" then return err end
+  if kind == "number" then return tostring(err) end
+  local ok, text = run_sealed(tostring, err)
+  if ok and type(text) == "string" then return text end
+  return "(error object is a " .. kind .. " value)"
+end
+
+-- Compile an entry chunk into a new environment and run its top level (sealed, so a top level
+-- that loops or allocates without end fails); returns the environment or nil, err.
 function engine.compile(source, chunkname)
   local env = new_env()
   local fn, err = load_text(source, "@" .. chunkname, env)
   if not fn then return nil, err end
-  local ok, run_err = pcall(fn)
-  if not ok then return nil, tostring(run_err) end
+  local ok, run_err = run_sealed(fn)
+  if not ok then
+    run_err = error_text(run_err)
+    collect_if_full(run_err)
+    return nil, run_err
+  end
   return env, nil
+end
+
+-- Callbacks started from now on use `env`; so does the string metatable.
+function engine.use(env)
+  string_meta.__index = env.string
+  string_meta.__metatable = { __index = env.string }
 end
 
 function engine.set_instruction_limit(n)
@@ -471,24 +766,35 @@ end
 -- The driver state is saved and restored, so a resume nested in another callback is safe.
 local function finish(co, saved_active, saved_cid, saved_protocol, ok, first, ...)
   disarm_limit()
+  set_hard()
+  if python_raised then
+    python_raised = false
+    raw_host.raised()
+  end
+  if not ok then
+    coroutine_cid[co] = nil
+    local text = error_text(first)
+    active, current_cid, in_protocol = saved_active, saved_cid, saved_protocol
+    if active ~= nil or in_protocol then arm_limit() end
+    collect_if_full(text)
+    return "error", text, traceback(co, text)
+  end
   active, current_cid, in_protocol = saved_active, saved_cid, saved_protocol
   if active ~= nil or in_protocol then arm_limit() end
-  if not ok then
-    local tb = traceback(co, tostring(first))
-    coroutine_cid[co] = nil
-    return "error", tostring(first), tb
-  end
+  collect_when_high()
   if co_status(co) == "dead" then
     coroutine_cid[co] = nil
     return "done", first, ...
   end
   if first == WAIT then return "wait", ... end
-  return "yield"
+  return "yield", false
 end
 
 function engine.resume(co, ...)
   local saved_active, saved_cid, saved_protocol = active, current_cid, in_protocol
   active, current_cid, in_protocol = co, coroutine_cid[co], false
+  if saved_active == nil and not saved_protocol then resume_depth = 0 end
+  set_soft()
   arm_limit()
   return finish(co, saved_active, saved_cid, saved_protocol, co_resume(co, ...))
 end
@@ -498,8 +804,10 @@ end
 function engine.start(env, name, cid, ...)
   local fn = env[name]
   if fn == nil then return nil, "done" end
+  collect_if_pending()
   local co = co_create(fn)
   coroutine_cid[co] = cid
+  engine_owned[co] = true
   return co, engine.resume(co, ...)
 end
 
@@ -513,9 +821,21 @@ end
 -- other callbacks; a yield there is an error.
 local function after_protocol(co, saved_active, saved_cid, saved_protocol, ok, ...)
   disarm_limit()
+  set_hard()
+  if python_raised then
+    python_raised = false
+    raw_host.raised()
+  end
+  if not ok then
+    local text = error_text((...))
+    active, current_cid, in_protocol = saved_active, saved_cid, saved_protocol
+    if active ~= nil or in_protocol then arm_limit() end
+    collect_if_full(text)
+    return false, text
+  end
   active, current_cid, in_protocol = saved_active, saved_cid, saved_protocol
   if active ~= nil or in_protocol then arm_limit() end
-  if not ok then return false, tostring((...)) end
+  collect_when_high()
   if co_status(co) ~= "dead" then return false, "cannot wait in protocol_*" end
   return true, ...
 end
@@ -523,11 +843,21 @@ end
 function engine.call_protocol(env, name, cid, ...)
   local fn = env[name]
   if type(fn) ~= "function" then return false, name .. " is not defined" end
+  collect_if_pending()
   local saved_active, saved_cid, saved_protocol = active, current_cid, in_protocol
   active, current_cid, in_protocol = nil, cid, true
   local co = co_create(fn)
+  engine_owned[co] = true
+  if saved_active == nil and not saved_protocol then resume_depth = 0 end
+  set_soft()
   arm_limit()
   return after_protocol(co, saved_active, saved_cid, saved_protocol, co_resume(co, ...))
+end
+
+-- Raises the Python exception of raw_host.fail out of the runtime, so that lupa lets go of the
+-- one it kept.
+function engine.rethrow()
+  raw_host.fail()
 end
 
 function engine.type_of(env, name)

@@ -15,7 +15,12 @@ from typing import Any
 
 from lupa import luajit21 as lupa
 
+from connmix_tx.lua.runtime import has_room
+
 MAX_DEPTH = 128
+#: Tables one conversion may visit: a value built from shared subtables (``x = {x, x}``
+#: repeated) is a small graph but an exponential tree.
+MAX_NODES = 100_000
 MAX_EXACT_INTEGER = 2**53
 
 JsonValue = Any
@@ -83,8 +88,22 @@ def lua_type_name(value: object) -> str:
     return lupa.lua_type(value) or "userdata"
 
 
-def lua_to_py(value: object, _depth: int = 0, _seen: frozenset[str] = frozenset()) -> JsonValue:
-    """Convert a Lua value to plain JSON-able Python (dict / list / str / int / float / bool / None)."""
+class MemoryShortage(MemoryError):
+    """A result would not fit in the script's memory budget (Lua sees ``not enough memory``)."""
+
+    def __init__(self) -> None:
+        super().__init__("not enough memory")
+
+
+def lua_to_py(value: object) -> JsonValue:
+    """Convert a Lua value to plain JSON-able Python (dict / list / str / int / float / bool / None).
+
+    Raises ConvertError for what JSON cannot hold, and ``value too large`` past MAX_NODES tables.
+    """
+    return _lua_to_py(value, 0, frozenset(), [MAX_NODES])
+
+
+def _lua_to_py(value: object, _depth: int, _seen: frozenset[str], _left: list[int]) -> JsonValue:
     if value is None or isinstance(value, bool):
         return value
     if isinstance(value, bytes):
@@ -99,6 +118,9 @@ def lua_to_py(value: object, _depth: int = 0, _seen: frozenset[str] = frozenset(
     identity = _identity(value)
     if identity in _seen:
         raise ConvertError("cyclic table")
+    _left[0] -= 1
+    if _left[0] < 0:
+        raise ConvertError(f"value too large (more than {MAX_NODES} tables)")
     seen = _seen | {identity}
     items = list(value.items())  # type: ignore[attr-defined]
     if not items:
@@ -107,13 +129,13 @@ def lua_to_py(value: object, _depth: int = 0, _seen: frozenset[str] = frozenset(
     if all(isinstance(k, int) and not isinstance(k, bool) and 1 <= k <= n for k, _ in items):
         result: list[Any] = [None] * n
         for k, v in items:
-            result[k - 1] = lua_to_py(v, _depth + 1, seen)
+            result[k - 1] = _lua_to_py(v, _depth + 1, seen, _left)
         return result
     result: dict[str, Any] = {}
     for k, v in items:
         name = _key(k)
         if name not in result:  # {[1]=..., ["1"]=...}: the first in traversal order wins
-            result[name] = lua_to_py(v, _depth + 1, seen)
+            result[name] = _lua_to_py(v, _depth + 1, seen, _left)
     return result
 
 
@@ -123,11 +145,31 @@ def _identity(table: object) -> str:
     return repr(table)
 
 
+def lua_size(value: JsonValue) -> int:
+    """A generous estimate of the Lua memory ``py_to_lua`` will allocate for ``value``."""
+    if isinstance(value, (str, bytes)):
+        return 32 + len(value) * (3 if isinstance(value, str) else 1)
+    if isinstance(value, dict):
+        return 96 + sum(64 + lua_size(k) + lua_size(v) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return 96 + sum(24 + lua_size(v) for v in value)
+    return 16
+
+
 def py_to_lua(runtime: Any, value: JsonValue) -> object:
     """Convert plain Python (as produced by ``json.loads`` or ``lua_to_py``) to a Lua value.
 
     ``None`` inside an object drops the key; ``None`` inside an array leaves a hole (nil).
+    Tables are built by unprotected Lua API calls, so a value that does not fit in the script's
+    budget raises MemoryShortage before anything is built.
     """
+    if isinstance(value, (dict, list, tuple)) or (isinstance(value, (str, bytes)) and len(value) > 65536):
+        if not has_room(runtime, lua_size(value)):
+            raise MemoryShortage()
+    return _py_to_lua(runtime, value)
+
+
+def _py_to_lua(runtime: Any, value: JsonValue) -> object:
     if isinstance(value, str):
         return utf8_of(value)
     if isinstance(value, bool):
@@ -136,10 +178,10 @@ def py_to_lua(runtime: Any, value: JsonValue) -> object:
         return float(value)  # Lua numbers are doubles: precision is lost, as SPEC 5.7 says
     if isinstance(value, dict):
         return runtime.table_from(
-            {_to_lua_key(k): py_to_lua(runtime, v) for k, v in value.items() if v is not None}
+            {_to_lua_key(k): _py_to_lua(runtime, v) for k, v in value.items() if v is not None}
         )
     if isinstance(value, (list, tuple)):
-        return runtime.table_from([py_to_lua(runtime, v) for v in value])
+        return runtime.table_from([_py_to_lua(runtime, v) for v in value])
     return value
 
 
@@ -167,7 +209,16 @@ def lua_to_json(value: object) -> bytes:
 
 
 def json_to_lua(runtime: Any, text: bytes | str) -> object:
-    """Decode JSON text to a Lua value (``mix.json_decode``); raise ConvertError when invalid."""
+    """Decode JSON text to a Lua value (``mix.json_decode``); raise ConvertError when invalid.
+
+    Raises MemoryShortage before parsing when the containers the text may hold would not fit
+    in the script's budget (parsing first would cost Python memory in proportion too).
+    """
+    if len(text) > 65536:
+        raw = text.encode() if isinstance(text, str) else text
+        containers = raw.count(b"[") + raw.count(b"{")
+        if not has_room(runtime, containers * 128 + len(raw) * 2):
+            raise MemoryShortage()
     try:
         value = json.loads(text, parse_constant=_refuse_constant)
     except (ValueError, RecursionError) as e:

@@ -13,9 +13,11 @@ no Deferred at all.
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import itertools
 import os
+import weakref
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, Callable, Iterable
@@ -26,6 +28,11 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 log = Logger(namespace="connmix.lua")
+
+#: Memory kept above the script's budget for the engine's own unprotected Lua API calls
+#: (pushing arguments and results, building tables for host functions); docs/robustness.md.
+HEADROOM = 16 * 1024 * 1024
+NOT_ENOUGH_MEMORY = "not enough memory"
 
 WEBSOCKET_CALLBACKS = ("on_handshake", "on_message", "on_close")
 SOCKET_CALLBACKS = (
@@ -103,32 +110,58 @@ class Script:
         self._tokens = itertools.count(1)
         self._waits: dict[int, _Wait] = {}
         self._depth = 0
+        # Set when a callback ran out of memory: its dead coroutine held the memory until the
+        # Python side let go of it, so the next callback collects first.
+        self._collect = False
+        # Set when a host function raised during a slice (see bootstrap.lua, python_raised).
+        self._drop_exception = False
+        self.budget = max_memory_mib * 1024 * 1024
         self.runtime = lupa.LuaRuntime(
             register_eval=False,
             register_builtins=False,
             unpack_returned_tuples=True,
             encoding=None,
-            max_memory=max_memory_mib * 1024 * 1024,
+            max_memory=self.budget + HEADROOM,
             attribute_handlers=(_deny_attribute, _deny_attribute),
         )
+        limit_address = _limit_address(self.runtime, self.budget + HEADROOM)
+        #: False when lupa's allocator limit was not found: scripts may then use the headroom.
+        self.memory_split = limit_address is not None
+        if limit_address is None:
+            log.warn("lua memory limit cannot be split; the script may use the headroom too")
+
         host = dict(functions)
+        if "valid_utf8" in host:
+            host["valid_utf8"] = self._sized(host["valid_utf8"])
         host.update(
             server_kind=kind.encode(),
             read_module=self._read_module,
             forget=self._forget,
+            raised=self._raised,
+            fail=_fail,
             extensions=self.runtime.table_from(
-                {name.encode(): fn for name, fn in (extensions or {}).items()}
+                {name.encode(): self._sized(fn) for name, fn in (extensions or {}).items()}
             ),
         )
         self._loading: dict[str, tuple[float, int]] | None = None
         source = resources.files("connmix_tx.lua").joinpath("bootstrap.lua").read_bytes()
         self._engine = self.runtime.execute(source, self.runtime.table_from(
             {k.encode(): v for k, v in host.items()}
-        ))
+        ), limit_address)
+        base = self.runtime.get_memory_used(total=True) - self.runtime.get_memory_used()
+        self._engine.set_memory_limits(base + self.budget, base + self.budget + HEADROOM)
+        _SCRIPTS[id(self.runtime)] = weakref.ref(self, lambda _, key=id(self.runtime): _SCRIPTS.pop(key, None))
         self._resume = self._engine.resume
         self._start = self._engine.start
         self._start_message = self._engine.start_message
         self._call_protocol = self._engine.call_protocol
+        # Looked up once: lupa reads a table field through the main Lua stack, which gives
+        # garbage while a coroutine runs (a host function asking for room, a connection
+        # forgotten from inside a callback).
+        self._collect_garbage = self._engine.collect
+        self._forget_connection = self._engine.forget_connection
+        self._new_buffer = self._engine.new_buffer
+        self._rethrow = self._engine.rethrow
         self.set_instruction_limit(max_instructions)
         self._generation: _Generation | None = None
 
@@ -151,9 +184,12 @@ class Script:
             raise ScriptError(f"cannot read {self.entry}: {e.strerror}") from None
         files = {self.entry: _stat(self.entry)}
         self._loading = files
+        if not self.room(len(source)):
+            raise ScriptError(f"{self.chunk_name(self.entry)}: {NOT_ENOUGH_MEMORY}")
         try:
             env, err = self._engine.compile(source, self.chunk_name(self.entry).encode())
         except lupa.LuaError as e:
+            self._collect = True
             raise ScriptError(_text(e)) from None
         finally:
             self._loading = None
@@ -168,10 +204,11 @@ class Script:
 
     def load(self) -> None:
         """Compile the entry and use it from now on (start-up)."""
-        self._generation = self.compile()
+        self.use(self.compile())
 
     def use(self, generation: _Generation) -> None:
         """Use an already compiled generation for callbacks started from now on (hot reload)."""
+        self._engine.use(generation.env)
         self._generation = generation
 
     @property
@@ -201,27 +238,54 @@ class Script:
 
     def forget_connection(self, cid: bytes) -> None:
         """Drop what the Lua side caches for a connection that has ended."""
-        self._engine.forget_connection(cid)
+        self._forget_connection(cid)
 
     def new_buffer(self, source: bytes, offset: int = 0) -> Any:
         """A buffer object (SPEC 5.6) over ``source[offset:]`` for ``protocol_input``."""
-        return self._engine.new_buffer(source, offset)
+        return self._new_buffer(source, offset)
 
     # Limits --------------------------------------------------------------------------------
+
+    def room(self, size: int) -> bool:
+        """Whether ``size`` more bytes fit in the script's budget (collecting garbage first if
+        they do not); host functions ask before building a large result."""
+        if self.runtime.get_memory_used() + size <= self.budget:
+            return True
+        self._collect_garbage()
+        return self.runtime.get_memory_used() + size <= self.budget
 
     def set_instruction_limit(self, limit: int) -> None:
         """Apply ``engine.luavm.maxInstructions`` (hot): user code runs uncompiled while a limit is
         set, because count hooks do not fire in compiled traces (SPEC 5.8)."""
         self._engine.set_instruction_limit(limit)
 
+    def _sized(self, function: Callable[..., Any]) -> Callable[..., Any]:
+        """``function`` refusing a large string result that would not fit in the budget."""
+
+        def sized(*args: Any) -> Any:
+            result = function(*args)
+            for value in result if isinstance(result, tuple) else (result,):
+                if isinstance(value, bytes) and len(value) > 65536 and not self.room(len(value) + 64):
+                    raise MemoryError(NOT_ENOUGH_MEMORY)
+            return result
+
+        return sized
+
     # Callbacks -----------------------------------------------------------------------------
 
     def run(self, callback: str, cid: bytes, args: Iterable[Any], done: Done) -> None:
         """Run ``callback(*args)`` for client ``cid`` in a new coroutine; report through ``done``."""
         assert self._generation is not None, "load() first"
+        if self._collect:
+            self._collect = False
+            self._collect_garbage()
         self._depth += 1
         try:
             co, *outcome = self._start(self._generation.env, callback.encode(), cid, *args)
+        except lupa.LuaError as e:
+            self._collect = True
+            done(False, _text(e))
+            return
         finally:
             self._depth -= 1
         self._outcome(co, cid, outcome, done)
@@ -229,9 +293,19 @@ class Script:
     def run_message(self, cid: bytes, kind: bytes, data: bytes, done: Done) -> None:
         """Run ``on_message({type=kind, data=data, finish=true})`` for client ``cid``."""
         assert self._generation is not None, "load() first"
+        if len(data) > HEADROOM // 4 and not self.room(len(data)):
+            done(False, NOT_ENOUGH_MEMORY)
+            return
+        if self._collect:
+            self._collect = False
+            self._collect_garbage()
         self._depth += 1
         try:
             co, *outcome = self._start_message(self._generation.env, cid, kind, data)
+        except lupa.LuaError as e:
+            self._collect = True
+            done(False, _text(e))
+            return
         finally:
             self._depth -= 1
         self._outcome(co, cid, outcome, done)
@@ -239,16 +313,40 @@ class Script:
     def call_protocol(self, name: str, cid: bytes, *args: Any) -> tuple:
         """Run a framing callback synchronously; raise ScriptError when it fails."""
         assert self._generation is not None, "load() first"
+        if self._collect:
+            self._collect = False
+            self._collect_garbage()
         self._depth += 1
         try:
             ok, *values = self._call_protocol(self._generation.env, name.encode(), cid, *args)
+        except lupa.LuaError as e:
+            self._collect = True
+            raise ScriptError(_text(e)) from None
         finally:
             self._depth -= 1
+        if self._drop_exception:
+            self._let_go()
         if not ok:
-            raise ScriptError(_text(values[0]))
+            message = _text(values[0])
+            if NOT_ENOUGH_MEMORY in message:
+                self._collect = True
+            raise ScriptError(message)
         return tuple(values)
 
+    def _raised(self) -> None:
+        self._drop_exception = True
+
+    def _let_go(self) -> None:
+        """Make lupa drop the Python exception it kept (and the frames it holds)."""
+        self._drop_exception = False
+        try:
+            self._rethrow()
+        except _Dropped:
+            pass
+
     def _outcome(self, co: Any, cid: bytes, outcome: list, done: Done) -> None:
+        if self._drop_exception:
+            self._let_go()
         while True:
             status = outcome[0]
             if status == b"done":
@@ -256,7 +354,10 @@ class Script:
                 return
             if status == b"error":
                 log.debug("lua traceback: {traceback}", traceback=_text(outcome[2]))
-                done(False, _text(outcome[1]))
+                message = _text(outcome[1])
+                if NOT_ENOUGH_MEMORY in message:
+                    self._collect = True
+                done(False, message)
                 return
             if status == b"yield":
                 self._clock.callLater(0, self._resume_with, co, cid, (), done)
@@ -270,13 +371,20 @@ class Script:
                 return
             del self._waits[outcome[1]]
             outcome = self._resume_now(co, wait.result or ())
+            if self._drop_exception:
+                self._let_go()
 
     def _resume_now(self, co: Any, values: tuple) -> list:
         self._depth += 1
         try:
-            return list(self._resume(co, *values))
+            result = self._resume(co, *values)
+        except lupa.LuaError as e:
+            self._collect = True
+            return [b"error", _text(e).encode(), b""]
         finally:
             self._depth -= 1
+        # One result comes back bare, not as a tuple.
+        return list(result) if isinstance(result, tuple) else [result]
 
     def _resume_with(self, co: Any, cid: bytes, values: tuple, done: Done) -> None:
         self._outcome(co, cid, self._resume_now(co, values), done)
@@ -324,6 +432,46 @@ class Script:
     def table(self, mapping: dict | list) -> Any:
         """A Lua table from a Python dict or list (keys and values already Lua-ready)."""
         return self.runtime.table_from(mapping)
+
+
+#: id(runtime) -> the Script that owns it (LuaRuntime objects take no weak references).
+_SCRIPTS: dict[int, "weakref.ref[Script]"] = {}
+
+
+def has_room(runtime: Any, size: int) -> bool:
+    """Whether ``size`` more bytes fit in the script budget of ``runtime`` (always true for a
+    runtime no Script owns); collects garbage once before saying no."""
+    ref = _SCRIPTS.get(id(runtime))
+    script = ref() if ref is not None else None
+    if script is None or script.runtime is not runtime:
+        return True
+    return script.room(size)
+
+
+def _limit_address(runtime: Any, limit: int) -> int | None:
+    """The address of lupa's allocation limit (``MemoryStatus.limit``) inside ``runtime``.
+
+    lupa keeps it in the runtime object; it is found by its value and checked by changing it
+    through ``set_max_memory``.  None when it cannot be found (another lupa layout).
+    """
+    size = type(runtime).__basicsize__
+    words = (ctypes.c_size_t * (size // ctypes.sizeof(ctypes.c_size_t))).from_address(id(runtime))
+    base = runtime.get_memory_used(total=True) - runtime.get_memory_used()
+    candidates = [i for i, word in enumerate(words) if word == base + limit]
+    runtime.set_max_memory(limit + 4096)
+    found = [i for i in candidates if words[i] == base + limit + 4096]
+    runtime.set_max_memory(limit)
+    if len(found) != 1:
+        return None
+    return id(runtime) + found[0] * ctypes.sizeof(ctypes.c_size_t)
+
+
+class _Dropped(Exception):
+    """Raised through the runtime to replace the exception lupa keeps."""
+
+
+def _fail() -> None:
+    raise _Dropped()
 
 
 def _stat(path: str) -> tuple[float, int]:
