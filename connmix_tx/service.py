@@ -18,18 +18,25 @@ from twisted.internet.defer import maybeDeferred
 
 from connmix_tx.auth import AccessControl
 from connmix_tx.config import Config, worker_count
-from connmix_tx.errors import (  # noqa: F401  (where callers and tests have found them)
+from connmix_tx.errors import (
     EXIT_CONFIG, EXIT_LISTEN, EXIT_REGISTER, Fatal, FatalError, exit_with, stop_reactor, write_fatal_line,
 )
-from connmix_tx.listeners import Listener, endpoint_string, server_endpoint  # noqa: F401
+from connmix_tx.listeners import Listener, endpoint_string, server_endpoint
 from connmix_tx.parts.center import CenterPart
-from connmix_tx.parts.engine import STOP_GRACE, EnginePart  # noqa: F401
-from connmix_tx.parts.servers import SERVER_FACTORIES  # noqa: F401
+from connmix_tx.parts.engine import STOP_GRACE, EnginePart
+from connmix_tx.parts.servers import SERVER_FACTORIES
 from connmix_tx.parts.supervisor import add_supervisor, add_worker
 from connmix_tx.workers import WorkerPool, WorkerRole
 
 #: The old private name of ``connmix_tx.errors.stop_reactor``.
 _stop_reactor = stop_reactor
+
+#: What this room defines, and the names of the tree's pieces callers have found here.
+__all__ = [
+    "ConnmixService", "ROLE_PARTS", "add_center", "add_engine", "CenterPart", "EnginePart", "Listener",
+    "SERVER_FACTORIES", "STOP_GRACE", "EXIT_CONFIG", "EXIT_LISTEN", "EXIT_REGISTER", "Fatal", "FatalError",
+    "endpoint_string", "server_endpoint", "write_fatal_line",
+]
 
 
 class ConnmixService(service.MultiService):

@@ -1,4 +1,4 @@
-"""``twistd connmix``: command-line options and the service maker (SPEC 2).
+"""``twistd connmix``: command-line options and the service maker (docs/operations.md).
 
 Wiring only.  ``Options.postOptions`` validates the flags and loads the configuration (one line
 and exit 2 on error, no usage text, before twistd prints anything) and names our log observer in
@@ -29,7 +29,7 @@ def lua_version() -> str:
 
 
 def version_line() -> str:
-    """The version line of SPEC 2.3."""
+    """The version line (``--version``, and under the banner)."""
     import twisted
 
     python = ".".join(str(p) for p in sys.version_info[:3])

@@ -11,8 +11,6 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Any, Callable
 
-from twisted.logger import Logger
-
 from connmix_tx.config import Config
 from connmix_tx.errors import stop_reactor
 from connmix_tx.ids import new_node_id
@@ -21,9 +19,6 @@ from connmix_tx.workers import ParentWatch, WorkerPool, report_ready, worker_arg
 
 if TYPE_CHECKING:
     from connmix_tx.service import ConnmixService
-
-log = Logger(namespace="connmix.supervisor")
-
 
 def add_worker(root: ConnmixService, config: Config, reactor: Any, fatal: Callable[[int, str], None]) -> None:
     """Worker ``i`` of a multi-process engine: the engine part, and a watch on its supervisor."""
