@@ -257,6 +257,38 @@ def test_a_reload_walks_the_tree_hot_keys_reach_their_child_and_cold_keys_do_not
     assert logs.find("config reload failed: config engine: expected mapping") and len(seen) == 1
 
 
+def test_the_root_replaces_the_access_control_before_the_engine_closes_removed_users() -> None:
+    from connmix_tx.config import AccessConfig, UserConfig
+
+    root, _, _ = tree("dev")
+    assert root.engine is not None
+    calls: list[str] = []
+    replace = root.access.replace
+
+    def replaced(access: AccessConfig) -> None:
+        calls.append("access replaced")
+        replace(access)
+
+    root.access.replace = replaced  # type: ignore[method-assign]
+    root.engine.api_factory.users_replaced = lambda: calls.append("removed users closed")
+    old = root.config
+    new = dataclasses.replace(old, access=AccessConfig(users=(UserConfig("bob", "pw", ("read",), "*"),),
+                                                       protected=True))
+    reconfigure_tree(root, old, new)
+    assert calls == ["access replaced", "removed users closed"]
+    reconfigure_tree(root, new, new)  # nothing changed: nothing closed
+    assert calls == ["access replaced", "removed users closed"]
+
+
+def test_a_supervisor_forwards_a_valid_reload_to_its_workers() -> None:
+    root, _, _ = tree("dev", processes=2)
+    assert root.workers is not None
+    sent: list[str] = []
+    root.workers.supervisor.signal_all = sent.append  # type: ignore[method-assign]
+    reconfigure_tree(root, root.config, root.config)
+    assert sent == ["HUP"]
+
+
 # Signals --------------------------------------------------------------------------------------
 
 
@@ -328,6 +360,27 @@ def test_options_validate_and_print_nothing_files_open_when_twistd_asks(
     assert not logfile.exists()  # nothing opened yet
     observer = parent["logger"]()  # what twistd does when it starts logging
     assert logfile.exists() and callable(observer)
+
+
+def test_a_log_file_that_cannot_be_opened_ends_the_process_with_one_line_when_twistd_asks(
+    tmp_path: Path, capfd: pytest.CaptureFixture
+) -> None:
+    from connmix_tx.tap import Options
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    config = tmp_path / "connmix.yaml"
+    write(config)
+    config.write_text(config.read_text() + f"logging:\n  filename: {blocker / 'connmix.log'}\n")
+    options = Options()
+    parent: dict[str, Any] = {}
+    options.parent = parent  # type: ignore[attr-defined]
+    options.parseOptions(["--dev", "-f", str(config)])  # valid: the file is not opened here
+    with pytest.raises(SystemExit) as exit_:
+        parent["logger"]()
+    assert exit_.value.code == EXIT_CONFIG
+    err = capfd.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"connmix: config logging.filename: cannot open {blocker}")
 
 
 def test_options_refuse_a_bad_file_with_one_line_and_exit_2(tmp_path: Path, capfd: pytest.CaptureFixture) -> None:
