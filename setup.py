@@ -52,6 +52,7 @@ setup(
         "connmix_tx.console",
         "connmix_tx.engine",
         "connmix_tx.lua",
+        "connmix_tx.parts",
         "connmix_tx.testing",
         # No __init__.py here: Twisted's plugin package collects this folder from every
         # sys.path entry; shipping an __init__.py would overwrite Twisted's own.

@@ -24,6 +24,7 @@ import time
 from datetime import datetime, timezone
 from typing import IO, Any, Callable, cast
 
+from twisted.application import service
 from twisted.logger import ILogObserver, LoggingFile, LogLevel, formatEvent
 from twisted.python.logfile import DailyLogFile
 from zope.interface import implementer
@@ -359,7 +360,52 @@ class LogControl:
                 pass
 
 
-_twistd_control: LogControl | None = None
+class LazyLogControl:
+    """A ``LogControl`` built the first time it is used, so its files open only then.
+
+    The plugin validates the configuration before twistd prints anything, but opens no file:
+    twistd calls the observer factory once it starts logging (after ``makeService``), and that
+    first call builds the control with ``open_control`` (which may end the process on an
+    ``OSError``).  Reloads and a supervisor's relayed lines use the same control afterwards.
+    """
+
+    def __init__(self, open_control: Callable[[], LogControl]) -> None:
+        self._open = open_control
+        self._control: LogControl | None = None
+
+    @property
+    def control(self) -> LogControl:
+        """The control, built on first use."""
+        if self._control is None:
+            self._control = self._open()
+        return self._control
+
+    def observer(self) -> ILogObserver:
+        """The process's observer (what twistd installs)."""
+        return self.control.observer()
+
+    def configure(self, level: str, fmt: str) -> None:
+        """A new level and format (SIGHUP)."""
+        self.control.configure(level, fmt)
+
+    def write_line(self, line: str) -> None:
+        """Write one already formatted line (a worker's, relayed by its supervisor)."""
+        self.control.write_line(line)
+
+
+class LoggingService(service.Service):
+    """``logging.level`` and ``logging.format`` in the service tree: hot on SIGHUP."""
+
+    def __init__(self, control: LogControl | LazyLogControl) -> None:
+        self.setName("logging")
+        self.control = control
+
+    def reconfigure(self, old: Any, new: Any) -> None:
+        """Apply the new level and format from the next event on."""
+        self.control.configure(new.logging.level, new.logging.format)
+
+
+_twistd_control: LogControl | LazyLogControl | None = None
 
 
 def twistd_observer() -> ILogObserver:
@@ -380,9 +426,9 @@ class _ObserverFactory(str):
     the factory survive that step, and being callable keeps it usable directly.
     """
 
-    control: LogControl
+    control: LogControl | LazyLogControl
 
-    def __new__(cls, control: LogControl) -> _ObserverFactory:
+    def __new__(cls, control: LogControl | LazyLogControl) -> _ObserverFactory:
         factory = super().__new__(cls, f"{__name__}.twistd_observer")
         factory.control = control
         return factory
@@ -391,7 +437,7 @@ class _ObserverFactory(str):
         return self.control.observer()
 
 
-def observer_factory(control: LogControl) -> Callable[[], ILogObserver]:
+def observer_factory(control: LogControl | LazyLogControl) -> Callable[[], ILogObserver]:
     """What the plugin's ``postOptions`` puts in the parent twistd option ``logger``.
 
     Calling the result returns ``control.observer()``; twistd resolves it by name to

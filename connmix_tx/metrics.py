@@ -12,7 +12,7 @@ This room imports nothing from ``connmix_tx.engine`` or ``connmix_tx.lua``.
 from __future__ import annotations
 
 import platform
-from typing import Any, Callable, Iterable, Union
+from typing import Any, Callable, Union
 
 import twisted
 from twisted.internet.defer import Deferred

@@ -1,19 +1,21 @@
-"""SIGHUP: read the configuration file again and apply what can change at run time (SPEC 3.4).
+"""SIGHUP: read the configuration file again and apply what can change at run time.
 
 ``Reloader.reload`` reads and validates the file given at start (``config.source``).  A file that
 does not validate is refused with ``config reload failed: <problem>`` and nothing changes.
-Otherwise the hot keys are applied, and every changed restart-only key keeps its old value and is
-logged (``config reload: {key path} changed, restart required``, in the new log format):
+Otherwise every changed restart-only key keeps its old value and is logged
+(``config reload: {key path} changed, restart required``, in the new log format), and the
+effective configuration is handed to the service tree: ``reconfigure_tree`` calls
+``reconfigure(old, new)`` on every service that has one (``connmix_tx.tree``), and each applies
+its own hot keys (docs/configuration.md lists them):
 
-* ``logging.level`` / ``logging.format``: ``LogControl.configure``, from the next event on;
-* ``access``: ``AccessControl.replace`` for the next request and handshake; open API WebSockets
-  of a user that no longer exists are closed with 4001;
-* ``engine.luavm.queue``: ``QueueManager.configure`` (nothing waiting is dropped);
-* ``engine.luavm.maxInstructions``: ``Script.set_instruction_limit``, from the next run-slice;
-* ``servers[].byteCodeExpires``: ``set_interval`` of the server's Lua hot reloader, if it has one;
-* the "new conns" keys of ``engine.apiServer`` and ``engine.servers[]``: the factories'
-  ``reconfigure``, for connections accepted from then on (``options`` are also what
-  ``mix.server.option`` reads from then on).
+* the root: ``access`` (the next request and handshake);
+* ``logging``: level and format, from the next event on;
+* the engine part: the "new conns" keys of ``engine.apiServer``; API WebSockets of removed users
+  are closed with 4001;
+* ``queues``: ``engine.luavm.queue`` sizes (nothing waiting is dropped);
+* each ``servers[i]``: ``engine.luavm.maxInstructions``, ``byteCodeExpires``, ``options`` (what
+  ``mix.server.option`` reads) and the "new conns" keys of its factory;
+* a supervisor's ``workers``: SIGHUP forwarded to every worker process.
 
 Then ``config reloaded`` is logged.  Reloads run on the reactor thread, so they never overlap; a
 SIGHUP arriving during one is applied after it.
@@ -28,6 +30,7 @@ from typing import Any
 from twisted.logger import Logger
 
 from connmix_tx.config import Config, ConfigError, load_config, reload_diff
+from connmix_tx.tree import reconfigure_tree
 
 log = Logger(namespace="connmix.config")
 
@@ -70,13 +73,14 @@ class Reloader:
     """Applies SIGHUP reloads to a running service tree.
 
     :param root: the ``ConnmixService``; its ``config`` is the running configuration.
-    :param log_control: the process's ``LogControl`` (None when logging is not ours: tests).
+    :param cwd: where a relative configuration path is taken from (tests).
+    :param workers: the ``-p`` value, so the file is validated as it was at start.
     """
 
-    def __init__(self, root: Any, log_control: Any = None, cwd: str | None = None) -> None:
+    def __init__(self, root: Any, cwd: str | None = None, workers: int | None = None) -> None:
         self.root = root
-        self.log_control = log_control
         self.cwd = cwd
+        self.workers = workers
         self._running = False
         self._again = False
 
@@ -97,7 +101,7 @@ class Reloader:
     def _reload_once(self) -> None:
         old: Config = self.root.config
         try:
-            new = load_config(old.source, role=self.root.role, cwd=self.cwd)
+            new = load_config(old.source, role=self.root.role, cwd=self.cwd, workers=self.workers)
         except ConfigError as e:
             log.error("config reload failed: {error}", error=str(e))
             return
@@ -113,39 +117,8 @@ class Reloader:
         log.info("config reloaded")
 
     def apply(self, old: Config, config: Config) -> None:
-        """Make ``config`` (hot keys changed, restart-only keys as running) the running one."""
-        root = self.root
-        root.config = config
-        if self.log_control is not None:
-            self.log_control.configure(config.logging.level, config.logging.format)
-        if config.access != old.access:
-            root.access.replace(config.access)
-            if root.engine is not None:
-                root.engine.api_factory.users_replaced()
-        if root.engine is not None:
-            self._apply_engine(root.engine, old, config)
+        """Make ``config`` (hot keys changed, restart-only keys as running) the running one.
 
-    def _apply_engine(self, engine: Any, old: Config, config: Config) -> None:
-        luavm = config.engine.luavm
-        engine.config = config
-        engine.queues.configure(luavm.queue.topic_size, luavm.queue.max_topics, luavm.queue.ack_timeout)
-        if luavm.max_instructions != old.engine.luavm.max_instructions:
-            for script in engine.scripts:
-                script.set_instruction_limit(luavm.max_instructions)
-        if config.engine.api_server != old.engine.api_server:
-            engine.api_factory.reconfigure(config.engine.api_server)
-        reloaders = getattr(engine, "reloaders", None) or []
-        for index, server in enumerate(config.engine.servers):
-            before = old.engine.servers[index]
-            if server == before:
-                continue
-            if server.byte_code_expires != before.byte_code_expires and index < len(reloaders):
-                setter = getattr(reloaders[index], "set_interval", None)
-                if setter is not None:
-                    setter(server.byte_code_expires)
-            if server.options != before.options and index < len(engine.libraries):
-                options = engine.libraries[index].options
-                options.clear()
-                options.update(server.options)
-            if index < len(engine.client_factories):
-                engine.client_factories[index].reconfigure(server)
+        Every service of the tree with a ``reconfigure(old, new)`` applies its own keys.
+        """
+        reconfigure_tree(self.root, old, config)

@@ -27,10 +27,10 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
+from connmix_tx.errors import EXIT_USAGE, STARTUP_EXIT_CODES
+
 log = Logger(namespace="connmix.supervisor")
 
-#: Exit codes of start-up errors that stop the whole engine when a worker ends with one.
-STARTUP_EXIT_CODES = (2, 3, 4)
 MIN_BACKOFF, MAX_BACKOFF, STABLE_AFTER, STOP_TIMEOUT = 1.0, 30.0, 10.0, 4.0
 
 
@@ -211,7 +211,7 @@ class Supervisor:
             slot.handle = self.spawn(slot.index)
         except OSError as e:
             self.failed = True
-            self.fatal(1, f"cannot start worker {slot.index}: {e.strerror or e}")
+            self.fatal(EXIT_USAGE, f"cannot start worker {slot.index}: {e.strerror or e}")
             return
         slot.pid = slot.handle.pid
         log.info("worker {worker} started (pid {pid})", worker=slot.index, pid=slot.pid)

@@ -1,8 +1,10 @@
-"""``twistd connmix``: command-line options and the service maker (SPEC 2).
+"""``twistd connmix``: command-line options and the service maker (docs/operations.md).
 
-Wiring only.  ``Options.postOptions`` validates the flags, loads the configuration (one line and
-exit 2 on error, no usage text), installs our log observer in place of twistd's, and prints the
-banner; ``makeService`` builds the service tree for the role and gives it the SIGHUP reloader.
+Wiring only.  ``Options.postOptions`` validates the flags and loads the configuration (one line
+and exit 2 on error, no usage text, before twistd prints anything) and names our log observer in
+twistd's ``logger`` option (its files open when twistd starts logging); it prints nothing.
+``makeService`` prints the banner, builds the service tree of the role and adds the ``logging``
+and ``signals`` services (SIGHUP runs ``connmix_tx.reload.Reloader``).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ ROLE_CHOICES = ("center", "engine", "single")
 
 
 def version_line() -> str:
-    """The version line of SPEC 2.3."""
+    """The version line (``--version``, and under the banner)."""
     import twisted
 
     from connmix_tx.lua.runtime import lua_version
@@ -76,6 +78,7 @@ class Options(usage.Options):
         raise SystemExit(0)
 
     def postOptions(self) -> None:
+        """Validate the flags and the configuration; choose our log observer.  Prints nothing."""
         role = self["role"]
         if role == "dev":
             self["dev"], role = True, None
@@ -88,11 +91,7 @@ class Options(usage.Options):
         self["role"] = "dev" if self["dev"] else role
         self._worker_options()
         self._load_config()
-        self._install_logging()
-        if self.worker_role is None:  # the supervisor printed the banner already
-            print(LOGO)
-            print(version_line())
-            sys.stdout.flush()
+        self._choose_logging()
 
     def _worker_options(self) -> None:
         from connmix_tx.config import MAX_WORKERS
@@ -120,7 +119,7 @@ class Options(usage.Options):
 
     def _load_config(self) -> None:
         from connmix_tx.config import ConfigError, load_config
-        from connmix_tx.service import EXIT_CONFIG, write_fatal_line
+        from connmix_tx.errors import EXIT_CONFIG, write_fatal_line
 
         try:
             self.config = load_config(self["config"], role=self["role"], workers=self.processes)
@@ -128,47 +127,67 @@ class Options(usage.Options):
             write_fatal_line(str(e))
             raise SystemExit(EXIT_CONFIG) from None
 
-    def _install_logging(self) -> None:
-        from connmix_tx.logs import LogControl, observer_factory
+    def _choose_logging(self) -> None:
+        """Set twistd's ``logger`` option to our observer; its files open when twistd asks for it."""
+        from connmix_tx.logs import LazyLogControl, observer_factory
 
         parent: Any = getattr(self, "parent", None)
-        stream = None
         logfile = parent.get("logfile") if parent is not None else None
-        worker = self.worker_role
-        if logfile and logfile != "-" and worker is None:
-            stream = open(logfile, "a", encoding="utf-8")
-        logging = self.config.logging
-        try:
-            # A worker writes its lines to its stdout only: the supervisor relays them into its
-            # own destinations (stream and logging.filename).
-            self.log_control = LogControl(
-                level=logging.level, fmt=logging.format, stream=stream,
-                filename=logging.filename if worker is None else "", max_files=logging.max_files,
-                worker=worker.index if worker is not None else None,
-            )
-        except OSError as e:
-            from connmix_tx.service import EXIT_CONFIG, write_fatal_line
-
-            write_fatal_line(f"config logging.filename: cannot open {logging.filename}: {e.strerror}")
-            raise SystemExit(EXIT_CONFIG) from None
+        self.log_control = LazyLogControl(lambda: _open_logging(self.config.logging, logfile, self.worker_role))
         if parent is not None:
             parent["logger"] = observer_factory(self.log_control)
 
 
+def _open_logging(logging: Any, logfile: str | None, worker: Any) -> Any:
+    """The process's ``LogControl``: the twistd log file and ``logging.filename`` opened (exit 2)."""
+    from connmix_tx.errors import EXIT_CONFIG, write_fatal_line
+    from connmix_tx.logs import LogControl
+
+    stream = None
+    if logfile and logfile != "-" and worker is None:
+        try:
+            stream = open(logfile, "a", encoding="utf-8")
+        except OSError as e:
+            write_fatal_line(f"--logfile: cannot open {logfile}: {e.strerror}")
+            raise SystemExit(EXIT_CONFIG) from None
+    try:
+        # A worker writes its lines to its stdout only: the supervisor relays them into its
+        # own destinations (stream and logging.filename).
+        return LogControl(
+            level=logging.level, fmt=logging.format, stream=stream,
+            filename=logging.filename if worker is None else "", max_files=logging.max_files,
+            worker=worker.index if worker is not None else None,
+        )
+    except OSError as e:
+        write_fatal_line(f"config logging.filename: cannot open {logging.filename}: {e.strerror}")
+        raise SystemExit(EXIT_CONFIG) from None
+
+
+def print_banner() -> None:
+    """The logo and the version line, before the first log line."""
+    print(LOGO)
+    print(version_line())
+    sys.stdout.flush()
+
+
 def makeService(options: Options) -> Any:
-    """Build the service tree of the role given on the command line."""
+    """Build the service tree of the role given on the command line; print the banner first."""
     from twisted.internet import reactor
     from twisted.logger import Logger
 
     from connmix_tx.config import device_cpus, worker_count
-    from connmix_tx.service import ConnmixService, Fatal, FatalError, write_fatal_line
+    from connmix_tx.errors import Fatal, FatalError, exit_with
+    from connmix_tx.logs import LoggingService
     from connmix_tx.reload import Reloader
+    from connmix_tx.service import ConnmixService
+    from connmix_tx.signals import SignalHandlers
 
     log = Logger(namespace="connmix.config")
     config = options.config
     worker = options.worker_role
     role = options["role"]
-    if worker is None:  # a worker's supervisor logged these
+    if worker is None:  # a worker's supervisor printed the banner and logged these
+        print_banner()
         processes = options.processes
         workers = worker_count(config.engine.workers if processes is None else processes)
         cpus = device_cpus()
@@ -187,8 +206,9 @@ def makeService(options: Options) -> Any:
         root = ConnmixService(config, role, reactor, Fatal(reactor), processes=options.processes,
                               worker=worker, relay=relay)
     except FatalError as e:
-        write_fatal_line(e.message)
-        raise SystemExit(e.code) from None
-    root.reloader = Reloader(root, getattr(options, "log_control", None))
-    reactor.callWhenRunning(root.install_signal_handlers, reactor)
+        raise exit_with(e) from None
+    if log_control is not None:
+        LoggingService(log_control).setServiceParent(root)
+    reloader = Reloader(root, workers=options.processes)
+    SignalHandlers(reactor, reloader.reload, ignore_interrupt=worker is not None).setServiceParent(root)
     return root

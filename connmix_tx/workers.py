@@ -27,6 +27,7 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
+from connmix_tx.errors import FATAL_PREFIX
 from connmix_tx.supervisor import Supervisor, describe_status
 
 log = Logger(namespace="connmix.supervisor")
@@ -36,7 +37,6 @@ READY_FD = 3
 READY_LINE = b"ready\n"
 #: How the supervisor runs twistd with its own interpreter (``twistd.py`` has no ``__main__``).
 TWISTD_BOOT = "import sys; sys.argv[0] = 'twistd'; from twisted.scripts.twistd import run; run()"
-FATAL_PREFIX = "connmix: "
 
 
 @dataclass(frozen=True)
@@ -192,6 +192,10 @@ class WorkerPool(service.Service):
     def forward(self, name: str) -> None:
         """Forward a signal (``"HUP"``) to every worker."""
         self.supervisor.signal_all(name)
+
+    def reconfigure(self, old: Any, new: Any) -> None:
+        """SIGHUP: the file validated here (as the workers will validate it); each worker reloads it."""
+        self.forward("HUP")
 
 
 def _write_stderr(line: str) -> None:

@@ -19,12 +19,11 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.spread import pb
 
+from connmix_tx.errors import EXIT_REGISTER
 from connmix_tx.pb import ENGINE_USER, BrokerFactory, is_refusal, login, reason_text, retry_delay
 
 log = Logger(namespace="connmix.engine")
 
-#: Exit code when the engine cannot register (SPEC 2.5).
-EXIT_REGISTER = 4
 WARN_EVERY = 30.0
 
 
