@@ -15,7 +15,7 @@ from typing import Any, Iterator
 
 from procs import Process, free_ports, twistd, write_yaml
 
-FAST = {"heartbeatInterval": 0.5, "heartbeatTimeout": 1.5, "meshTimeout": 2, "registerTimeout": 10}
+FAST = {"heartbeatInterval": 0.5, "heartbeatTimeout": 1.5, "meshTimeout": 5, "registerTimeout": 10}
 
 # An entry that forwards "to:<client_id>:<text>" with mix.mesh.send and "pub:<channel>:<text>"
 # with mix.mesh.publish, and pushes every other message to queue foo like the default entry.
