@@ -40,6 +40,7 @@ from connmix_tx.engine.mesh_link import MeshPeers
 from connmix_tx.engine.router import LocalOps
 from connmix_tx.engine.queue import QueueManager
 from connmix_tx.engine.queue_redis import RedisQueueManager
+from connmix_tx.engine.siblings import PusherNodeIds, SiblingQueues
 from connmix_tx.engine.socket_server import SocketServerFactory
 from connmix_tx.engine.websocket import ClientWebSocketFactory
 from connmix_tx.ids import Snowflake, new_node_id
@@ -310,7 +311,16 @@ class EnginePart(service.MultiService):
         mesh_log = Logger(namespace="connmix.mesh")
         api_log = Logger(namespace="connmix.api")
         secret = config.cluster.secret
-        mesh_realm = MeteredMeshRealm(MeshPointOps(self.metrics, self.connections), self.metrics)
+        mesh_ops = MeshPointOps(self.metrics, self.connections)
+        mesh_realm = MeteredMeshRealm(mesh_ops, self.metrics)
+        #: A worker's API consumes the queues of every worker (connmix_tx/engine/siblings.py).
+        self.worker_queues: SiblingQueues | PusherNodeIds | None = None
+        if worker is not None and self.queues.backend == "memory":
+            self.worker_queues = mesh_ops.siblings = SiblingQueues(
+                self.queues, self.node_id, reactor, self.peers.by_id.get)
+        elif worker is not None:  # redis: the streams are shared; events name the pushing worker
+            self.worker_queues = PusherNodeIds(self.queues, self.node_id)
+        api_queues: Any = self.worker_queues or self.queues
         self.mesh_listener = Listener(
             reactor, "engine.meshPoint", mesh_point,
             GuardedPBServerFactory(LoggingPortal(mesh_realm, [SecretChecker(secret)], "mesh"), secret, "mesh"),
@@ -324,8 +334,8 @@ class EnginePart(service.MultiService):
             self.sibling_metrics.setServiceParent(self)
             metrics_resource = EngineMetricsResource(self.sibling_metrics.gather)
         self.api_factory = ApiWebSocketFactory(
-            engine.api_server, MeteredApiDispatcher(self.metrics, self.router, self.queues, access),
-            self.queues, self.node_id, metrics=self.metrics, clock=reactor,
+            engine.api_server, MeteredApiDispatcher(self.metrics, self.router, api_queues, access),
+            api_queues, self.node_id, metrics=self.metrics, clock=reactor,
         )
         self.api_listener = Listener(
             reactor, "engine.apiServer", engine.api_server,
@@ -413,6 +423,10 @@ class EnginePart(service.MultiService):
         """A node list from the center: keep one mesh link per other live engine."""
         self.nodes = nodes
         self.peers.update(nodes)
+        if isinstance(self.worker_queues, SiblingQueues):
+            self.worker_queues.update(self.siblings())
+        elif self.worker_queues is not None:
+            self.worker_queues.update(nodes)
 
     def siblings(self) -> list[dict[str, Any]]:
         """The other workers of this engine in the center's latest node list (same ``engine``).
@@ -459,7 +473,7 @@ class EnginePart(service.MultiService):
             factory.shutdown()
         self.api_factory.shutdown()
         yield self._drained(STOP_GRACE)
-        self.queues.stop()
+        (self.worker_queues or self.queues).stop()
         self.peers.stop()
         self.redis.close()
         yield self.http.close()
