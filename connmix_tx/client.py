@@ -165,9 +165,11 @@ class RoutingTable:
         self._keys = dict(numbers)
 
     def learn(self, number: int, key: str) -> None:
-        """Remember that ``key`` is the engine numbered ``number``."""
-        for old in [n for n, k in self._keys.items() if k == key and n != number]:
-            del self._keys[old]
+        """Remember that ``key`` is (a worker of) the engine numbered ``number``.
+
+        An engine with several workers has one number per worker behind one key: every number
+        is kept (``replace`` starts afresh from the center's list).
+        """
         self._keys[number] = key
 
     def owner(self, client_id: Any) -> str | None:
@@ -774,12 +776,15 @@ class Client(MultiService):
             result.get("data"), link.address,
             None if message_id is None else str(message_id), int(result.get("redelivered", 0) or 0),
         )
-        if link.number is None and message.client_id:
+        if message.client_id:  # any worker of the engine may have pushed: learn each number
             try:
-                link.number = node_number_of(parse_client_id(message.client_id))
-                self.routes.learn(link.number, link.address)
+                number = node_number_of(parse_client_id(message.client_id))
             except InvalidClientId:
-                pass
+                number = None
+            if number is not None:
+                if link.number is None:
+                    link.number = number
+                self.routes.learn(number, link.address)
         handler = self._handlers.get(message.topic)
         if handler is None:
             log.warn("engine {address}: event of topic {topic} nobody consumes", address=link.address, topic=message.topic)
@@ -872,18 +877,19 @@ class Client(MultiService):
             log.info("center {url} reachable again", url=self.center_url)
         self.center_error = None
         wanted: dict[str, dict[str, Any]] = {}
+        numbers: dict[int, str] = {}  # every worker's number -> the engine's one API address
         for node in nodes:
             if isinstance(node, dict) and isinstance(node.get("api_server"), str):
                 url = engine_url(node["api_server"], self.engine_scheme)
                 wanted[_address_of(url)] = node | {"url": url}
+                if isinstance(node.get("number"), int):
+                    numbers[node["number"]] = _address_of(url)
         for link in [link for address, link in self.links.items() if address not in wanted]:
             self._remove_link(link)
-        numbers: dict[int, str] = {}
         for address, node in wanted.items():
             link = self.links.get(address) or self._add_link(address, node["url"])
             if isinstance(node.get("number"), int):
                 link.number = node["number"]
-                numbers[link.number] = address
             link.node_id = node.get("id")
         self.routes.replace(numbers)
         self.discovered = True

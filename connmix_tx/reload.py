@@ -97,7 +97,9 @@ class Reloader:
     def _reload_once(self) -> None:
         old: Config = self.root.config
         try:
-            new = load_config(old.source, role=self.root.role, cwd=self.cwd)
+            # The mesh port range is checked for the workers that run (``-p`` wins over the file).
+            new = load_config(old.source, role=self.root.role, cwd=self.cwd,
+                              workers=getattr(self.root, "worker_count", None))
         except ConfigError as e:
             log.error("config reload failed: {error}", error=str(e))
             return
