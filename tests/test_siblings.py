@@ -260,6 +260,14 @@ def test_manual_acks_reach_the_worker_that_holds_each_message(pair: Pair) -> Non
     pair.turn()
     assert pair.s_queues.unacked == 1 and pair.w_queues.unacked == 0
     assert pair.w.ack(session, "foo", ["w1:1"]) == 0  # already acknowledged
+    # Another connection cannot acknowledge what this one holds.
+    thief = Session()
+    pair.w.consume(thief, ["foo"], manual=True)
+    assert pair.w.ack(thief, "foo", ["w1:2", "w1:1"]) == 0
+    pair.turn()
+    assert pair.s_queues.unacked == 1
+    pair.w.unconsume(thief)
+    pair.turn()
     with pytest.raises(QueueError):
         pair.w.ack(session, "bar", ["w1:2"])
     # The unacknowledged one comes again after the consumer leaves, with its count.
@@ -408,3 +416,24 @@ def test_an_event_answered_gone_ends_the_proxy_even_when_the_unconsume_op_was_lo
     pair.s.consume(local, ["foo"])
     pair.clock.advance(0)
     assert texts(local.events()) == ["a", "b"]
+
+
+def test_ids_of_a_manual_consumer_are_bounded_when_siblings_redeliver_elsewhere(pair: Pair) -> None:
+    pair.w_queues.topic_size = pair.s_queues.topic_size = 5
+    session = Session()
+    pair.w.consume(session, ["foo"], manual=True)
+    pair.turn()
+    for round_ in range(6):  # each round: 5 delivered, never acked, taken back by S's timeout
+        pair.push(pair.s_queues, [f"m{round_}.{i}" for i in range(5)])
+        pair.turn()
+        assert len(session.events()) == 5
+        pair.to_w.state = "connecting"  # the proxy cannot take them again for now
+        pair.clock.advance(pair.s_queues.ack_timeout)
+        other = Session(S_ID)  # ... and they are redelivered to a consumer on S, which is done
+        pair.s.consume(other, ["foo"])
+        pair.clock.advance(0)
+        assert len(other.events()) == 5
+        pair.s.unconsume(other)
+        pair.to_w.state = "up"
+        pair.turn()
+    assert len(pair.w._held[session]["foo"]) <= 2 * 5

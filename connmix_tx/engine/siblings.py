@@ -298,7 +298,12 @@ class SiblingQueues:
         if consumption.manual and message_id is not None:
             index = self.siblings.get(node_id)
             shown = f"w{index}:{message_id}" if index is not None else f"{node_id}:{message_id}"
-            self._held.setdefault(session, {}).setdefault(topic, {})[shown] = (node_id, key, str(message_id))
+            held = self._held.setdefault(session, {}).setdefault(topic, {})
+            held[shown] = (node_id, key, str(message_id))
+            if len(held) > (len(self.siblings) + 1) * self.queues.topic_size:
+                # Ids a sibling meanwhile redelivered to another consumer are never acked here:
+                # the oldest go (a late ack of one is not counted; the sibling redelivers it).
+                del held[next(iter(held))]
             deliver_as(session, node_json, topic, client_id, data, shown, int(redelivered or 0))
         else:
             deliver_as(session, node_json, topic, client_id, data)
