@@ -314,3 +314,61 @@ def test_manual_acks_reach_the_worker_holding_the_message(engine_factory: Any) -
         with pytest.raises(TimeoutError):
             second.recv(timeout=0.5)  # the acknowledged ones never come back
     assert engine.stop() == 0
+
+
+def server_pid(pids: list[int], api: ClientConnection, api_port: int) -> int:
+    """Which of ``pids`` holds the server side of the API connection ``api`` (from /proc)."""
+    local = api.socket.getsockname()[1]
+    inode = None
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        here, there = (int(a.split(":")[1], 16) for a in fields[1:3])
+        if here == api_port and there == local:
+            inode = fields[9]
+    assert inode is not None, "the API connection's server socket"
+    for pid in pids:
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            try:
+                if os.readlink(fd) == f"socket:[{inode}]":
+                    return pid
+            except OSError:
+                continue
+    raise AssertionError("no worker holds the API connection")
+
+
+def test_a_restarted_worker_gets_the_open_consumption_again(engine_factory: Any) -> None:
+    engine = engine_factory()
+    nodes = engine.start()
+    assert engine.process is not None
+    workers = {}
+    for line in engine.process.lines:
+        if "connmix.supervisor" in line and "started (pid " in line:
+            index = int(line.split("worker ", 1)[1].split()[0])
+            workers[index] = int(line.rsplit("(pid ", 1)[1].split(")")[0])
+    with ExitStack() as stack:
+        api = stack.enter_context(connect(f"ws://127.0.0.1:{engine.api}/ws/v1", open_timeout=10))
+        reply, _ = request(api, "queue.consume", ["foo"], 1)
+        assert reply["result"] == {"success": True}
+        holder = server_pid(list(workers.values()), api, engine.api)
+        [(index, victim)] = [(i, pid) for i, pid in workers.items() if pid != holder]
+        os.kill(victim, signal.SIGKILL)  # the other worker dies and comes back as a new node
+        old = {n["id"] for n in nodes}
+
+        def restarted() -> list[dict[str, Any]] | None:
+            with urllib.request.urlopen(f"http://127.0.0.1:{engine.center_api}/v1/nodes", timeout=5) as r:
+                now = json.loads(r.read())["nodes"]
+            lines = engine.process.lines
+            exits = [i for i, line in enumerate(lines) if f"worker {index} (pid {victim}) exited" in line]
+            back = bool(exits) and any(f"connmix.server.w{index}\tstart the protocol server" in line
+                                       for line in lines[exits[-1]:])
+            return now if len(now) == 2 and len({n["id"] for n in now} - old) == 1 and back else None
+
+        nodes = wait_until(restarted, what="the killed worker back as a new node")
+        time.sleep(1.5)  # the next node list push: the survivor sends its consumption again
+        clients = open_clients(engine, stack, nodes)
+        sent = {}
+        for i, (ws, client_id) in enumerate(clients):
+            ws.send(f"after {i}")
+            sent[f"after {i}"] = client_id
+        check_events(events(api, len(sent)), sent, nodes)
+    assert engine.stop() == 0
