@@ -15,7 +15,7 @@ import msgpack
 import pytest
 from twisted.internet.task import Clock
 
-from connmix_tx.engine.api import ApiSession
+from connmix_tx.engine.api import COMPACT, ApiSession
 from connmix_tx.engine.mesh import apply_op
 from connmix_tx.engine.mesh_link import _result
 from connmix_tx.engine.queue import RETRY_DELAY, QueueError, QueueManager
@@ -240,6 +240,7 @@ def test_a_lost_link_hands_the_events_back_and_they_come_once_it_is_up(pair: Pai
     assert session.events() == []
     pair.s.unconsume(other)
     pair.to_w.state = "up"
+    pair.clock.advance(RETRY_DELAY)
     pair.push(pair.s_queues, ["d"])
     pair.turn()
     assert texts(session.events()) == ["d"]
@@ -437,3 +438,30 @@ def test_ids_of_a_manual_consumer_are_bounded_when_siblings_redeliver_elsewhere(
         pair.to_w.state = "up"
         pair.turn()
     assert len(pair.w._held[session]["foo"]) <= 2 * 5
+
+
+def test_compact_consumers_get_compact_events_naming_the_sibling(pair: Pair) -> None:
+    session = Session()
+    session.started(["foo"], COMPACT)
+    pair.w.consume(session, ["foo"], manual=True)
+    pair.turn()
+    pair.push(pair.s_queues, ["s1"])
+    pair.turn()
+    [frame] = session.frames
+    assert frame == {"e": "queue.pop", "p": {"n": S_ID, "c": "cid", "t": "foo", "i": "w1:1", "d": "s1"}}
+
+
+def test_an_owner_refusing_every_event_does_not_make_the_sibling_spin(pair: Pair) -> None:
+    session = Session()
+    pair.w.consume(session, ["foo"])
+    pair.turn()
+    pair.w._event = lambda *args: (4, "bad request: broken")  # type: ignore[method-assign]
+    pair.push(pair.s_queues, ["a"])
+    for _ in range(20):
+        pair.turn()
+    assert len(pair.to_w.sent) == 1  # sent once, refused, back at the head, paused
+    assert pair.s_queues.length("foo") == 1
+    del pair.w._event
+    pair.clock.advance(RETRY_DELAY)
+    pair.turn()
+    assert texts(session.events()) == ["a"]

@@ -353,8 +353,12 @@ class SiblingQueues:
         if gone:
             self._drop_proxy(proxy.owner, proxy.key)
             return
-        for topic, ids in back.items():
-            release(self.queues, proxy, topic, ids)
+        if back:
+            # Not written (link lost, timeout, refused): back to the head; and a pause, so an
+            # owner that keeps refusing cannot turn this into a loop at full speed.
+            proxy.paused_until = self.clock.seconds() + RETRY_DELAY
+            for topic, ids in back.items():
+                release(self.queues, proxy, topic, ids)
 
 
 def deliver_as(session: Any, node_json: bytes, topic: str, client_id: str, data: bytes,
