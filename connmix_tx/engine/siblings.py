@@ -193,6 +193,7 @@ class SiblingQueues:
         """``sibling`` left the node list: its proxies here go, our held ids of it too."""
         del self.siblings[sibling]
         self._sent.pop(sibling, None)
+        self._node_json.pop(sibling, None)
         for topics in self._held.values():
             for held in topics.values():
                 for message_id in [i for i, (s, _, _) in held.items() if s == sibling]:
