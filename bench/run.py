@@ -793,20 +793,28 @@ class Bench:
         for name, count in (("engine-w1", s.max_connections), ("engine-w2", 2 * s.max_connections)):
             proc, ports = engines[name]
             processes = math.ceil(count / PER_IDLE_PROCESS)
+            # Each load generator connects from its own 127.0.0.x: one source address has only
+            # about 28,000 ephemeral ports towards one destination port.
             idle = [self.driver(f"loadgen-{name}-idle-{i}", "idle", "--clients", url(ports["client"]),
                                 "--n", str(math.ceil(count / processes)), "--parallel", "64",
-                                "--connect-timeout", "150") for i in range(processes)]
+                                "--connect-timeout", "150", "--source", f"127.0.0.{i + 2}")
+                    for i in range(processes)]
             for driver in idle:
                 driver.ready()
+            start = time.monotonic()
             for driver in idle:
                 driver.send("run")
-            held[name] = sum(d.answer(timeout=200)["alive"] for d in idle)
+            answers = [d.answer(timeout=200) for d in idle]
+            held[name] = sum(a["alive"] for a in answers)
             alive = proc.popen.poll() is None
-            self.say(f"  w_conns   {name}: {held[name]:,} of {count:,} held, engine {'alive' if alive else 'DEAD'}, "
+            self.say(f"  w_conns   {name}: {held[name]:,} of {count:,} held "
+                     f"({sum(a['failed'] for a in answers)} failed, {time.monotonic() - start:.0f} s), "
+                     f"engine {'alive' if alive else 'DEAD'}, "
                      f"RSS {sum(rss_kib(p) for p in family(proc.pid)) / 1024:.0f} MiB")
             self.stop(idle)
         row.add({"rate": float(held["engine-w2"])}, {"rate": float(2 * held["engine-w1"])})
-        bound = " (both at the bound of this run)" if held["engine-w1"] >= s.max_connections else ""
+        at_bound = held["engine-w1"] >= s.max_connections and held["engine-w2"] >= 2 * s.max_connections
+        bound = " (both at the bound of this run)" if at_bound else ""
         row.note = (f"1 worker held {held['engine-w1']:,} of {s.max_connections:,}, 2 workers "
                     f"{held['engine-w2']:,} of {2 * s.max_connections:,}{bound}")
         self.stop(list(self.procs))
