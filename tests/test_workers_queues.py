@@ -258,7 +258,7 @@ def test_a_consumer_leaving_mid_stream_loses_nothing_that_was_not_written(engine
     with ExitStack() as stack:
         clients = open_clients(engine, stack, nodes)
         sent: dict[str, str] = {}
-        for round_ in range(10):
+        for round_ in range(60):  # more than the first consumer's buffers take before it leaves
             for index, (ws, client_id) in enumerate(clients):
                 ws.send(f"m {round_} {index}")
                 sent[f"m {round_} {index}"] = client_id
@@ -275,7 +275,7 @@ def test_a_consumer_leaving_mid_stream_loses_nothing_that_was_not_written(engine
         second = stack.enter_context(connect(f"ws://127.0.0.1:{engine.api}/ws/v1", open_timeout=10))
         reply, got_second = request(second, "queue.consume", ["foo"], 3)
         assert reply["result"] == {"success": True}
-        got_second += events(second, len(sent) - len(got_first) - len(got_second))
+        got_second += events(second, len(sent) - len(got_first) - len(got_second), timeout=60)
         check_events(got_first + got_second, sent, nodes)  # the union is everything, once
     assert engine.stop() == 0
 
