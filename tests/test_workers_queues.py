@@ -42,6 +42,8 @@ function on_close(client_id, err) end
 """
 
 CLIENTS = 24
+#: The packaged default entry script (the seed's).
+SEED_ENTRY = str(Path(__file__).resolve().parent.parent / "lua" / "entry.websocket.lua")
 
 
 def listen_ports(count: int, consecutive: bool = False) -> list[int]:
@@ -90,7 +92,7 @@ class Engine:
     """A two-worker engine in dev mode, from a YAML file in a temporary folder."""
 
     def __init__(self, folder: Path, queue: dict[str, Any] | None = None,
-                 redis: list[dict[str, Any]] | None = None) -> None:
+                 redis: list[dict[str, Any]] | None = None, entry: str = "lua/push.lua") -> None:
         self.folder = folder
         self.registry, self.center_api, self.api, self.client = listen_ports(4)
         self.mesh = listen_ports(2, consecutive=True)[0]
@@ -108,7 +110,7 @@ class Engine:
                 "meshPoint": {"bind": "127.0.0.1", "port": self.mesh},
                 "apiServer": {"bind": "127.0.0.1", "port": self.api},
                 "luavm": luavm,
-                "servers": [{"bind": "127.0.0.1", "port": self.client, "entry": "lua/push.lua"}],
+                "servers": [{"bind": "127.0.0.1", "port": self.client, "entry": entry}],
             },
         })
         self.process: Process | None = None
@@ -240,6 +242,50 @@ def walkthrough(engine: Engine) -> None:
 
 def test_seed_walkthrough_with_two_workers(engine_factory: Any) -> None:
     walkthrough(engine_factory())
+
+
+def test_the_seed_walkthrough_unchanged_with_two_workers(engine_factory: Any) -> None:
+    """The seed's steps with the packaged entry script: clients learn nothing, the events tell."""
+    engine = engine_factory(entry=SEED_ENTRY)
+    nodes = engine.start()
+    by_number = {n["number"]: n["id"] for n in nodes}
+    with ExitStack() as stack:
+        clients = [stack.enter_context(connect(f"ws://127.0.0.1:{engine.client}", open_timeout=10))
+                   for _ in range(CLIENTS)]
+        for index, ws in enumerate(clients):
+            ws.send(f"test {index}")  # step 2, before anyone consumes
+        api = stack.enter_context(connect(f"ws://127.0.0.1:{engine.api}/ws/v1", open_timeout=10))
+        api.send('{"method":"queue.consume","params":["foo"],"id":12345}')
+        reply = api.recv(timeout=10)
+        got = []
+        if json.loads(reply).get("event"):
+            got.append(json.loads(reply)["result"])
+            reply = api.recv(timeout=10)
+        assert json.loads(reply) == {"error": None, "result": {"success": True}, "id": 12345}  # step 3
+        got += events(api, CLIENTS - len(got))
+        ids = {}
+        for event in got:
+            text = event["data"]["msg"]["data"]
+            assert event["data"]["msg"] == {"data": text, "finish": True, "type": "text"}
+            headers = event["data"]["ctx"]["headers"]
+            assert headers["host"] == f"127.0.0.1:{engine.client}" and headers["upgrade"] == "websocket"
+            assert event["queue"] == "foo" and len(event["client_id"]) == 19 and len(event["node_id"]) == 20
+            assert event["node_id"] == by_number[node_number(event["client_id"])]
+            ids[int(text.split()[1])] = event["client_id"]
+        assert sorted(ids) == list(range(CLIENTS))
+        assert {node_number(c) for c in ids.values()} == set(by_number), "clients on both workers"
+        for index, ws in enumerate(clients):  # step 4: one more event per message
+            ws.send(f"again {index}")
+        again = events(api, CLIENTS)
+        assert sorted(e["data"]["msg"]["data"] for e in again) == sorted(f"again {i}" for i in range(CLIENTS))
+        assert all(ids[int(e["data"]["msg"]["data"].split()[1])] == e["client_id"] for e in again)
+        for index, ws in enumerate(clients):  # steps 5 and 6
+            api.send(json.dumps({"method": "mesh.send", "params": [{"client_id": ids[index], "data": "hello, world!"}],
+                                 "id": 12345}))
+            assert json.loads(api.recv(timeout=10)) == {"error": None, "result": {"fail": 0, "success": True, "total": 1},
+                                                        "id": 12345}
+            assert ws.recv(timeout=10) == "hello, world!"
+    assert engine.stop() == 0
 
 
 def test_seed_walkthrough_with_two_workers_on_the_redis_backend(engine_factory: Any) -> None:
