@@ -77,8 +77,15 @@ class Listener(WSListener):
             self.on_frame(frame)
 
 
+#: ``--source``: the local address connections are made from (None: the system's choice).
+SOURCE: str | None = None
+
+
 async def connect(url: str, on_frame: Callable[[WSFrame], None]) -> WSTransport:
-    transport, _ = await ws_connect(lambda: Listener(on_frame), url, websocket_handshake_timeout=30)
+    # One source address has one ephemeral port range (about 28,000 ports) per destination: more
+    # connections to one port need more sources (any 127.x.y.z is loopback on Linux).
+    extra = {"local_addr": (SOURCE, 0)} if SOURCE else {}
+    transport, _ = await ws_connect(lambda: Listener(on_frame), url, websocket_handshake_timeout=30, **extra)
     return transport
 
 
@@ -534,6 +541,8 @@ async def serve(scenario: Scenario) -> None:
 
 
 async def main_async(args: Any) -> None:
+    global SOURCE
+    SOURCE = args.source or None
     scenario = SCENARIOS[args.scenario](args)
     info = await scenario.setup()
     if args.serve:
@@ -559,6 +568,7 @@ def parse_args(argv: list[str] | None = None) -> Any:
     parser.add_argument("--duration", type=float, default=4.0)
     parser.add_argument("--rate", type=float, default=0.0, help="alone: measure latency at this rate")
     parser.add_argument("--connect-timeout", type=float, default=120.0)
+    parser.add_argument("--source", default="", help="local address to connect from (e.g. 127.0.0.2)")
     parser.add_argument("--serve", action="store_true", help="answer run / lat commands from stdin")
     return parser.parse_args(argv)
 

@@ -45,6 +45,7 @@ BENCH = REPO / "bench"
 DEFAULT_ENTRY = str(REPO / "lua" / "entry.websocket.lua")
 PUBLISH_ENTRY = str(BENCH / "entry.publish.lua")
 RELAY_ENTRY = str(BENCH / "entry.relay.lua")
+ECHO_ENTRY = str(BENCH / "entry.echo.lua")
 TWISTD = [sys.executable, "-c", "import sys; sys.argv[0] = 'twistd'; from twisted.scripts.twistd import run; run()"]
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 #: readTimeout of the bench engines: clients that only receive (push, publish, idle) send nothing
@@ -108,6 +109,37 @@ def cpu_ticks(pid: int) -> int:
     except OSError:
         return 0
     return int(fields[11]) + int(fields[12])
+
+
+def family(pid: int) -> list[int]:
+    """``pid`` and its child processes (a supervisor and its workers), from /proc."""
+    children: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            children += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            pass
+    return [pid, *children]
+
+
+def consecutive_ports(count: int) -> list[int]:
+    """``count`` consecutive ports of 127.0.0.1 that were free a moment ago (workers' mesh ports)."""
+    for _ in range(100):
+        (base,) = free_ports(1)
+        ports = list(range(base, base + count))
+        sockets = []
+        try:
+            for port in ports:
+                s = socket.socket()
+                sockets.append(s)
+                s.bind(("127.0.0.1", port))
+            return ports
+        except OSError:
+            continue
+        finally:
+            for s in sockets:
+                s.close()
+    raise BenchError("no consecutive free ports")
 
 
 def rss_kib(pid: int) -> int:
@@ -329,6 +361,14 @@ class Bench:
                          "1 engine, same run", 1.7),
             "queue_redis": Row("queue_redis", "client → Lua → queue → API consumer, redis backend", "msg/s",
                                "memory backend, same run", 0.5),
+            "w_echo": Row("w_echo", f"Lua echo, {settings.clients} clients, 2 workers", "msg/s",
+                          "1 worker, same run", 1.5),
+            "w_publish": Row("w_publish", f"mesh.publish to {settings.subscribers:,} subscribers, 2 workers",
+                             "deliveries/s", "1 worker, same run", 1.5),
+            "w_inbound": Row("w_inbound", "client → Lua → queue → one API consumer, 2 workers", "msg/s",
+                             "1 worker, same run", 1.3),
+            "w_conns": Row("w_conns", "idle connections held by one engine, 2 workers", "connections",
+                           "2 × 1 worker, same run", 0.95),
         }
         self.latency: dict[str, dict[str, list[float]]] = {}
         self.max_connections: dict[str, Any] = {}
@@ -370,7 +410,8 @@ class Bench:
         return self.start(name, [sys.executable, str(BENCH / "raw_server.py"), mode, str(port)]), port
 
     def engine(self, name: str, role: str, servers: list[tuple[int, str]], center: dict[str, int],
-               ports: dict[str, int], read_timeout: int = READ_TIMEOUT, luavm: dict | None = None) -> Proc:
+               ports: dict[str, int], read_timeout: int = READ_TIMEOUT, luavm: dict | None = None,
+               processes: int = 1) -> Proc:
         """A ``twistd connmix`` process (``role`` dev or engine) with its YAML in the work folder."""
         config: dict[str, Any] = {
             "logging": {"level": "warn"},
@@ -393,6 +434,8 @@ class Bench:
         path = self.work / f"{name}.yaml"
         path.write_text(yaml.safe_dump(config))
         flag = ["--dev"] if role == "dev" else ["--role", role]
+        if processes != 1:
+            flag += ["-p", str(processes)]
         return self.start(name, [*TWISTD, "-n", "--pidfile=", "connmix", *flag, "-f", str(path)])
 
     def center(self, name: str) -> tuple[Proc, dict[str, int]]:
@@ -698,6 +741,84 @@ class Bench:
                         f"redis-server about {redis_per:.1f} µs per message")
         self.stop(list(self.procs))
 
+    def phase_workers(self) -> None:
+        """One engine with 2 worker processes against the same engine in one process (docs/workers.md).
+
+        Each engine has three protocol servers on shared ports: a Lua echo, the default entry
+        (queue foo) and the publish entry (channel ``bench``).  The CPU of every process of an
+        engine (supervisor and workers) counts.
+        """
+        s = self.s
+        engines: dict[str, tuple[Proc, dict[str, int]]] = {}
+        for name, processes in (("engine-w2", 2), ("engine-w1", 1)):
+            registry, capi, api, echo, default, publish = free_ports(6)
+            ports = {"mesh": consecutive_ports(processes)[0], "api": api, "echo": echo,
+                     "client": default, "publish": publish, "center_api": capi}
+            servers = [(echo, ECHO_ENTRY), (default, DEFAULT_ENTRY), (publish, PUBLISH_ENTRY)]
+            proc = self.engine(name, "dev", servers, {"registry": registry, "api": capi}, ports,
+                               processes=processes)
+            engines[name] = (proc, ports)
+        for name, (proc, ports) in engines.items():
+            wait_port(ports["api"], proc)
+            wait_port(ports["publish"], proc)
+            self.wait_nodes(ports["center_api"], 2 if name == "engine-w2" else 1)
+        time.sleep(1.0)  # the workers' mesh links come up with the next node list push
+        pids = {name: family(proc.pid) for name, (proc, _) in engines.items()}
+        if len(pids["engine-w2"]) != 3:
+            raise BenchError(f"engine-w2: expected a supervisor and 2 workers, found pids {pids['engine-w2']}")
+        url = "ws://127.0.0.1:{}".format
+        common = ["--n", str(s.clients), "--window", str(s.window)]
+        drivers: dict[str, Driver] = {}
+        for key, ports in (("2", engines["engine-w2"][1]), ("1", engines["engine-w1"][1])):
+            drivers[f"echo{key}"] = self.driver(f"loadgen-w{key}-echo", "echo", "--clients", url(ports["echo"]), *common)
+            drivers[f"in{key}"] = self.driver(f"loadgen-w{key}-inbound", "inbound", "--clients", url(ports["client"]),
+                                              "--api", f"{url(ports['api'])}/ws/v1", *common)
+            drivers[f"pub{key}"] = self.driver(
+                f"loadgen-w{key}-publish", "publish", "--clients", url(ports["publish"]),
+                "--api", f"{url(ports['api'])}/ws/v1", "--n", str(s.subscribers), "--connect-timeout", "120")
+        for name, driver in drivers.items():
+            driver.ready(timeout=180)
+            if name.startswith("pub") and driver.info["reached"] != s.subscribers:
+                raise BenchError(f"{driver.name}: {driver.info}")
+        two, one = pids["engine-w2"], pids["engine-w1"]
+        for r in range(s.rounds):
+            self.check_time()
+            for row, name in (("w_echo", "echo"), ("w_inbound", "in"), ("w_publish", "pub")):
+                self.pair(self.rows[row], (drivers[f"{name}2"], two), (drivers[f"{name}1"], one), r)
+        self.profile_runs([("w_echo", drivers["echo2"], two), ("w_inbound", drivers["in2"], two)])
+        self.stop(list(drivers.values()))
+        # Connections: 2 workers hold twice what one process holds (the same per-process bound).
+        row = self.rows["w_conns"]
+        held = {}
+        for name, count in (("engine-w1", s.max_connections), ("engine-w2", 2 * s.max_connections)):
+            proc, ports = engines[name]
+            processes = math.ceil(count / PER_IDLE_PROCESS)
+            # Each load generator connects from its own 127.0.0.x: one source address has only
+            # about 28,000 ephemeral ports towards one destination port.
+            idle = [self.driver(f"loadgen-{name}-idle-{i}", "idle", "--clients", url(ports["client"]),
+                                "--n", str(math.ceil(count / processes)), "--parallel", "64",
+                                "--connect-timeout", "150", "--source", f"127.0.0.{i + 2}")
+                    for i in range(processes)]
+            for driver in idle:
+                driver.ready()
+            start = time.monotonic()
+            for driver in idle:
+                driver.send("run")
+            answers = [d.answer(timeout=200) for d in idle]
+            held[name] = sum(a["alive"] for a in answers)
+            alive = proc.popen.poll() is None
+            self.say(f"  w_conns   {name}: {held[name]:,} of {count:,} held "
+                     f"({sum(a['failed'] for a in answers)} failed, {time.monotonic() - start:.0f} s), "
+                     f"engine {'alive' if alive else 'DEAD'}, "
+                     f"RSS {sum(rss_kib(p) for p in family(proc.pid)) / 1024:.0f} MiB")
+            self.stop(idle)
+        row.add({"rate": float(held["engine-w2"])}, {"rate": float(2 * held["engine-w1"])})
+        at_bound = held["engine-w1"] >= s.max_connections and held["engine-w2"] >= 2 * s.max_connections
+        bound = " (both at the bound of this run)" if at_bound else ""
+        row.note = (f"1 worker held {held['engine-w1']:,} of {s.max_connections:,}, 2 workers "
+                    f"{held['engine-w2']:,} of {2 * s.max_connections:,}{bound}")
+        self.stop(list(self.procs))
+
     def idle_rss(self, name: str, server: Proc, url: str, count: int) -> dict:
         """RSS before and after ``count`` idle connections (held until the driver stops)."""
         time.sleep(0.5)
@@ -904,6 +1025,7 @@ PHASES: dict[str, Callable[[Bench], None]] = {
     "memory": Bench.phase_memory,
     "max": Bench.phase_max,
     "queue": Bench.phase_queue,
+    "workers": Bench.phase_workers,
 }
 
 

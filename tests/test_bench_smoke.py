@@ -18,7 +18,8 @@ pytest.importorskip("picows")
 pytest.importorskip("uvloop")
 
 REPO = Path(__file__).resolve().parent.parent
-ROWS = {"inbound", "send", "publish", "cross", "lua", "memory", "handshake", "scale"}
+ROWS = {"inbound", "send", "publish", "cross", "lua", "memory", "handshake", "scale",
+        "w_echo", "w_publish", "w_inbound", "w_conns"}
 
 
 def test_smoke_run_prints_a_table_with_every_row(tmp_path: Path) -> None:

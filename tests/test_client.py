@@ -119,12 +119,16 @@ def test_routing_by_the_node_bits_of_the_client_id() -> None:
     assert routes.route(client_id(1), []) is None
 
 
-def test_routing_learns_numbers_and_forgets_old_ones() -> None:
+def test_routing_learns_every_number_of_an_engine() -> None:
     routes = RoutingTable()
     routes.learn(3, "a:6789")
     assert routes.owner(client_id(3)) == "a:6789"
-    routes.learn(4, "a:6789")  # the engine at that address restarted with another number
-    assert routes.owner(client_id(3)) is None and routes.owner(client_id(4)) == "a:6789"
+    routes.learn(4, "a:6789")  # another worker of the engine at that address
+    assert routes.owner(client_id(3)) == "a:6789" and routes.owner(client_id(4)) == "a:6789"
+    routes.learn(4, "b:6789")  # the number now names another engine
+    assert routes.owner(client_id(4)) == "b:6789" and routes.owner(client_id(3)) == "a:6789"
+    routes.replace({5: "b:6789"})  # the center's list starts afresh
+    assert routes.owner(client_id(3)) is None and routes.owner(client_id(5)) == "b:6789"
 
 
 def test_engine_urls() -> None:
@@ -230,6 +234,11 @@ def test_numbers_are_learnt_from_events_without_a_center() -> None:
     client._event(client.links["127.0.0.1:7002"], Event("queue.consume", {"client_id": on_second, "queue": "foo"}))
     assert client.route(on_second).address == "127.0.0.1:7002"
     assert client.links["127.0.0.1:7002"].number == 6
+    # The engine at 7002 has a second worker: an event of its client teaches that number too.
+    on_other_worker = client_id(9)
+    client._event(client.links["127.0.0.1:7002"], Event("queue.consume", {"client_id": on_other_worker, "queue": "foo"}))
+    assert client.route(on_other_worker).address == "127.0.0.1:7002"
+    assert client.route(on_second).address == "127.0.0.1:7002"  # the first worker's number is kept
 
 
 def test_ready_times_out_naming_the_engine() -> None:

@@ -24,5 +24,9 @@ def test_workers_of_one_engine_share_one_link_and_route_to_it() -> None:
     on_worker_1 = (1 << 22) | (1 << 12) | 5  # a client id of node number 1
     on_engine_b = (1 << 22) | (2 << 12) | 5
     connected = sorted(client.links)
+    # Every worker's number names the engine's one link (not only the last worker listed).
+    for number in (0, 1):
+        assert client.routes.owner((1 << 22) | (number << 12) | 5) == "127.0.0.1:6789"
+    assert client.routes.route((1 << 22) | (0 << 12) | 5, connected[::-1]) == "127.0.0.1:6789"
     assert client.routes.route(on_worker_1, connected) == "127.0.0.1:6789"
     assert client.routes.route(on_engine_b, connected[::-1]) == "127.0.0.1:7789"

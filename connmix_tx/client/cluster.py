@@ -270,12 +270,15 @@ class Client(MultiService):
             log.debug("engine {address}: ignored event {name}", address=link.address, name=event.name)
             return
         message = message_of(event.result, link.address)
-        if link.number is None and message.client_id:
+        if message.client_id:  # any worker of the engine may have pushed: learn each number
             try:
-                link.number = node_number_of(parse_client_id(message.client_id))
-                self.routes.learn(link.number, link.address)
+                number = node_number_of(parse_client_id(message.client_id))
             except InvalidClientId:
-                pass
+                number = None
+            if number is not None:
+                if link.number is None:
+                    link.number = number
+                self.routes.learn(number, link.address)
         handler = self._handlers.get(message.topic)
         if handler is None:
             log.warn("engine {address}: event of topic {topic} nobody consumes", address=link.address, topic=message.topic)
@@ -368,18 +371,19 @@ class Client(MultiService):
             log.info("center {url} reachable again", url=self.center_url)
         self.center_error = None
         wanted: dict[str, dict[str, Any]] = {}
+        numbers: dict[int, str] = {}  # every worker's number -> the engine's one API address
         for node in nodes:
             if isinstance(node, dict) and isinstance(node.get("api_server"), str):
                 url = engine_url(node["api_server"], self.engine_scheme)
                 wanted[address_of(url)] = node | {"url": url}
+                if isinstance(node.get("number"), int):
+                    numbers[node["number"]] = address_of(url)
         for link in [link for address, link in self.links.items() if address not in wanted]:
             self._remove_link(link)
-        numbers: dict[int, str] = {}
         for address, node in wanted.items():
             link = self.links.get(address) or self._add_link(address, node["url"])
             if isinstance(node.get("number"), int):
                 link.number = node["number"]
-                numbers[link.number] = address
             link.node_id = node.get("id")
         self.routes.replace(numbers)
         self.discovered = True

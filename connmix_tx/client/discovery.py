@@ -36,9 +36,11 @@ class RoutingTable:
         self._keys = dict(numbers)
 
     def learn(self, number: int, key: str) -> None:
-        """Remember that ``key`` is the engine numbered ``number``."""
-        for old in [n for n, k in self._keys.items() if k == key and n != number]:
-            del self._keys[old]
+        """Remember that ``key`` is (a worker of) the engine numbered ``number``.
+
+        An engine with several workers has one number per worker behind one key: every number
+        is kept (``replace`` starts afresh from the center's list).
+        """
         self._keys[number] = key
 
     def owner(self, client_id: Any) -> str | None:

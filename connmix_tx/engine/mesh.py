@@ -26,6 +26,9 @@ _SEND_STATUS = {CLIENT_NOT_FOUND: STATUS_NOT_FOUND, SLOW_CONSUMER: STATUS_SLOW, 
 
 log = Logger(namespace="connmix.mesh")
 
+#: Ops between the workers of one engine; the mesh point hands them to ``local.siblings``.
+SIBLING_OPS = frozenset(("consume", "unconsume", "event", "ack"))
+
 
 def _binary(kind: Any) -> bool:
     return kind in ("binary", b"binary")
@@ -64,6 +67,12 @@ def apply_op(local: LocalOps, op: list) -> list:
         return [seq, status, error, None]
     if name == "ping":
         return [seq, STATUS_OK, None, None]
+    if name in SIBLING_OPS:  # queues across the workers of one engine (connmix_tx/engine/siblings.py)
+        siblings = local.siblings
+        if siblings is None:
+            return [seq, STATUS_BAD, "bad request: no sibling queues here", None]
+        status, a = siblings.apply(name, op[2:])
+        return [seq, status, a, None]
     return [seq, STATUS_BAD, f"unknown op {name!r}", None]
 
 

@@ -33,7 +33,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from connmix_tx.engine.mesh import STATUS_ENCODE, STATUS_NOT_FOUND, STATUS_OK, STATUS_SLOW
+from connmix_tx.engine.mesh import SIBLING_OPS, STATUS_ENCODE, STATUS_NOT_FOUND, STATUS_OK, STATUS_SLOW
 from connmix_tx.engine.connections import CLIENT_NOT_FOUND, ENCODE_FAILED, SLOW_CONSUMER
 from connmix_tx.engine.router import NODE_UNAVAILABLE
 from connmix_tx.meter import NULL_METER, MeshMeter
@@ -215,7 +215,8 @@ class MeshLink:
         """Queue several operations in order; ``done(results)`` once the last one ended.
 
         Each op is ``("send", client_id, data, binary)``, ``("call", client_id, func, args)`` or
-        ``("publish", channel, data, binary)``; ``results[i]`` is what ``send`` / ``call`` /
+        ``("publish", channel, data, binary)``, or a sibling op ``(kind, *fields)`` (None or the
+        peer's error text, connmix_tx/engine/siblings.py); ``results[i]`` is what ``send`` / ``call`` /
         ``publish`` would fire with for ``ops[i]``.  ``done`` runs exactly once, at once when no
         operation could be queued (link down, every one too large).
         """
@@ -224,6 +225,8 @@ class MeshLink:
             kind = op[0]
             if kind == "call":
                 wire = ["call", 0, op[1], op[2], json.dumps(op[3]).encode()]
+            elif kind in SIBLING_OPS:  # (kind, *fields): connmix_tx/engine/siblings.py
+                wire = [kind, 0, *op[1:]]
             else:
                 wire = [kind, 0, op[1], op[2], "binary" if op[3] else "text"]
             self._enqueue(kind, wire, group, index)

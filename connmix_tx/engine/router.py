@@ -63,6 +63,9 @@ class LocalOps:
 
     def __init__(self, connections: ConnectionRegistry) -> None:
         self.connections = connections
+        #: The queues across the workers of this engine (``engine.siblings.SiblingQueues``), which
+        #: the mesh point hands the workers' queue ops to; None in a one-process engine.
+        self.siblings: Any = None
 
     def send(self, client_id: int, data: bytes, binary: bool) -> str | None:
         conn = self.connections.get(client_id)

@@ -38,6 +38,7 @@ from connmix_tx.engine.mesh_link import MeshLink, MeshPeers
 from connmix_tx.engine.queue import QueueManager
 from connmix_tx.engine.queue_redis import RedisQueueManager
 from connmix_tx.engine.router import LocalOps, Router
+from connmix_tx.engine.siblings import PusherNodeIds, SiblingQueues
 from connmix_tx.errors import FatalError
 from connmix_tx.ids import Snowflake, new_node_id
 from connmix_tx.listeners import Listener
@@ -188,11 +189,20 @@ class EnginePart(service.MultiService):
             mesh_point = dataclasses.replace(mesh_point, port=port)
         self.metrics = EngineMeter(lua_version())
         self.connections = ConnectionRegistry()
-        self.queue_service = QueueService(_queues(config, reactor, self.node_id, self.metrics))
-        self.queues = self.queue_service.queues
+        self.queues = _queues(config, reactor, self.node_id, self.metrics)
         self.local = LocalOps(self.connections)
         self.mesh_peers = MeshPeersService(config, reactor, self.node_id, self.metrics)
         self.peers = self.mesh_peers.peers
+        #: A worker's API consumes the queues of every worker (connmix_tx/engine/siblings.py):
+        #: on the memory backend through its siblings, on redis the streams are shared already.
+        self.worker_queues: SiblingQueues | PusherNodeIds | None = None
+        if worker is not None and self.queues.backend == "memory":
+            self.worker_queues = self.local.siblings = SiblingQueues(
+                self.queues, self.node_id, reactor, self.peers.by_id.get)
+        elif worker is not None:
+            self.worker_queues = PusherNodeIds(self.queues, self.node_id)
+        api_queues: Any = self.worker_queues or self.queues
+        self.queue_service = QueueService(api_queues)
         self.router = Router(0, self.local, self.peers, meter=self.metrics)
         self.nodes: list[dict[str, Any]] = []
         self.lua_clients = LuaClients(config, reactor)
@@ -218,8 +228,8 @@ class EnginePart(service.MultiService):
             self.sibling_metrics.setServiceParent(self)
             metrics_resource = MetricsResource(self.sibling_metrics.gather)
         self.api_factory = ApiWebSocketFactory(
-            engine.api_server, ApiDispatcher(self.router, self.queues, access, meter=self.metrics),
-            self.queues, self.node_id, meter=self.metrics, clock=reactor,
+            engine.api_server, ApiDispatcher(self.router, api_queues, access, meter=self.metrics),
+            api_queues, self.node_id, meter=self.metrics, clock=reactor,
         )
         self.api_listener = Listener(
             reactor, "engine.apiServer", engine.api_server,
@@ -312,6 +322,10 @@ class EnginePart(service.MultiService):
         """A node list from the center: keep one mesh link per other live engine."""
         self.nodes = nodes
         self.peers.update(nodes)
+        if isinstance(self.worker_queues, SiblingQueues):
+            self.worker_queues.update(self.siblings())
+        elif self.worker_queues is not None:
+            self.worker_queues.update(nodes)
 
     def siblings(self) -> list[dict[str, Any]]:
         """The other workers of this engine in the center's latest node list (same ``engine``).
