@@ -212,14 +212,14 @@ def test_a_reload_checks_the_mesh_ports_of_the_workers_that_run_not_of_the_file(
     ports = dict(zip(("registry", "center_api", "api", "client"), range(7001, 7005)), mesh=65535)
     path = write_yaml(tmp_path / "c.yaml", config_data(ports))
     # A worker started with -p 2 (the file says one worker): the second mesh port would be 65536.
-    root = SimpleNamespace(config=load_config(str(path)), role="dev", worker_count=2, engine=None)
+    root = SimpleNamespace(config=load_config(str(path)), role="dev", engine=None)
     before = root.config
     with LogCapture() as logs:
-        Reloader(root).reload()
+        Reloader(root, workers=2).reload()
     assert logs.find("config reload failed") and root.config is before
     # -p 1 with a file asking for four workers: one mesh port is all that is needed.
     path = write_yaml(tmp_path / "d.yaml", config_data(dict(ports, mesh=65534), engine={"workers": 4}))
-    root = SimpleNamespace(config=load_config(str(path), workers=1), role="dev", worker_count=1, engine=None)
+    root = SimpleNamespace(config=load_config(str(path), workers=1), role="dev", engine=None)
     with LogCapture() as logs:
-        Reloader(root).reload()
+        Reloader(root, workers=1).reload()
     assert logs.find("config reloaded") and not logs.find("config reload failed")

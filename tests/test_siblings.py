@@ -16,9 +16,11 @@ import pytest
 from twisted.internet.task import Clock
 
 from connmix_tx.engine.api import COMPACT, ApiSession
+from connmix_tx.engine.connections import ConnectionRegistry
 from connmix_tx.engine.mesh import apply_op
 from connmix_tx.engine.mesh_link import _result
 from connmix_tx.engine.queue import RETRY_DELAY, QueueError, QueueManager
+from connmix_tx.engine.router import LocalOps
 from connmix_tx.engine.siblings import IN_FLIGHT, RESEND_DELAY, PusherNodeIds, SiblingQueues
 
 W_ID, S_ID, S2_ID = "w0node00000000000000", "w1node00000000000000", "w1again0000000000000"
@@ -355,7 +357,7 @@ def test_sibling_ops_from_strangers_and_bad_ops_are_refused(pair: Pair) -> None:
     assert apply_op(local, ["ack", 5, W_ID, 42, "foo", ["1"]])[1] == 0
     assert apply_op(local, ["unconsume", 6, W_ID, 42])[1] == 0
     # A mesh point without sibling queues (a one-process engine) refuses them.
-    assert apply_op(object(), ["consume", 7, W_ID, 1, ["foo"], False])[1] == 4
+    assert apply_op(LocalOps(ConnectionRegistry()), ["consume", 7, W_ID, 1, ["foo"], False])[1] == 4
 
 
 def test_a_consume_refused_by_the_local_queues_reaches_no_sibling(pair: Pair) -> None:
