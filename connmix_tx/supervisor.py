@@ -135,7 +135,7 @@ class Supervisor:
     def ended(self, index: int, status: ExitStatus, line: str | None = None) -> None:
         """Worker ``index`` ended with ``status``; ``line`` is its fatal line (without ``connmix: ``)."""
         slot = self.slots[index]
-        handle, slot.handle = slot.handle, None
+        slot.handle = None
         ready_at, slot.ready_at = slot.ready_at, None
         pid = slot.pid
         if self.stopping or self.failed:

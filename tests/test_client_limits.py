@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import websockets
 from twisted.internet.task import Clock
 from twisted.logger import formatEvent, globalLogPublisher
 
@@ -395,6 +396,34 @@ async def test_refusal_status_and_reason_are_sanitised(tmp_path: Path, case: str
         assert lines[0] == status_line
         assert not any(line.lower().startswith(b"set-cookie") for line in lines)
         sock.close()
+    finally:
+        await running.stop()
+
+
+@in_asyncio
+async def test_headers_the_spent_lua_memory_cannot_hold_are_refused_with_500(monkeypatch: Any) -> None:
+    """A runtime whose memory the script has used up cannot take the request headers: the upgrade
+    is refused with 500 (as when on_handshake fails), nothing is registered, the server serves on."""
+    from connmix_tx.engine import websocket
+    from connmix_tx.lua.convert import MemoryShortage
+
+    real = websocket.py_to_lua
+    running = await start_engine(loopback_config())
+    try:
+        port = running.service.engine.protocol_listeners[0].actual_port
+
+        def spent(runtime: Any, value: Any) -> Any:
+            raise MemoryShortage()
+
+        monkeypatch.setattr(websocket, "py_to_lua", spent)
+        sock = await connect(port)
+        await asyncio.get_running_loop().sock_sendall(sock, upgrade_request(port))
+        assert (await read_head(sock)).split(b"\r\n")[0] == b"HTTP/1.1 500 Internal Server Error"
+        sock.close()
+        assert len(running.service.engine.connections) == 0
+        monkeypatch.setattr(websocket, "py_to_lua", real)
+        async with websockets.connect(f"ws://127.0.0.1:{port}/") as client:
+            await client.send("still serving")
     finally:
         await running.stop()
 

@@ -97,12 +97,18 @@ class ApiSession:
 
     def deliver(self, topic: str, client_id: str, data: bytes, message_id: str | None = None,
                 redelivered: int = 0) -> None:
+        self.deliver_from(self._node_json, topic, client_id, data, message_id, redelivered)
+
+    def deliver_from(self, node_json: bytes, topic: str, client_id: str, data: bytes,
+                     message_id: str | None = None, redelivered: int = 0) -> None:
+        """Write one event whose ``node_id`` is ``node_json`` (JSON text): another worker of this
+        engine pushed it (connmix_tx/engine/siblings.py)."""
         self._meter.delivered(topic).inc()
         dialect = self._event_dialects.get(topic, LONG)
         if message_id is None:
-            self._write(dialect.event(self._node_json, topic, client_id, data))
+            self._write(dialect.event(node_json, topic, client_id, data))
         else:
-            self._write(dialect.manual_event(self._node_json, topic, client_id, data, message_id, redelivered))
+            self._write(dialect.manual_event(node_json, topic, client_id, data, message_id, redelivered))
 
 
 class ApiDispatcher:

@@ -26,7 +26,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
 from connmix_tx.meter import NULL_METER, QueueMeter
-from connmix_tx.names import MAX_NAME_BYTES, valid_name  # noqa: F401 - also imported from here
+from connmix_tx.names import valid_name
 
 log = Logger(namespace="connmix.queue")
 
@@ -258,20 +258,51 @@ class QueueManager:
         """
         if topic not in self._consuming.get(consumer, ()):
             raise QueueError("not consumed")
-        entry = self.topics[topic]
-        done = []
+        done = self.settle(consumer, topic, ids)
+        if done:
+            self.acks += done
+            self.meter.acked(topic, done)
+        return done
+
+    def settle(self, consumer: Consumer, topic: str, ids: list[str]) -> int:
+        """The messages ``ids`` of ``topic`` held by ``consumer`` are done; return how many.
+
+        ``ack`` without its checks and counts: also for a consumer that stands for another worker's
+        (connmix_tx/engine/siblings.py), whose messages are done once written there.
+        """
+        entry = self.topics.get(topic)
+        if entry is None:
+            return 0
+        done = self._held_by(entry, consumer, ids)
+        if done:
+            self._settle(entry, [message.id for message in done])
+            if entry.waiting or self._refilling(entry):
+                self._schedule(topic)  # the cap may have been what held them
+            self._maybe_remove(entry)
+        return len(done)
+
+    def release(self, consumer: Consumer, topic: str, ids: list[str]) -> None:
+        """The messages ``ids`` of ``topic`` held by ``consumer`` were not delivered after all:
+        back to the head of their topic, counted as redelivered."""
+        entry = self.topics.get(topic)
+        if entry is None:
+            return
+        back = self._held_by(entry, consumer, ids)
+        if back:
+            self._take_back(entry, back)
+            if entry.consumers:
+                self._schedule(topic)
+
+    @staticmethod
+    def _held_by(entry: Topic, consumer: Consumer, ids: list[str]) -> list[Message]:
+        """Take the messages ``ids`` that ``consumer`` holds out of ``entry``'s unacknowledged ones."""
+        taken = []
         for message_id in ids:
             held = entry.unacked.get(message_id)
             if held is not None and held.consumer is consumer:
                 del entry.unacked[message_id]
-                done.append(message_id)
-        if done:
-            self.acks += len(done)
-            self.meter.acked(topic, len(done))
-            self._settle(entry, done)
-            if entry.waiting or self._refilling(entry):
-                self._schedule(topic)  # the cap may have been what held them
-        return len(done)
+                taken.append(held.message)
+        return taken
 
     def consumes(self, consumer: Consumer) -> list[str]:
         """The topics ``consumer`` consumes."""

@@ -33,8 +33,9 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
 from connmix_tx.engine.mesh import STATUS_BAD, STATUS_NOT_FOUND, STATUS_OK, STATUS_SLOW
-from connmix_tx.engine.queue import RETRY_DELAY, QueueError, QueueManager, valid_name
+from connmix_tx.engine.queue import RETRY_DELAY, QueueError, QueueManager
 from connmix_tx.ids import node_number_of
+from connmix_tx.names import valid_name
 
 log = Logger(namespace="connmix.queue")
 
@@ -305,9 +306,9 @@ class SiblingQueues:
                 # Ids a sibling meanwhile redelivered to another consumer are never acked here:
                 # the oldest go (a late ack of one is not counted; the sibling redelivers it).
                 del held[next(iter(held))]
-            deliver_as(session, node_json, topic, client_id, data, shown, int(redelivered or 0))
+            session.deliver_from(node_json, topic, client_id, data, shown, int(redelivered or 0))
         else:
-            deliver_as(session, node_json, topic, client_id, data)
+            session.deliver_from(node_json, topic, client_id, data)
         return (STATUS_OK, None) if session.eligible() else (STATUS_SLOW, BUSY)
 
     # The sibling side: sending events and reading their answers -------------------------------
@@ -350,7 +351,7 @@ class SiblingQueues:
             else:
                 back[topic].append(message_id)
         for topic, ids in done.items():
-            settle(self.queues, proxy, topic, ids)
+            self.queues.settle(proxy, topic, ids)
         if gone:
             self._drop_proxy(proxy.owner, proxy.key)
             return
@@ -359,64 +360,7 @@ class SiblingQueues:
             # owner that keeps refusing cannot turn this into a loop at full speed.
             proxy.paused_until = self.clock.seconds() + RETRY_DELAY
             for topic, ids in back.items():
-                release(self.queues, proxy, topic, ids)
-
-
-def deliver_as(session: Any, node_json: bytes, topic: str, client_id: str, data: bytes,
-               message_id: str | None = None, redelivered: int = 0) -> None:
-    """Write a queue event to an API connection with ``node_json`` (another worker's node id).
-
-    Uses the session's ``deliver_from`` when it has one; else ``ApiSession.deliver`` with its node
-    id swapped for the duration of the call (connmix_tx/engine/api.py writes it into every event).
-    """
-    deliver_from = getattr(session, "deliver_from", None)
-    if deliver_from is not None:
-        deliver_from(node_json, topic, client_id, data, message_id, redelivered)
-        return
-    own = session._node_json
-    session._node_json = node_json
-    try:
-        if message_id is None:
-            session.deliver(topic, client_id, data)
-        else:
-            session.deliver(topic, client_id, data, message_id=message_id, redelivered=redelivered)
-    finally:
-        session._node_json = own
-
-
-def settle(queues: QueueManager, consumer: Any, topic: str, ids: list[str]) -> None:
-    """Messages ``ids`` held unacknowledged by ``consumer`` are done (written, auto consumption).
-
-    Unlike ``QueueManager.ack`` this counts no ``queue.ack`` in the metrics.
-    """
-    entry = queues.topics.get(topic)
-    if entry is None:
-        return
-    done = [i for i in ids if (held := entry.unacked.get(i)) is not None and held.consumer is consumer]
-    for message_id in done:
-        del entry.unacked[message_id]
-    if done:
-        queues._settle(entry, done)
-        if entry.waiting and entry.consumers:
-            queues._schedule(topic)  # the unacknowledged cap may have held them
-        queues._maybe_remove(entry)
-
-
-def release(queues: QueueManager, consumer: Any, topic: str, ids: list[str]) -> None:
-    """Messages ``ids`` held by ``consumer`` were not written: back to the head of their topic."""
-    entry = queues.topics.get(topic)
-    if entry is None:
-        return
-    back = []
-    for message_id in ids:
-        held = entry.unacked.get(message_id)
-        if held is not None and held.consumer is consumer:
-            del entry.unacked[message_id]
-            back.append(held.message)
-    if back:
-        queues._take_back(entry, back)
-        if entry.consumers:
-            queues._schedule(topic)
+                self.queues.release(proxy, topic, ids)
 
 
 def _ignore(results: list) -> None:
@@ -437,8 +381,8 @@ class _Named:
 
     def deliver(self, topic: str, client_id: str, data: bytes, message_id: str | None = None,
                 redelivered: int = 0) -> None:
-        deliver_as(self.session, self.names.node_json(client_id), topic, client_id, data, message_id,
-                   redelivered)
+        self.session.deliver_from(self.names.node_json(client_id), topic, client_id, data, message_id,
+                                  redelivered)
 
 
 class PusherNodeIds:

@@ -37,7 +37,7 @@ from connmix_tx.engine.ws_settings import (
     CLOSE_GOING_AWAY, CLOSE_NORMAL, CLOSE_POLICY, CLOSE_SLOW, CLOSE_TOO_BIG, WRITE_TIMEOUT, websocket_options,
 )
 from connmix_tx.ids import Snowflake
-from connmix_tx.lua.convert import py_to_lua
+from connmix_tx.lua.convert import MemoryShortage, py_to_lua
 from connmix_tx.lua.runtime import Script
 from connmix_tx.meter import NULL_METER, ServerMeter
 
@@ -173,9 +173,14 @@ class ClientWebSocketProtocol(WebSocketServerProtocol):
             raise ConnectionDeny(ConnectionDeny.NOT_FOUND, "Not Found")
         if not origin_allowed(request.headers.get("origin"), factory.origins):
             raise ConnectionDeny(ConnectionDeny.FORBIDDEN, "Origin Not Allowed")
+        runtime = factory.script.runtime
+        try:
+            headers = py_to_lua(runtime, dict(request.headers))
+        except MemoryShortage:  # the script's memory is spent: refused like a failing on_handshake
+            log.warn("refuse handshake from {peer}: the lua runtime has no memory for it", peer=self.peer)
+            raise ConnectionDeny(ConnectionDeny.INTERNAL_SERVER_ERROR, "Internal Server Error") from None
         self._handshaking = True
         self.conn, self.session = conn, _ = open_client(factory, self)
-        runtime = factory.script.runtime
         server = {
             b"Method": b"GET",
             b"RequestUri": self.http_request_uri.encode(),
@@ -183,7 +188,6 @@ class ClientWebSocketProtocol(WebSocketServerProtocol):
             b"Host": request.headers.get("host", "").encode(),
             b"RemoteAddr": conn.remote_addr.encode(),
         }
-        headers = py_to_lua(runtime, dict(request.headers))
         return self.session.start("on_handshake", conn.cid, headers, runtime.table_from(server)) \
             .addCallback(self._handshake_done)
 
