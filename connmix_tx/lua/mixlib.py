@@ -20,6 +20,7 @@ from connmix_tx.engine.connections import CLOSED, ClientConnection, ConnectionRe
 from connmix_tx.engine.queue import QueueError, QueueManager
 from connmix_tx.engine.router import Router
 from connmix_tx.ids import InvalidClientId, parse_client_id
+from connmix_tx.later import now_or_later
 from connmix_tx.lua import stdlib
 from connmix_tx.lua.convert import ConvertError, json_to_lua, lua_to_py, py_to_lua, text_of
 from connmix_tx.lua.http import HttpClient, HttpError
@@ -232,6 +233,11 @@ class MixLibrary:
 
     # queue and mesh --------------------------------------------------------------------------
 
+    def _wait(self, result: Deferred) -> tuple:
+        """Suspend the calling coroutine until ``result`` fires (a waiting function)."""
+        assert self.script is not None
+        return self.script.wait(result)
+
     def queue_push(self, cid: bytes | None, topic: object, payload: bytes) -> tuple:
         """Store JSON text already encoded by the Lua side (``mix.queue.push``)."""
         try:
@@ -242,11 +248,9 @@ class MixLibrary:
             result = self.queues.push(name, cid.decode() if cid else "", payload)
         except QueueError as e:
             return 0, None, str(e).encode()
-        if isinstance(result, Deferred):  # the redis backend: wait until Redis stored it
-            assert self.script is not None
-            result.addCallbacks(lambda ok: (True, None), _error_result, errbackArgs=(QueueError,))
-            return self.script.wait(result)
-        return 0, result, None
+        # The redis backend answers later: the coroutine waits until Redis stored it.
+        return now_or_later(result, lambda waiting: (0, waiting, None), lambda stored: self._wait(
+            stored.addCallbacks(lambda ok: (True, None), _error_result, errbackArgs=(QueueError,))))
 
     def queue_waits(self) -> bool:
         """True when ``mix.queue.push`` waits for its backend (redis): it needs a coroutine."""
@@ -260,21 +264,16 @@ class MixLibrary:
             target = parse_client_id(client_id)
         except InvalidClientId:
             return 0, b"invalid client id"
-        result = self.router.send(target, _data(data), binary)
-        if isinstance(result, Deferred):
-            assert self.script is not None
-            return self.script.wait(result.addCallback(lambda err: (_err(err),)))
-        return 0, _err(result)
+        return now_or_later(self.router.send(target, _data(data), binary), lambda err: (0, _err(err)),
+                            lambda later: self._wait(later.addCallback(lambda err: (_err(err),))))
 
     def mesh_publish(self, cid: bytes | None, channel: object, data: object, kind: object = None) -> tuple:
         binary = _binary(kind)
         if binary is None:
             raise TypeError("bad argument #3 to 'publish' (\"text\" or \"binary\" expected)")
-        result = self.router.publish(_text(channel), _data(data), binary)
-        if isinstance(result, Deferred):
-            assert self.script is not None
-            return self.script.wait(result.addCallback(tuple))
-        return 0, result[0], result[1]
+        return now_or_later(self.router.publish(_text(channel), _data(data), binary),
+                            lambda counts: (0, counts[0], counts[1]),
+                            lambda later: self._wait(later.addCallback(tuple)))
 
     # http and redis (waiting) ---------------------------------------------------------------
 
