@@ -252,3 +252,23 @@ def test_hot_reloads_are_counted_ok_and_failed_once_per_broken_version(tmp_path:
     text = Scrape(_text(metrics))
     assert text.value("connmix_engine_lua_reloads_total", entry=reloader.entry, result="ok") == 1
     assert text.value("connmix_engine_lua_reloads_total", entry=reloader.entry, result="failed") == 1
+
+
+def test_the_metrics_rooms_import_nothing_they_measure_and_patch_nothing() -> None:
+    """The meter seam: connmix_tx.meter, .tally and .metrics import nothing from the engine or the
+    Lua layer, and importing them leaves prometheus_client's own value class alone."""
+    import ast
+    from pathlib import Path
+
+    from prometheus_client import values
+
+    import connmix_tx.metrics  # noqa: F401 - imported for its (absent) side effects
+
+    root = Path(__file__).resolve().parent.parent / "connmix_tx"
+    for name in ("meter.py", "tally.py", "metrics.py"):
+        tree = ast.parse((root / name).read_text())
+        imported = [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+        imported += [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+        assert not [m for m in imported if m.startswith(("connmix_tx.engine", "connmix_tx.lua"))], name
+    assert values.ValueClass.__module__ == "prometheus_client.values"
+    assert values.ValueClass.__name__ == "MutexValue"
