@@ -45,8 +45,9 @@ DEFAULT_OUTDIR = REPO / "reports" / "conformance"
 ECHO_ENTRY = REPO / "lua" / "entry.echo.lua"
 
 #: ``--server socket``: the same echo over a ``protocol: socket`` server whose framing is the Lua
-#: RFC 6455 codec (``lua/protocols/websocket.lua``, docs/lua-api.md "socket servers").  Written into the report folder
-#: next to a copy of ``lua/protocols/`` (``require`` resolves modules beside the entry).
+#: RFC 6455 codec (``lua/protocols/websocket.lua``, docs/lua-api.md "socket servers").  Written into
+#: the report folder next to a copy of ``lua/protocols/`` (``require`` resolves modules beside the
+#: entry).
 SOCKET_ECHO_ENTRY = """\
 -- Echo over protocols.websocket (written by conformance/run.py for the --server socket run).
 -- The codec hands over fragments (finish = false until the last one): they are joined here.

@@ -1,4 +1,5 @@
-"""Who may use the API listeners (docs/api.md, "Authentication and roles"): protected mode, ``access.users``, roles.
+"""Who may use the API listeners (docs/api.md, "Authentication and roles"): protected mode,
+``access.users``, roles.
 
 ``AccessControl`` is plain Python: ``check()`` decides one HTTP request (the WebSocket handshake
 included) from the peer IP, the ``Authorization`` header and, on ``/ws/v1`` only, the
@@ -112,7 +113,8 @@ def query_credentials(query: Mapping[str, Sequence[str]] | None) -> tuple[str, s
 
 
 class AccessControl:
-    """The ``access`` section applied to requests; ``replace()`` swaps it (SIGHUP, docs/operations.md)."""
+    """The ``access`` section applied to requests; ``replace()`` swaps it (SIGHUP,
+    docs/operations.md)."""
 
     def __init__(self, config: AccessConfig) -> None:
         self.config = config
@@ -134,8 +136,9 @@ class AccessControl:
     def add_listener(self, kind: str, bind: str, port: int) -> None:
         """Record an API listener (``kind`` ``api`` or ``center api``) and warn if it is open.
 
-        docs/api.md, "No users: protected mode": with no users and ``protected: false``, each listener bound to a non-loopback
-        address logs ``access.users is empty: the {kind} server on {bind}:{port} accepts anyone``.
+        docs/api.md, "No users: protected mode": with no users and ``protected: false``, each
+        listener bound to a non-loopback address logs ``access.users is empty: the {kind} server on
+        {bind}:{port} accepts anyone``.
         """
         self._listeners.append((kind, bind, port))
         if self.open:

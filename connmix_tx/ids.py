@@ -70,7 +70,8 @@ def node_number_of(client_id: int) -> int:
 
 
 def parse_client_id(value: object) -> int:
-    """Accept a client id as a decimal string or an integer (docs/operations.md, "Client ids"); raise InvalidClientId.
+    """Accept a client id as a decimal string or an integer (docs/operations.md, "Client ids");
+    raise InvalidClientId.
 
     Booleans, floats, zero, negatives, values above 2^63-1 and anything with non-digits are
     refused.

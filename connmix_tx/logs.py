@@ -1,5 +1,5 @@
-"""The process-wide log observer: levels, line formats and destinations (docs/operations.md, "Logging";
-docs/configuration.md, ``logging``).
+"""The process-wide log observer: levels, line formats and destinations (docs/operations.md,
+"Logging"; docs/configuration.md, ``logging``).
 
 Every module logs through ``twisted.logger.Logger``; this room decides what reaches the output.
 One :class:`LogControl` holds the current ``logging.level`` / ``logging.format`` (both hot on

@@ -85,7 +85,8 @@ class LoggingPortal(portal.Portal):
 
 
 class GuardedPBServerFactory(pb.PBServerFactory):
-    """A PB server that, with an empty cluster secret, talks to loopback peers only (docs/configuration.md, ``cluster.secret``)."""
+    """A PB server that, with an empty cluster secret, talks to loopback peers only
+    (docs/configuration.md, ``cluster.secret``)."""
 
     noisy = False
 

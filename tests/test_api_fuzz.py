@@ -38,7 +38,8 @@ PARSE, INVALID_REQUEST, NOT_FOUND, INTERNAL = -32700, -32600, -32601, -32603
 INVALID_PARAMS, CONSUME_FAILED, DUPLICATE, UNCONSUME_FAILED, CALL_FAILED, SEND_FAILED = (
     101, 201, 202, 203, 301, 401,
 )
-#: Codes a request may get from a node without users (docs/api.md, "Error codes"); -32603 is a bug by definition.
+#: Codes a request may get from a node without users (docs/api.md, "Error codes"); -32603 is a bug
+#: by definition.
 SPEC_CODES = {INVALID_PARAMS, CONSUME_FAILED, DUPLICATE, UNCONSUME_FAILED, CALL_FAILED, SEND_FAILED,
               PARSE, INVALID_REQUEST, NOT_FOUND}
 METHODS = {"server.ping", "queue.consume", "queue.unconsume", "conn.call", "mesh.send", "mesh.publish",
@@ -156,7 +157,7 @@ class Fuzzer:
         ])
 
     def bad_name(self) -> Any:
-        """A topic or channel name that the engine refuses (connmix_tx/names.py), or a non-string."""
+        """A topic or channel name the engine refuses (connmix_tx/names.py), or a non-string."""
         return self.rng.choice([
             "", " ", "has space", "tab\there", "new\nline", "nul\u0000", "del\u007f", "x" * 256,
             "\u00e9" * 128, 42, None, True, [], {}, ["foo"], 1.5,

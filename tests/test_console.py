@@ -218,8 +218,8 @@ def test_walkthrough_in_headless_chromium(browser: Any, tmp_path: Path) -> None:
 
 
 def walk_through(ui: Console, ports: dict[str, int], screenshot: Path) -> None:
-    """The README walkthrough on the console: client sends ``test``, the API consumes ``foo``, a click on the
-    event's client_id, ``mesh.send`` of ``hello, world!`` (then the ``screenshot``);
+    """The README walkthrough on the console: client sends ``test``, the API consumes ``foo``, a
+    click on the event's client_id, ``mesh.send`` of ``hello, world!`` (then the ``screenshot``);
     then subscribe and publish, and an unknown method from the raw box."""
     # The client pane connects to the protocol server and sends "test" (prefilled).
     assert ui["client-url"].get_attribute("value") == "ws://127.0.0.1:6790/"  # the default port

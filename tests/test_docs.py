@@ -260,8 +260,8 @@ def test_a_section_number_of_an_outside_document_is_reported() -> None:
 
 
 def test_the_heading_anchors_are_githubs() -> None:
-    text = "# The Lua API\n## The `mix` library\n```\n# not a heading\n```\n### Keys: `engine.luavm.queue`"
-    assert heading_anchors(text) == {"the-lua-api", "the-mix-library", "keys-engineluavmqueue"}
+    text = "# The Lua API\n## The `mix` library\n```\n# not a heading\n```\n### Keys: `a.b`"
+    assert heading_anchors(text) == {"the-lua-api", "the-mix-library", "keys-ab"}
 
 
 def test_nothing_cites_a_section_of_a_document_outside_the_repository() -> None:

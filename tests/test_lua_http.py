@@ -1,4 +1,5 @@
-"""``mix.http.request`` (docs/lua-api.md, "HTTP client") against a local ``twisted.web`` server on port 0.
+"""``mix.http.request`` (docs/lua-api.md, "HTTP client") against a local ``twisted.web`` server on
+port 0.
 
 The script runs in a real ``Script`` (``make_engine``); the HTTP client uses the real reactor, so
 these tests run under pytest-twisted.  The server echoes what it received as JSON, redirects,

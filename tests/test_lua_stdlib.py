@@ -90,7 +90,7 @@ def test_base64_binary_invalid_and_types(engine: Engine) -> None:
 
 
 def test_shipped_entry_encodes_binary_messages(tmp_path: Path) -> None:
-    """lua/entry.websocket.lua queues binary frames base64-encoded (docs/lua-api.md, "Shipped scripts")."""
+    """lua/entry.websocket.lua queues binary frames base64-encoded (docs/lua-api.md)."""
     source = (REPO / "lua" / "entry.websocket.lua").read_text(encoding="utf-8")
     engine = make_engine(tmp_path, source, stubs=False)
     conn, _ = engine.connect()
@@ -379,7 +379,7 @@ def test_php_unpack_wrong_argument_types_raise(engine: Engine) -> None:
     assert raises(engine, "mix.php_unpack, 'N'") == b"bad argument #2 to 'php_unpack' (string expected, got nil)"
 
 
-# --- parse_url (Go net/url semantics, docs/lua-api.md "URLs") ------------------------------------------
+# --- parse_url (Go net/url semantics, docs/lua-api.md "URLs") -------------------------------------
 
 
 EMPTY_URL = {b"scheme": b"", b"opaque": b"", b"user": b"", b"host": b"", b"path": b"", b"raw_path": b"",

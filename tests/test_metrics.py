@@ -1,4 +1,5 @@
-"""``GET /metrics`` (docs/operations.md, Metrics): scraped from a real service tree after real traffic.
+"""``GET /metrics`` (docs/operations.md, Metrics): scraped from a real service tree after real
+traffic.
 
 The metrics are parsed with prometheus_client's own text parser; the tests check that the names
 of docs/operations.md exist, that counters move with the traffic that should move them, and that

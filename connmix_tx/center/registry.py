@@ -51,7 +51,7 @@ class EngineRecord:
         return _host_port(self.host, self.mesh_port)
 
     def describe(self) -> dict[str, Any]:
-        """The node as ``/v1/nodes`` and node-list pushes show it (docs/api.md, "The center API")."""
+        """The node as ``/v1/nodes`` and node-list pushes show it (docs/api.md)."""
         return {
             "id": self.node_id,
             "number": self.number,

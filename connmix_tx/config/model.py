@@ -36,7 +36,8 @@ class ConfigError(Exception):
 
 
 class _Address:
-    """Mixin for listener sections: the ``address`` text of the start-up log lines (docs/operations.md, "Logging")."""
+    """Mixin for listener sections: the ``address`` text of the start-up log lines
+    (docs/operations.md, "Logging")."""
 
     __slots__ = ()
     bind: str

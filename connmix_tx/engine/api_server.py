@@ -5,15 +5,16 @@
 ``ApiDispatcher.handle_many`` (forwarded sends of one read leave as one submission per link);
 replies are written in request order even when some of them wait for another engine, the ready
 ones of a read in one write; queue events are written as the queues deliver them.  ``HttpApiMethod`` runs one dispatcher method per
-POST, in the compact dialect, and maps its errors to HTTP statuses (docs/api.md, "The HTTP API").  ``GET /metrics``
-serves the engine's Prometheus registry (docs/operations.md, Metrics), ``GET /console`` the debug console page
-(``connmix_tx.console``).
+POST, in the compact dialect, and maps its errors to HTTP statuses (docs/api.md, "The HTTP API").
+``GET /metrics`` serves the engine's Prometheus registry (docs/operations.md, Metrics),
+``GET /console`` the debug console page (``connmix_tx.console``).
 
-Limits (docs/api.md, "Connection limits and close codes"): a WebSocket message above ``maxMessageSize`` closes with 1009 (Autobahn), an
-HTTP body above it gets 413; an API connection with more than ``maxWriteBuffer`` bytes queued is
-closed with 4008, one whose queue does not move for ``writeTimeout`` seconds is aborted; an HTTP
-request idle for ``readTimeout`` seconds is dropped (a WebSocket gets auto-pings instead).  These
-are "new conns" keys: ``ApiWebSocketFactory.reconfigure`` applies them to later connections.
+Limits (docs/api.md, "Connection limits and close codes"): a WebSocket message above
+``maxMessageSize`` closes with 1009 (Autobahn), an HTTP body above it gets 413; an API connection
+with more than ``maxWriteBuffer`` bytes queued is closed with 4008, one whose queue does not move
+for ``writeTimeout`` seconds is aborted; an HTTP request idle for ``readTimeout`` seconds is dropped
+(a WebSocket gets auto-pings instead).  These are "new conns" keys:
+``ApiWebSocketFactory.reconfigure`` applies them to later connections.
 """
 
 from __future__ import annotations
@@ -163,7 +164,8 @@ class ApiWebSocketProtocol(WebSocketServerProtocol):
             self.factory.queues.unconsume(self.session)
 
     def _write(self, data: bytes) -> None:
-        """Send one message; then the slow-consumer check and the write watch (docs/api.md, "Connection limits and close codes")."""
+        """Send one message; then the slow-consumer check and the write watch (docs/api.md,
+        "Connection limits and close codes")."""
         if self.state != self.STATE_OPEN:
             return
         write_message(self, data)
@@ -316,12 +318,14 @@ class ApiWebSocketResource(WebSocketResource):
         return result
 
 
-#: HTTP status of an API error code on the HTTP API; the others (101, 401...) are 200 (docs/api.md, "The HTTP API").
+#: HTTP status of an API error code on the HTTP API; the others (101, 401...) are 200 (docs/api.md,
+#: "The HTTP API").
 HTTP_STATUS = {PARSE_ERROR: 400, INVALID_REQUEST: 400, UNAUTHORIZED: 403, INTERNAL_ERROR: 500}
 
 
 class HttpApiMethod(Resource):
-    """``POST /v1/mesh/<name>``: one API method, compact body in, ``{"E", "r"}`` out (docs/api.md, "The HTTP API")."""
+    """``POST /v1/mesh/<name>``: one API method, compact body in, ``{"E", "r"}`` out (docs/api.md,
+    "The HTTP API")."""
 
     isLeaf = True
 

@@ -1,4 +1,5 @@
-"""The client connections of one engine: context, subscriptions, waiters (docs/lua-api.md, "The connection object").
+"""The client connections of one engine: context, subscriptions, waiters (docs/lua-api.md, "The
+connection object").
 
 A ``ClientConnection`` is the transport-independent state of one end-user connection; the protocol
 object that carries it implements ``ClientTransport``.  ``ConnectionRegistry`` finds connections by

@@ -1,4 +1,5 @@
-"""The mesh point (docs/operations.md, "The mesh"): where other engines deliver operations for this engine's clients.
+"""The mesh point (docs/operations.md, "The mesh"): where other engines deliver operations for this
+engine's clients.
 
 Peers log in with their node id and the cluster secret and call ``batch`` with one opaque
 msgpack blob of operations; the reply is one blob of results, in the same order.  The wire format

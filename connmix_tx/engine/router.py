@@ -1,4 +1,5 @@
-"""Routing of send / publish / call to connections anywhere in the cluster (docs/operations.md, "Routing").
+"""Routing of send / publish / call to connections anywhere in the cluster (docs/operations.md,
+"Routing").
 
 The node number inside a client id names the engine that holds it.  Own number: the operation runs
 here, synchronously.  Another number: it goes to that engine's mesh link, and the result comes back

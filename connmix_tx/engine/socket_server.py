@@ -1,4 +1,5 @@
-"""The ``protocol: socket`` server (docs/lua-api.md, "socket servers"): raw TCP, the framing is done by Lua.
+"""The ``protocol: socket`` server (docs/lua-api.md, "socket servers"): raw TCP, the framing is done
+by Lua.
 
 The engine only moves bytes.  ``SocketServerProtocol`` keeps the unconsumed input of one
 connection and runs the input loop: ``protocol_input`` on a snapshot of that input says where a
@@ -8,9 +9,9 @@ websocket servers).  Outbound, ``conn:send`` writes raw bytes while every delive
 script (API, mesh, publish) goes through ``protocol_encode``.  ``SocketServerFactory`` holds what
 the connections of one configured server share.
 
-Outbound limits (docs/robustness.md, "Clients"): above the connection's ``maxWriteBuffer`` a client is a slow consumer
-and is aborted; a queue that does not move for ``writeTimeout`` seconds aborts it too.  As on
-websocket servers, a connection keeps the settings it was accepted with (``limits``).
+Outbound limits (docs/robustness.md, "Clients"): above the connection's ``maxWriteBuffer`` a client
+is a slow consumer and is aborted; a queue that does not move for ``writeTimeout`` seconds aborts it
+too.  As on websocket servers, a connection keeps the settings it was accepted with (``limits``).
 """
 
 from __future__ import annotations
@@ -134,7 +135,7 @@ class SocketServerProtocol(Protocol):
         session.close(err)
         conn.mark_closed()
 
-    # The input loop (docs/lua-api.md, "socket servers") ----------------------------------------------------------
+    # The input loop (docs/lua-api.md, "socket servers") -------------------------------------------
 
     def _process(self) -> None:
         if self._processing:
@@ -210,7 +211,8 @@ class SocketServerProtocol(Protocol):
             self._close(TOO_LARGE)
 
     def _message(self, value: Any) -> None:
-        """Queue ``on_message(value)``; the 257th waiting message closes (docs/lua-api.md, "Coroutines and waiting")."""
+        """Queue ``on_message(value)``; the 257th waiting message closes (docs/lua-api.md,
+        "Coroutines and waiting")."""
         assert self.session is not None
         self.meter.read.inc()
         self.session.call("on_message", value)  # applies the pending limit
@@ -266,7 +268,7 @@ class SocketServerProtocol(Protocol):
         self.transport.abortConnection()
 
     def _written(self) -> str | None:
-        """After a write: the slow-consumer check and the write watch (docs/robustness.md, "Clients")."""
+        """After a write: the slow-consumer check and the write watch (docs/robustness.md)."""
         buffered = buffered_bytes(self.transport)
         if buffered > self.max_write_buffer:
             self.meter.errors.inc()

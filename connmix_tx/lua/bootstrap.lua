@@ -285,8 +285,8 @@ end
 -- the generation in use.
 local string_meta = debug.getmetatable("")
 
--- Sandboxed standard library (docs/lua-api.md, "The runtime"): fresh tables for every compiled generation, so a
--- script's changes to them do not survive a hot reload.
+-- Sandboxed standard library (docs/lua-api.md, "The runtime"): fresh tables for every compiled
+-- generation, so a script's changes to them do not survive a hot reload.
 local function new_libraries(env)
   env.string = new_string_library()
   env.table, env.math, env.bit = copy(table), copy(math), copy(bit)
@@ -535,7 +535,8 @@ local function must_wait()
   end
 end
 
--- The redis object of mix.redis.connection (docs/lua-api.md, Redis); its name lives here, out of reach.
+-- The redis object of mix.redis.connection (docs/lua-api.md, Redis); its name lives here, out of
+-- reach.
 local Redis = { __metatable = false }
 Redis.__index = Redis
 local redis_names = setmetatable({}, { __mode = "k" })
@@ -864,8 +865,8 @@ function engine.type_of(env, name)
   return type(env[name])
 end
 
--- The buffer object passed to protocol_input (docs/lua-api.md): a snapshot of the unconsumed input of a
--- socket connection, with a read position.  `source` is a table whose [1] is the input string
+-- The buffer object passed to protocol_input (docs/lua-api.md): a snapshot of the unconsumed input
+-- of a socket connection, with a read position.  `source` is a table whose [1] is the input string
 -- the engine's loop started with and `offset` the bytes of it already consumed, so a run of
 -- packets in one chunk reuses one Lua string instead of copying the rest for every packet.
 -- Lua strings are immutable: the object is a copy as far as the script can tell.  The metatable

@@ -1,4 +1,5 @@
-"""``mix.http.request`` (docs/lua-api.md, "HTTP client"): an HTTP/HTTPS client for Lua scripts, on treq.
+"""``mix.http.request`` (docs/lua-api.md, "HTTP client"): an HTTP/HTTPS client for Lua scripts, on
+treq.
 
 ``HttpClient.request`` takes the Lua arguments as lupa hands them over (``bytes`` for strings, a
 Lua table for ``options``), checks them (wrong types and unknown option names raise, as Lua's
