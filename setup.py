@@ -1,8 +1,8 @@
 """Packaging for connmix-tx.
 
-The repository root holds ``lua/`` and ``etc/`` (the *home directory*, SPEC 2.1).  An editable
-install puts the repository root on ``sys.path`` through a static ``.pth`` file (the layout is
-"simple", so setuptools does not use an import hook that Twisted's plugin scan cannot see); a
+The repository root holds ``lua/`` and ``etc/`` (the *home directory*, docs/configuration.md).  An
+editable install puts the repository root on ``sys.path`` through a static ``.pth`` file (the layout
+is "simple", so setuptools does not use an import hook that Twisted's plugin scan cannot see); a
 regular install copies both folders into ``connmix_tx/_home`` so the installed package carries its
 default configuration and scripts.
 """

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Autobahn|Testsuite conformance run against a real engine (SPEC 4.2 "Conformance").
+"""Autobahn|Testsuite conformance run against a real engine (docs/conformance.md).
 
 Starts ``twistd -n connmix --dev`` on free loopback ports with one ``protocol: websocket`` server
 running ``lua/entry.echo.lua`` (``maxMessageSize`` 16 MiB, permessage-deflate accepted), points
@@ -45,8 +45,9 @@ DEFAULT_OUTDIR = REPO / "reports" / "conformance"
 ECHO_ENTRY = REPO / "lua" / "entry.echo.lua"
 
 #: ``--server socket``: the same echo over a ``protocol: socket`` server whose framing is the Lua
-#: RFC 6455 codec (``lua/protocols/websocket.lua``, SPEC 4.3).  Written into the report folder
-#: next to a copy of ``lua/protocols/`` (``require`` resolves modules beside the entry).
+#: RFC 6455 codec (``lua/protocols/websocket.lua``, docs/lua-api.md "socket servers").  Written into
+#: the report folder next to a copy of ``lua/protocols/`` (``require`` resolves modules beside the
+#: entry).
 SOCKET_ECHO_ENTRY = """\
 -- Echo over protocols.websocket (written by conformance/run.py for the --server socket run).
 -- The codec hands over fragments (finish = false until the last one): they are joined here.

@@ -1,4 +1,5 @@
-"""Who may use the API listeners (SPEC 10): protected mode, ``access.users``, roles.
+"""Who may use the API listeners (docs/api.md, "Authentication and roles"): protected mode,
+``access.users``, roles.
 
 ``AccessControl`` is plain Python: ``check()`` decides one HTTP request (the WebSocket handshake
 included) from the peer IP, the ``Authorization`` header and, on ``/ws/v1`` only, the
@@ -27,7 +28,7 @@ from twisted.web.server import Request
 from connmix_tx.config import AccessConfig, UserConfig
 from connmix_tx.web import json_response
 
-#: SPEC 7.6: no valid credentials, or a role is missing.
+#: Error -32001 (docs/api.md, "Error codes"): no valid credentials, or a role is missing.
 UNAUTHORIZED = -32001
 
 READ, WRITE = "read", "write"
@@ -41,7 +42,7 @@ HOST_FORBIDDEN_BODY = b'{"E":{"c":-32001,"m":"forbidden: host not allowed for th
 ROLE_FORBIDDEN_BODY = b'{"E":{"c":-32001,"m":"forbidden: the read role is required"},"r":null}'
 WWW_AUTHENTICATE = 'Basic realm="connmix"'
 
-#: The listener kinds of the SPEC 10 warning and the namespace each one logs under.
+#: The listener kinds of the protected-mode warning and the namespace each one logs under.
 _LISTENER_LOGS = {"api": Logger(namespace="connmix.api"), "center api": Logger(namespace="connmix.center")}
 
 
@@ -112,7 +113,8 @@ def query_credentials(query: Mapping[str, Sequence[str]] | None) -> tuple[str, s
 
 
 class AccessControl:
-    """The ``access`` section applied to requests; ``replace()`` swaps it (SIGHUP, SPEC 3.4)."""
+    """The ``access`` section applied to requests; ``replace()`` swaps it (SIGHUP,
+    docs/operations.md)."""
 
     def __init__(self, config: AccessConfig) -> None:
         self.config = config
@@ -134,8 +136,9 @@ class AccessControl:
     def add_listener(self, kind: str, bind: str, port: int) -> None:
         """Record an API listener (``kind`` ``api`` or ``center api``) and warn if it is open.
 
-        SPEC 10: with no users and ``protected: false``, each listener bound to a non-loopback
-        address logs ``access.users is empty: the {kind} server on {bind}:{port} accepts anyone``.
+        docs/api.md, "No users: protected mode": with no users and ``protected: false``, each
+        listener bound to a non-loopback address logs ``access.users is empty: the {kind} server on
+        {bind}:{port} accepts anyone``.
         """
         self._listeners.append((kind, bind, port))
         if self.open:
@@ -159,7 +162,7 @@ class AccessControl:
 
         ``peer_ip`` is the client's IP text, or None for a local (UNIX socket) peer;
         ``authorization`` the ``Authorization`` header; ``query`` the decoded query parameters,
-        passed only for the ``/ws/v1`` handshake (the only place SPEC 10 accepts them).
+        passed only for the ``/ws/v1`` handshake (the only place docs/api.md accepts them).
         The Basic header wins over the query when both are present.
         """
         config = self.config

@@ -1,4 +1,5 @@
-"""Where the packaged ``etc/`` and ``lua/`` folders live (the *home directory*, SPEC 2.1).
+"""Where the packaged ``etc/`` and ``lua/`` folders live (the *home directory*,
+docs/configuration.md, "The file").
 
 An editable install runs from the repository, whose root holds ``etc/`` and ``lua/``; a regular
 install carries copies of both in ``connmix_tx/_home`` (see ``setup.py``).

@@ -1,4 +1,4 @@
-"""Identifiers: snowflake client ids (SPEC 8.3) and xid-like node ids (SPEC 8.1).
+"""Identifiers: snowflake client ids and xid-like node ids (docs/operations.md, "The cluster").
 
 Both generators are plain classes with the time source injected, so tests drive them without
 sleeping.
@@ -70,7 +70,8 @@ def node_number_of(client_id: int) -> int:
 
 
 def parse_client_id(value: object) -> int:
-    """Accept a client id as a decimal string or an integer (SPEC 8.3); raise InvalidClientId.
+    """Accept a client id as a decimal string or an integer (docs/operations.md, "Client ids");
+    raise InvalidClientId.
 
     Booleans, floats, zero, negatives, values above 2^63-1 and anything with non-digits are
     refused.

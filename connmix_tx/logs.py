@@ -1,8 +1,9 @@
-"""The process-wide log observer: levels, line formats and destinations (SPEC 11, 3.1 ``logging.*``).
+"""The process-wide log observer: levels, line formats and destinations (docs/operations.md,
+"Logging"; docs/configuration.md, ``logging``).
 
 Every module logs through ``twisted.logger.Logger``; this room decides what reaches the output.
 One :class:`LogControl` holds the current ``logging.level`` / ``logging.format`` (both hot on
-SIGHUP, SPEC 3.4) and the destinations: a text stream (stdout, or the file given to twistd's
+SIGHUP) and the destinations: a text stream (stdout, or the file given to twistd's
 ``--logfile``) and, when ``logging.filename`` is set, a daily-rotated file keeping
 ``logging.maxFiles`` old files.  The twistd plugin hands :func:`observer_factory` to twistd's
 ``logger`` option so that twistd installs our observer instead of its own.
@@ -38,7 +39,7 @@ _TWISTED_RANK = {
     LogLevel.info: 1,
     LogLevel.warn: 2,
     LogLevel.error: 3,
-    LogLevel.critical: 3,  # SPEC 11: Twisted's critical is shown as error
+    LogLevel.critical: 3,  # Twisted's critical is shown as error
 }
 _JSON_CORE = frozenset(("time", "level", "namespace", "message", "traceback"))
 # Bookkeeping keys of twisted.python.log events; they are not user fields.

@@ -65,7 +65,7 @@ class SecretChecker:
 
 
 class LoggingPortal(portal.Portal):
-    """A portal that logs refused logins with the peer address (SPEC 10) and answers them with a
+    """A portal that logs refused logins with the peer address and answers them with a
     plain ``pb.Error``, which PB passes to the client without logging a traceback here."""
 
     def __init__(self, realm: Any, checkers: Any, name: str) -> None:
@@ -85,7 +85,8 @@ class LoggingPortal(portal.Portal):
 
 
 class GuardedPBServerFactory(pb.PBServerFactory):
-    """A PB server that, with an empty cluster secret, talks to loopback peers only (SPEC 10)."""
+    """A PB server that, with an empty cluster secret, talks to loopback peers only
+    (docs/configuration.md, ``cluster.secret``)."""
 
     noisy = False
 
@@ -110,7 +111,7 @@ class GuardedPBServerFactory(pb.PBServerFactory):
 
 
 def retry_delay(failed_attempts: int) -> float:
-    """Back-off 1 s -> 30 s between connection attempts (SPEC 8.2)."""
+    """Back-off 1 s -> 30 s between connection attempts (docs/operations.md, "The cluster")."""
     return min(30.0, 2.0 ** max(0, failed_attempts - 1))
 
 

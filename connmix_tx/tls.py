@@ -1,4 +1,4 @@
-"""TLS on the listeners and on the engine's PB dials (SPEC 10.1).
+"""TLS on the listeners and on the engine's PB dials (docs/operations.md, "TLS on every listener").
 
 Listeners: a listener section with ``tls`` serves through Twisted's ``ssl:`` server endpoint
 (``service.endpoint_string``).  The ``ssl:`` string cannot ask peers for a certificate, so a

@@ -1,8 +1,8 @@
-"""Small Twisted Web pieces shared by the engine API and the center API (SPEC 7, 9).
+"""Small Twisted Web pieces shared by the engine API and the center API (docs/api.md).
 
 Both HTTP listeners answer in the JSON envelope ``{"E": error, "r": result}``: unknown paths are
 404 with code -32601, a wrong method on a known path is 405, and no per-request access log line is
-written (SPEC 11: nothing per message at info level).
+written (nothing per message at info level: docs/operations.md, "Logging").
 
 ``QuietSite(max_body=...)`` caps request bodies before they are read: a ``Content-Length`` above
 the cap, or a streamed (chunked) body that grows past it, is answered ``413`` and the connection

@@ -1,5 +1,5 @@
--- Echo (SPEC 5.11): every message goes back to its sender with the same type.  Used by the
--- Autobahn Testsuite conformance run and the echo benchmarks.
+-- Echo (docs/lua-api.md, "Shipped scripts"): every message goes back to its sender with the same
+-- type.  Used by the Autobahn Testsuite conformance run and the echo benchmarks.
 
 function on_handshake(client_id, headers, server)
 end

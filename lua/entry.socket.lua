@@ -1,5 +1,5 @@
--- The socket server example (SPEC 4.3, 5.11): one text line per message, framed by
--- protocols.text.  Like the default websocket entry, every line goes to the queue "foo" together
+-- The socket server example (docs/lua-api.md, "Shipped scripts"): one text line per message, framed
+-- by protocols.text.  Like the default websocket entry, every line goes to the queue "foo" together
 -- with the connection's context; a back-end consumes it through the API server (queue.consume)
 -- and answers with mesh.send / mesh.publish, which reach the client as one line each.
 --

@@ -1,4 +1,5 @@
--- WebSocket over a socket server, framed in Lua by protocols.websocket (SPEC 4.3, 5.11).
+-- WebSocket over a socket server, framed in Lua by protocols.websocket (docs/lua-api.md,
+-- "Shipped scripts").
 -- Behaves like the default entry.websocket.lua: the handshake headers are kept in the context
 -- (the codec stores them under "headers") and every message goes to the queue "foo" with the
 -- context.  The accepted path is the server option "path" (prefix match, default "/").

@@ -1,6 +1,6 @@
--- The default entry script (SPEC 5.11): every client message goes to the queue "foo" together
--- with the connection's context, where a back-end consumes it through the API server
--- (queue.consume) and answers with mesh.send / mesh.publish / conn.call.
+-- The default entry script (docs/lua-api.md, "Shipped scripts"): every client message goes to the
+-- queue "foo" together with the connection's context, where a back-end consumes it through the API
+-- server (queue.consume) and answers with mesh.send / mesh.publish / conn.call.
 
 function on_handshake(client_id, headers, server)
   -- Keep the handshake headers in the context: they travel with every queued message.

@@ -1,4 +1,4 @@
-"""Tests for connmix_tx.engine.api: the compact dialect next to the long one (SPEC 7.1, 7.3, 7.6).
+"""Tests for connmix_tx.engine.api: the compact dialect next to the long one (docs/api.md).
 
 Same harness as test_api_dispatch (real queues on a Clock, real router, fake transports and mesh
 link).  Every method is exercised in both dialects with the same inputs, and queue events are

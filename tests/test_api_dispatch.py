@@ -1,8 +1,8 @@
-"""Tests for connmix_tx.engine.api: the long-form API and its error codes (SPEC 7.1, 7.2, 7.6).
+"""Tests for connmix_tx.engine.api: the long-form API and its error codes (docs/api.md).
 
 Real queues (on a Clock), connection registry and router (``apihelpers.Engine``); fake client
 transports and mesh links from ``connmix_tx.testing``.
-Replies are compared by value (``json.loads``), never by text (SPEC 0).
+Replies are compared by value (``json.loads``), never by text.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Fuzzing the engine API (SPEC 7.1-7.3, 7.6, 7.7) over real WebSocket connections.
+"""Fuzzing the engine API (docs/api.md) over real WebSocket connections.
 
 Thousands of generated malformed requests (seeded, so every run sends the same ones) go to the
 real service tree over a few API connections: bad JSON, JSON that is not a request, wrong types
@@ -38,7 +38,8 @@ PARSE, INVALID_REQUEST, NOT_FOUND, INTERNAL = -32700, -32600, -32601, -32603
 INVALID_PARAMS, CONSUME_FAILED, DUPLICATE, UNCONSUME_FAILED, CALL_FAILED, SEND_FAILED = (
     101, 201, 202, 203, 301, 401,
 )
-#: Codes a request may get from a node without users (SPEC 7.6); -32603 is a bug by definition.
+#: Codes a request may get from a node without users (docs/api.md, "Error codes"); -32603 is a bug
+#: by definition.
 SPEC_CODES = {INVALID_PARAMS, CONSUME_FAILED, DUPLICATE, UNCONSUME_FAILED, CALL_FAILED, SEND_FAILED,
               PARSE, INVALID_REQUEST, NOT_FOUND}
 METHODS = {"server.ping", "queue.consume", "queue.unconsume", "conn.call", "mesh.send", "mesh.publish",
@@ -107,7 +108,7 @@ class Fuzzer:
     def __iter__(self) -> Iterator[tuple[bytes, set[int], Any, bool]]:
         while True:
             payload, codes, request_id = self.rng.choice(self.generators)()
-            # Any request may come as a binary frame (treated as UTF-8, SPEC 7.1); bytes that are
+            # Any request may come as a binary frame (treated as UTF-8, docs/api.md); bytes that are
             # not UTF-8 can only go in one (in a text frame they are a protocol violation).
             binary = self.rng.random() < 0.3 or not _is_utf8(payload)
             yield payload, codes, request_id, binary
@@ -156,7 +157,7 @@ class Fuzzer:
         ])
 
     def bad_name(self) -> Any:
-        """A topic or channel name that SPEC 5.5 / 6 refuse, or a non-string."""
+        """A topic or channel name the engine refuses (connmix_tx/names.py), or a non-string."""
         return self.rng.choice([
             "", " ", "has space", "tab\there", "new\nline", "nul\u0000", "del\u007f", "x" * 256,
             "\u00e9" * 128, 42, None, True, [], {}, ["foo"], 1.5,

@@ -1,4 +1,5 @@
-"""Tests for connmix_tx.auth and the role checks of the API dispatcher (SPEC 10, 3.4).
+"""Tests for connmix_tx.auth and the role checks of the API dispatcher (docs/api.md,
+"Authentication and roles"; SIGHUP).
 
 ``AccessControl`` is plain Python and tested as such: a matrix of peers, credentials, users,
 host globs and roles.  ``AccessGuard`` is driven with Twisted's ``DummyRequest`` (a peer that is
@@ -182,7 +183,7 @@ def test_replace_applies_to_the_next_check_and_role_lookup() -> None:
     assert access.check("127.0.0.1", None).admitted and access.allows("bob", "write")
 
 
-# The warning of SPEC 10 -----------------------------------------------------------------------------
+# The protected-mode warning -----------------------------------------------------------------------
 
 
 def warnings_of(action: Any) -> list[str]:

@@ -1,4 +1,5 @@
-"""Tests for connmix_tx.engine.center_link: an engine registering at the center (SPEC 8.1, 8.2).
+"""Tests for connmix_tx.engine.center_link: an engine registering at the center (docs/operations.md,
+"The cluster").
 
 ``CenterLink`` talks to a real ``registry_factory(Registry(clock), secret)`` joined in memory by
 ``connmix_tx.testing.MemoryEndpoint``; a ``Clock`` drives its ClientService, heartbeats and deadline.

@@ -1,4 +1,5 @@
-"""A real cluster: one center and two engines as separate processes on loopback (SPEC 8).
+"""A real cluster: one center and two engines as separate processes on loopback (docs/operations.md,
+"The cluster").
 
 Routing of send / call / publish both ways (API and Lua), an engine killed with SIGKILL, a center
 restart.  Every process is stopped by its pid at the end.

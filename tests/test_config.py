@@ -1,4 +1,5 @@
-"""Tests for connmix_tx.config: the configuration file as a user writes it (SPEC section 3)."""
+"""Tests for connmix_tx.config: the configuration file as a user writes it
+(docs/configuration.md)."""
 
 from __future__ import annotations
 

@@ -38,7 +38,7 @@ CHROMIUM_FLAGS = (
     "--disable-dev-shm-usage", "--window-size=1280,1100", "--force-device-scale-factor=1",
 )
 WAIT = 10.0  # seconds for anything the page does
-#: Replies as the engine writes them (SPEC 1.3), shown as such on the page.
+#: Replies as the engine writes them (README.md, "The walkthrough"), shown as such on the page.
 CONSUMED = '{"error":null,"result":{"success":true},"id":1}'
 SENT = '{"error":null,"result":{"fail":0,"success":true,"total":1},"id":2}'
 CALLED = '{"error":null,"result":{"success":true},"id":3}'
@@ -218,8 +218,8 @@ def test_walkthrough_in_headless_chromium(browser: Any, tmp_path: Path) -> None:
 
 
 def walk_through(ui: Console, ports: dict[str, int], screenshot: Path) -> None:
-    """SPEC 1.3 on the console: client sends ``test``, the API consumes ``foo``, a click on the
-    event's client_id, ``mesh.send`` of ``hello, world!`` (then the ``screenshot``);
+    """The README walkthrough on the console: client sends ``test``, the API consumes ``foo``, a
+    click on the event's client_id, ``mesh.send`` of ``hello, world!`` (then the ``screenshot``);
     then subscribe and publish, and an unknown method from the raw box."""
     # The client pane connects to the protocol server and sends "test" (prefilled).
     assert ui["client-url"].get_attribute("value") == "ws://127.0.0.1:6790/"  # the default port

@@ -1,4 +1,4 @@
-"""Tests for connmix_tx.lua.convert: the JSON rules of SPEC 5.7 on real LuaJIT values."""
+"""Tests for connmix_tx.lua.convert: the JSON rules of docs/lua-api.md on real LuaJIT values."""
 
 from __future__ import annotations
 

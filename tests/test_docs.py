@@ -7,6 +7,9 @@
   matches the schema.
 * Every method the API dispatcher serves, in both dialects, and every error code it answers with,
   is documented in ``docs/api.md``.
+* Comments and documents cite what a reader of the repository can open: no section number of a
+  specification or style guide kept outside it, and every ``docs/<name>.md`` they name exists
+  (with the heading a Markdown link points at).
 
 Both lists are read from the code at test time, so keys and methods added later are checked
 without touching this file.
@@ -195,3 +198,103 @@ def test_every_error_code_has_a_row_and_an_example_reply(code: int) -> None:
     long_form = f'"code":{code},'
     compact = f'"c":{code},'
     assert long_form in text or compact in text, f"no example reply with error {code} in docs/api.md"
+
+
+# --------------------------------------------------------------------------- citations
+
+#: Where the repository's own code, scripts and documents live.
+CITING = ("connmix_tx", "lua", "bench", "conformance", "tests", "etc", "docs", "README.md")
+#: Folders that hold no text of ours.
+SKIPPED = {"__pycache__", "images", "node_modules"}
+
+#: A section number of a document that is not in the repository: the word SPEC or STYLE (or
+#: SPEC.md) followed by a number, "section" and a number, or a paragraph sign and a number.
+OUTSIDE_CITATION = re.compile(r"\b(?:SPEC|STYLE)(?:\.md)?[ ,]*(?:sections? +|§ *)?\d|§ *\d")
+#: A path of a document under docs/ as comments and documents write it.
+DOCS_PATH = re.compile(r"\bdocs/([A-Za-z0-9_.-]+\.md)")
+#: A relative Markdown link to a .md file (or to a heading of the same file), with an optional
+#: heading anchor.
+MD_LINK = re.compile(r"\]\((?!https?:)([A-Za-z0-9_./-]+\.md)?(?:#([A-Za-z0-9_-]+))?\)")
+
+
+def repository_texts() -> Iterator[tuple[str, str]]:
+    """``(path relative to the repository, text)`` of every text file of ``CITING``."""
+    for name in CITING:
+        root = REPO / name
+        files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+        for path in files:
+            if SKIPPED & set(path.relative_to(REPO).parts):
+                continue
+            try:
+                text = path.read_text(encoding="utf-8")
+            except (UnicodeDecodeError, OSError):
+                continue  # binary files (images, compiled files) cite nothing
+            yield str(path.relative_to(REPO)), text
+
+
+def outside_citations(text: str) -> list[str]:
+    """The lines of ``text`` that cite a section of a document outside the repository."""
+    return [line.strip() for line in text.splitlines() if OUTSIDE_CITATION.search(line)]
+
+
+def heading_anchors(markdown: str) -> set[str]:
+    """The anchors GitHub makes of a document's headings: lower case, punctuation dropped, spaces
+    as hyphens."""
+    anchors = set()
+    in_code = False
+    for line in markdown.splitlines():
+        if line.startswith("```"):
+            in_code = not in_code
+        elif not in_code and line.startswith("#"):
+            title = line.lstrip("#").strip().lower()
+            anchors.add(re.sub(r"[^a-z0-9 _-]", "", title).replace(" ", "-"))
+    return anchors
+
+
+def test_a_section_number_of_an_outside_document_is_reported() -> None:
+    spec, style, sign = "SPEC", "STYLE", "\u00a7"  # spelt apart so that this file passes the scan
+    bad = [f"({spec} 7.5)", f"see {spec}.md section 3.", f"{spec} {sign}4.1", f"({style} 6)",
+           f"the {sign}8.4 wire format"]
+    good = ["(docs/api.md, Error codes)", "SPEC_CODES = {1}", "local SPECIAL = 1", "STYLE.md"]
+    assert outside_citations("\n".join(bad)) == bad
+    assert outside_citations("\n".join(good)) == []
+
+
+def test_the_heading_anchors_are_githubs() -> None:
+    text = "# The Lua API\n## The `mix` library\n```\n# not a heading\n```\n### Keys: `a.b`"
+    assert heading_anchors(text) == {"the-lua-api", "the-mix-library", "keys-ab"}
+
+
+def test_nothing_cites_a_section_of_a_document_outside_the_repository() -> None:
+    texts = list(repository_texts())
+    scanned = {path.split("/")[0] for path, _text in texts}
+    assert {"connmix_tx", "lua", "tests", "etc", "docs", "README.md"} <= scanned
+    found = [f"{path}: {line}" for path, text in texts for line in outside_citations(text)]
+    assert not found, "cite docs/ (or nothing) instead:\n" + "\n".join(found)
+
+
+def test_every_docs_path_named_in_the_code_exists() -> None:
+    missing = []
+    for path, text in repository_texts():
+        for name in DOCS_PATH.findall(text):
+            if not (REPO / "docs" / name).is_file():
+                missing.append(f"{path}: docs/{name}")
+    assert not missing, "documents that do not exist:\n" + "\n".join(missing)
+
+
+def test_every_markdown_link_between_documents_reaches_its_heading() -> None:
+    broken = []
+    for path, text in repository_texts():
+        if not path.endswith(".md"):
+            continue
+        folder = (REPO / path).parent
+        for target, anchor in MD_LINK.findall(text):
+            if not target and not anchor:
+                continue  # not a link to a document or a heading
+            document = (folder / target).resolve() if target else REPO / path
+            if not document.is_file():
+                broken.append(f"{path}: {target}")
+            elif anchor and anchor not in heading_anchors(document.read_text(encoding="utf-8")):
+                broken.append(f"{path}: {target or ''}#{anchor}")
+    assert not broken, "broken links:\n" + "\n".join(broken)
+

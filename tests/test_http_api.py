@@ -1,4 +1,4 @@
-"""The HTTP API (SPEC 7.4) and access control (SPEC 10) against the real service tree.
+"""The HTTP API and access control (docs/api.md) against the real service tree.
 
 Integration tests start center + engine in this process on 127.0.0.1 port 0 and talk to them
 with independent clients: ``websockets`` for ``/ws/v1`` and ``http.client`` (in a worker thread,

@@ -1,4 +1,4 @@
-"""Tests for connmix_tx.ids: snowflake client ids (SPEC 8.3) and xid-like node ids (SPEC 8.1)."""
+"""Tests for connmix_tx.ids: snowflake client ids and xid-like node ids (docs/operations.md)."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ class FakeMillis:
 
 
 def decode(client_id: int) -> tuple[int, int, int]:
-    """(unix ms, node number, sequence) of a snowflake id, by SPEC 8.3's layout."""
+    """(unix ms, node number, sequence) of a snowflake id, by the layout in docs/operations.md."""
     return (client_id >> 22) + TWITTER_EPOCH_MS, (client_id >> 12) & 1023, client_id & 4095
 
 

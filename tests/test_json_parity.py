@@ -1,5 +1,6 @@
 """The Lua-side JSON encoder (used by mix.json_encode and mix.queue.push) writes exactly what the
-Python rules of SPEC 5.7 (connmix_tx/lua/convert.py) write, for thousands of generated values."""
+Python rules of docs/lua-api.md, "JSON" (connmix_tx/lua/convert.py) write, for thousands of
+generated values."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""Per-connection limits (SPEC 4.1, 4.2, 7.7): slow consumers, write timeouts, sizes, handshake
-deadline, origins, compression, the API's HTTP read timeout.
+"""Per-connection limits (docs/operations.md, docs/robustness.md "Clients"): slow consumers, write
+timeouts, sizes, handshake deadline, origins, compression, the API's HTTP read timeout.
 
 Unit tests drive ``WriteWatch`` and the protocols' slow-consumer checks with a fake transport
 whose write queue the test controls (``connmix_tx.testing.FakeSocketTransport``).
@@ -217,7 +217,7 @@ async def test_handshake_deadline_includes_a_waiting_on_handshake(tmp_path: Path
     running = await start_engine(loopback_config(entry=str(entry)))
     try:
         factory = running.service.engine.client_factories[0]
-        assert factory.openHandshakeTimeout == 10  # SPEC 4.2; shortened below to keep the test fast
+        assert factory.openHandshakeTimeout == 10  # the default; shortened below
         factory.setProtocolOptions(openHandshakeTimeout=2)
         loop = asyncio.get_running_loop()
         sock = socket.socket()

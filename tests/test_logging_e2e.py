@@ -1,4 +1,4 @@
-"""Logging end to end (SPEC 11, 3.1 ``logging.*``) with a real ``twistd connmix`` process: JSON
+"""Logging end to end (docs/operations.md, "Logging") with a real ``twistd connmix`` process: JSON
 lines on stdout and in ``logging.filename`` (directory created, relative path resolved against
 the working directory), and SIGHUP switching level and format of both destinations live.
 Rotation itself is daily; it is covered with an injected clock in test_logs.

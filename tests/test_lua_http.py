@@ -1,4 +1,5 @@
-"""``mix.http.request`` (SPEC 5.4 "HTTP client") against a local ``twisted.web`` server on port 0.
+"""``mix.http.request`` (docs/lua-api.md, "HTTP client") against a local ``twisted.web`` server on
+port 0.
 
 The script runs in a real ``Script`` (``make_engine``); the HTTP client uses the real reactor, so
 these tests run under pytest-twisted.  The server echoes what it received as JSON, redirects,
@@ -341,7 +342,7 @@ async def test_cannot_wait_outside_an_engine_coroutine(engine: Engine, server: S
     assert server.hold.held == []  # nothing was sent
 
 
-# --- coroutines: one connection waits, the others are served (SPEC 5.3) --------------------------
+# --- coroutines: one connection waits, the others are served ---------------------------------
 
 
 @pytest_twisted.ensureDeferred

@@ -1,4 +1,4 @@
-"""Tests for the ``mix`` library and the connection object (SPEC 5.4, 5.5, 6 push side).
+"""Tests for the ``mix`` library and the connection object (docs/lua-api.md).
 
 The script runs against real engine objects (``ConnectionRegistry``, ``QueueManager`` on a
 ``Clock``, ``Router`` of node 0 with ``LocalOps``); connections carry a recording fake transport.
@@ -37,7 +37,7 @@ def queued(engine: Engine, topic: str) -> list[tuple[str, object]]:
     return [(cid, json.loads(data)) for cid, data in engine.queues.topics[topic].messages]
 
 
-# --- JSON (SPEC 5.4, 5.7) ---------------------------------------------------------------------
+# --- JSON -----------------------------------------------------------------------------------
 
 
 def test_json_encode(engine: Engine) -> None:
@@ -60,7 +60,7 @@ def test_json_decode(engine: Engine) -> None:
 
 
 @pytest.mark.parametrize("text, acceptable", [
-    ("12345678901234567890", [12345678901234567890.0]),  # SPEC 5.7: precision is lost, no error
+    ("12345678901234567890", [12345678901234567890.0]),  # precision is lost, no error
     ('"\\ud800"', ["\ufffd".encode(), None]),  # a lone surrogate: U+FFFD as Go, or nil, err
 ])
 def test_json_decode_never_raises_for_json_text(engine: Engine, text: str, acceptable: list) -> None:
@@ -90,7 +90,7 @@ def test_base64_is_binary_safe(engine: Engine) -> None:
     assert value is None and err
 
 
-# --- queue (SPEC 5.4, 6) ----------------------------------------------------------------------
+# --- queue ----------------------------------------------------------------------------------
 
 
 def test_queue_push_counts_and_serialises(engine: Engine, conn: ClientConnection) -> None:
@@ -121,7 +121,7 @@ def test_queue_push_refusals(tmp_path: Path) -> None:
     assert engine.queues.length("a") == 1
 
 
-# --- mesh (SPEC 5.4, 8.5) ---------------------------------------------------------------------
+# --- mesh ----------------------------------------------------------------------------------
 
 
 def test_mesh_send_to_a_local_connection(engine: Engine) -> None:
@@ -159,7 +159,7 @@ def test_mesh_publish_counts(engine: Engine) -> None:
     assert lua(engine, "return pcall(mix.mesh.publish, 'news', 'x', 'json')")[0] is False
 
 
-# --- connection lookup and options (SPEC 5.2, 5.4) ---------------------------------------------
+# --- connection lookup and options --------------------------------------------------------------
 
 
 def test_websocket_needs_a_current_connection(tmp_path: Path) -> None:
@@ -181,7 +181,7 @@ def test_server_option(engine: Engine) -> None:
     assert lua(engine, "return mix.server.option('path'), mix.server.option('nope')") == (b"/chat", None)
 
 
-# --- the connection object (SPEC 5.5) ---------------------------------------------------------
+# --- the connection object ---------------------------------------------------------------------
 
 
 def test_client_id_and_remote_addr(engine: Engine, conn: ClientConnection) -> None:
@@ -266,7 +266,7 @@ def test_clear_buffer_error_raises(engine: Engine) -> None:
     assert ok is False and "socket servers" in str(err)
 
 
-# --- wait_context_value (SPEC 5.3, 5.5) -------------------------------------------------------
+# --- wait_context_value ----------------------------------------------------------------------
 
 WAIT = "return mix.websocket():wait_context_value('user'{timeout})"
 

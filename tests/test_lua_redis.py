@@ -1,4 +1,4 @@
-"""``mix.redis`` (SPEC 5.4 "Redis") against a real redis-server, plus the RESP parser alone.
+"""``mix.redis`` (docs/lua-api.md, "Redis") against a real redis-server, plus the RESP parser alone.
 
 The server's address comes from ``CONNMIX_TEST_REDIS`` (``.ci/run`` starts one); without it the
 tests start their own ``redis-server`` on a free loopback port when the binary exists, and are

@@ -1,4 +1,5 @@
-"""Hot reload (SPEC 5.9) with a ``Clock``: ``HotReloader`` over a real ``Script``.
+"""Hot reload (docs/lua-api.md, "Hot reload") with a ``Clock``: ``HotReloader`` over a real
+``Script``.
 
 Files are edited on disk; every edit also moves the modification time forward, so a change is
 seen even when the size stays the same and the file system's clock is coarse.

@@ -1,7 +1,7 @@
 """Tests for connmix_tx.lua.runtime and bootstrap.lua: loading, sandbox, require, limits, waiting.
 
-SPEC 5.1 (runtime, require, print), 5.2 (required callbacks), 5.3 (coroutines and waiting),
-5.8 (sandbox and limits), 5.10 (errors name file:line).
+docs/lua-api.md: "The runtime" (require, print, sandbox, limits), "Callbacks" (required ones),
+"Coroutines and waiting", "Errors" (errors name file:line).
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def lua_logs() -> Iterator[list[dict[str, Any]]]:
         globalLogPublisher.removeObserver(observer)
 
 
-# --- loading (SPEC 5.2, 5.9 chunk names) ------------------------------------------------------
+# --- loading (callbacks, chunk names) ---------------------------------------------------------
 
 
 def test_missing_required_callback_is_named(tmp_path: Path) -> None:
@@ -86,7 +86,7 @@ def test_runtime_error_in_callback_names_file_and_line(tmp_path: Path) -> None:
     assert engine.message(None, "x").error.startswith("lua/entry.lua:3: attempt to index")
 
 
-# --- sandbox (SPEC 5.8) -----------------------------------------------------------------------
+# --- sandbox ----------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("name", [
@@ -153,7 +153,7 @@ def test_python_attributes_are_not_reachable(engine: Engine) -> None:
         assert ok is False, expression
 
 
-# --- require (SPEC 5.1) -----------------------------------------------------------------------
+# --- require ----------------------------------------------------------------------------------
 
 
 def write_module(tmp_path: Path, name: str, source: str) -> None:
@@ -198,7 +198,7 @@ def test_require_errors_name_the_module(tmp_path: Path) -> None:
     assert lua(engine, "return pcall(require, 'ffi')")[0] is False
 
 
-# --- limits (SPEC 5.8) ------------------------------------------------------------------------
+# --- limits -----------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("body", [
@@ -242,7 +242,7 @@ def test_memory_limit_fails_the_callback_only(tmp_path: Path, body: str) -> None
     assert lua(engine, "return string.rep('y', 1024):len()") == (1024,)
 
 
-# --- coroutines and waiting (SPEC 5.3) --------------------------------------------------------
+# --- coroutines and waiting -------------------------------------------------------------------
 
 
 class Waits:
@@ -369,7 +369,7 @@ def test_script_coroutines_work(engine: Engine) -> None:
     assert lua(engine, code) == (6,)
 
 
-# --- print and logging (SPEC 5.1, 5.4) --------------------------------------------------------
+# --- print and logging ------------------------------------------------------------------------
 
 
 def test_print_logs_info_with_client_id(engine: Engine, lua_logs: list[dict[str, Any]]) -> None:

@@ -1,4 +1,4 @@
-"""Tests for the pure ``mix`` functions (SPEC 5.4 "Encoding and hashing" and "URLs").
+"""Tests for the pure ``mix`` functions (docs/lua-api.md, "Encoding and hashing" and "URLs").
 
 Every function is called through Lua, inside ``on_message`` of a real ``Script`` wired to real
 engine objects, so what is asserted is what a script sees: ``nil, err`` returns, tables with
@@ -90,7 +90,7 @@ def test_base64_binary_invalid_and_types(engine: Engine) -> None:
 
 
 def test_shipped_entry_encodes_binary_messages(tmp_path: Path) -> None:
-    """lua/entry.websocket.lua queues binary frames base64-encoded (SPEC 5.11)."""
+    """lua/entry.websocket.lua queues binary frames base64-encoded (docs/lua-api.md)."""
     source = (REPO / "lua" / "entry.websocket.lua").read_text(encoding="utf-8")
     engine = make_engine(tmp_path, source, stubs=False)
     conn, _ = engine.connect()
@@ -155,8 +155,8 @@ def test_hashes_are_binary_safe_and_check_types(engine: Engine) -> None:
 
 
 @pytest.mark.parametrize("text, sep, pieces", [
-    ("a@@b", "@", [b"a", b"", b"b"]),  # SPEC 5.4
-    ("", "@", [b""]),  # SPEC 5.4
+    ("a@@b", "@", [b"a", b"", b"b"]),
+    ("", "@", [b""]),
     ("a@b@", "@", [b"a", b"b", b""]),
     ("abc", "@", [b"abc"]),
     ("a.b.c", ".", [b"a", b"b", b"c"]),  # plain, not a pattern
@@ -177,7 +177,7 @@ def test_str_split_empty_separator_raises(engine: Engine) -> None:
 
 
 def test_bytes_tostring(engine: Engine) -> None:
-    assert lua(engine, "return mix.bytes_tostring({104, 105})") == (b"hi",)  # SPEC 5.4
+    assert lua(engine, "return mix.bytes_tostring({104, 105})") == (b"hi",)
     assert lua(engine, "return mix.bytes_tostring({})") == (b"",)
     assert lua(engine, "return mix.bytes_tostring({0, 255, 10})") == (b"\x00\xff\n",)
     code = "local t = {} for i = 0, 255 do t[i + 1] = i end return mix.bytes_tostring(t)"
@@ -379,7 +379,7 @@ def test_php_unpack_wrong_argument_types_raise(engine: Engine) -> None:
     assert raises(engine, "mix.php_unpack, 'N'") == b"bad argument #2 to 'php_unpack' (string expected, got nil)"
 
 
-# --- parse_url (Go net/url semantics, SPEC 5.4 table) ---------------------------------------------
+# --- parse_url (Go net/url semantics, docs/lua-api.md "URLs") -------------------------------------
 
 
 EMPTY_URL = {b"scheme": b"", b"opaque": b"", b"user": b"", b"host": b"", b"path": b"", b"raw_path": b"",
@@ -394,7 +394,7 @@ def url(**fields: Any) -> dict:
 
 
 def test_parse_url_spec_example(engine: Engine) -> None:
-    """The example of the SPEC 5.4 table, field by field."""
+    """The example of docs/lua-api.md, "URLs", field by field."""
     [table, err] = lua(engine, "return mix.parse_url('https://bob:pw@h.example:8443/p%20a/b?x=1&y=2&x=3#frag')")
     assert err is None
     assert py(table) == url(scheme=b"https", user=b"bob:pw", host=b"h.example:8443", path=b"/p a/b",

@@ -1,4 +1,5 @@
-"""Tests for connmix_tx.engine.mesh_link.MeshLink: one engine's link to a peer (SPEC 8.2, 8.4).
+"""Tests for connmix_tx.engine.mesh_link.MeshLink: one engine's link to a peer (docs/operations.md,
+"The mesh").
 
 Each link dials a real ``mesh_factory`` mesh point joined in memory (``connmix_tx.testing.MemoryEndpoint``); the peer's
 clients are fake transports (``meshpeer``).  ``Batches`` records what the mesh point receives and

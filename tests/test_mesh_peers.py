@@ -1,4 +1,5 @@
-"""Tests for connmix_tx.engine.mesh_link.MeshPeers and the Router over it (SPEC 8.4, 8.5).
+"""Tests for connmix_tx.engine.mesh_link.MeshPeers and the Router over it (docs/operations.md,
+"The mesh" and "Routing").
 
 ``MeshPeers`` turns node lists into ``MeshLink``s to real ``mesh_factory`` mesh points joined in
 memory (``connmix_tx.testing.MemoryEndpoint``, ``meshpeer``); the ``Router`` then sends, calls and publishes through them.

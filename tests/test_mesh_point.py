@@ -1,4 +1,5 @@
-"""Tests for connmix_tx.engine.mesh: the mesh point's batch wire format (SPEC 8.4).
+"""Tests for connmix_tx.engine.mesh: the mesh point's batch wire format (docs/operations.md,
+"The mesh").
 
 ``apply_batch`` runs on a ``LocalOps`` with fake client transports; one test goes through
 ``mesh_factory`` over in-memory PB, as a peer engine would.

@@ -1,8 +1,9 @@
-"""``GET /metrics`` (SPEC 7.5, 9): scraped from a real service tree after real traffic.
+"""``GET /metrics`` (docs/operations.md, Metrics): scraped from a real service tree after real
+traffic.
 
-The metrics are parsed with prometheus_client's own text parser; the tests check that the SPEC
-names exist, that counters move with the traffic that should move them, and that two service
-trees in one process keep separate registries.
+The metrics are parsed with prometheus_client's own text parser; the tests check that the names
+of docs/operations.md exist, that counters move with the traffic that should move them, and that
+two service trees in one process keep separate registries.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """Rooms of a readable size: no module of ``connmix_tx/`` grows past ``LIMIT`` lines.
 
 The house aims at modules of about 100-500 lines, each a room one can hold in one's head
-(STYLE.md, "Small, typed, documented modules"); ``LIMIT`` leaves a margin above that aim.  A module
-that outgrows it is split along its seams (as ``config/`` and ``lua/php_pack.py`` were), not
+(the house style: small, typed, documented modules); ``LIMIT`` leaves a margin above that aim.  A
+module that outgrows it is split along its seams (as ``config/`` and ``lua/php_pack.py`` were), not
 trimmed by squeezing lines.
 """
 

@@ -1,4 +1,4 @@
-"""The twistd plugin and the packaging (SPEC 2.1)."""
+"""The twistd plugin and the packaging."""
 
 from __future__ import annotations
 

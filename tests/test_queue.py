@@ -1,4 +1,5 @@
-"""Tests for connmix_tx.engine.queue: topics, competing consumers, dispatch timing (SPEC 6)."""
+"""Tests for connmix_tx.engine.queue: topics, competing consumers, dispatch timing (docs/queues.md,
+docs/api.md "Queue events")."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""No message lost, none duplicated: a consumer leaves in the middle of a stream (SPEC 6).
+"""No message lost, none duplicated: a consumer leaves in the middle of a stream (docs/queues.md).
 
 A protocol client streams N messages through the default entry script into queue ``foo``; a
 consumer takes part of them and leaves while the stream is still running; a second consumer

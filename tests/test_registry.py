@@ -1,4 +1,5 @@
-"""Tests for connmix_tx.center: node numbers, heartbeats, and the PB registry (SPEC 8.1, 8.2, 9).
+"""Tests for connmix_tx.center: node numbers, heartbeats, and the PB registry (docs/operations.md,
+"The cluster"; docs/api.md, "The center API").
 
 The PB tests join a real ``registry_factory`` server and a ``PBClientFactory`` client in memory
 with ``twisted.test.iosim``: no sockets, no reactor.

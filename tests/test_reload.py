@@ -1,5 +1,5 @@
-"""SIGHUP reload (SPEC 3.4): a real ``twistd connmix`` process, good and bad files; and the
-reloader driven in process, where the effect on every hot key can be inspected.
+"""SIGHUP reload (docs/operations.md): a real ``twistd connmix`` process, good and bad files; and
+the reloader driven in process, where the effect on every hot key can be inspected.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Tests for connmix_tx.engine.router: local operations, conn.call functions, routing (SPEC 8.5)."""
+"""Tests for connmix_tx.engine.router: local operations, conn.call functions, routing
+(docs/operations.md, "Routing")."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Tests for connmix_tx.engine.session.CallbackSession: per-connection order (SPEC 4.1, 5.3, 5.10).
+"""Tests for connmix_tx.engine.session.CallbackSession: per-connection order (docs/lua-api.md).
 
 The script records what it runs by pushing ``<text>`` to the queue topic ``log``, so the queue shows
 both the order and the connection each callback ran for.

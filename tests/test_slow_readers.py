@@ -1,11 +1,14 @@
 """Slow readers (issue 5): peers that stop reading are cut off at the cap, memory stays bounded.
 
-SPEC 6: a queue consumer is eligible only while less than 256 KiB is buffered for it; when none
-is eligible, messages wait in the topic (backpressure) instead of piling up in a transport.
-SPEC 7.7: an API connection with more than ``engine.apiServer.maxWriteBuffer`` bytes buffered is
-closed with 4008 and logged as ``close slow api connection {peer} buffered={bytes}``.
-SPEC 4.1 / 7.2: a protocol client over ``servers[].maxWriteBuffer`` is closed as a slow consumer;
-a ``mesh.publish`` keeps reaching the other subscribers and counts the slow one in ``fail``.
+Queues (docs/api.md, "Queue events"): a queue consumer is eligible only while less than 256 KiB
+is buffered for it; when none is eligible, messages wait in the topic (backpressure) instead of
+piling up in a transport.
+API connections (docs/robustness.md, "Clients"): one with more than
+``engine.apiServer.maxWriteBuffer`` bytes buffered is closed with 4008 and logged as
+``close slow api connection {peer} buffered={bytes}``.
+Protocol clients (docs/robustness.md, "Clients"): one over ``servers[].maxWriteBuffer`` is closed
+as a slow consumer; a ``mesh.publish`` keeps reaching the other subscribers and counts the slow
+one in ``fail``.
 
 (The single protocol client cut off by ``mesh.send`` is in test_limits.py; here is the publish
 fan-out variant.)  Everything runs in process on 127.0.0.1 port 0.  A client that "never reads"

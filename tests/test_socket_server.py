@@ -1,4 +1,4 @@
-"""Tests for the ``protocol: socket`` server (SPEC 4.1, 4.3, 5.2, 5.5, 5.6, 5.10, 5.11).
+"""Tests for the ``protocol: socket`` server (docs/lua-api.md, "socket servers").
 
 Unit tests drive ``SocketServerProtocol`` with ``StringTransport`` and a ``Clock``: the test script
 records what it runs by pushing ``<text>`` to the queue topic ``log``.  The shipped codecs
@@ -90,7 +90,7 @@ function on_close(client_id, err)
 end
 """
 
-# Length-prefixed packets read with buf:read and returned as buf:position() (SPEC 5.6).
+# Length-prefixed packets read with buf:read and returned as buf:position() (docs/lua-api.md).
 PREFIXED = r"""
 function on_connect(client_id) end
 function protocol_input(buf)

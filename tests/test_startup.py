@@ -188,7 +188,7 @@ def test_engine_without_center_exits_4(tmp_path: Path, ports: dict[str, int]) ->
 def test_regular_install_runs_from_another_folder(
     tmp_path: Path, ports: dict[str, int], processes: list[Process]
 ) -> None:
-    """A non-editable install carries its default config and Lua scripts (SPEC 2.1)."""
+    """A non-editable install carries its default config and Lua scripts."""
     target = tmp_path / "site"
     wheel = build_wheel(tmp_path / "wheel", REPO)
     subprocess.run(

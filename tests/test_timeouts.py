@@ -1,4 +1,4 @@
-"""Tests for connmix_tx.engine.timeouts: the idle wheel (SPEC 4.1 idle timeout)."""
+"""Tests for connmix_tx.engine.timeouts: the idle wheel (``readTimeout``, docs/operations.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The seed walkthrough (SPEC 1.3) and every long-form API method, against the real service tree.
+"""The README walkthrough and every long-form API method, against the real service tree.
 
 Each test talks to a dev-mode engine on loopback ports with the independent ``websockets``
 client, exactly as a user with a browser WebSocket tool would.
@@ -63,7 +63,7 @@ async def test_consume_first_then_push(engine: Any) -> None:
             await client.send(b"\x00\xff")
             first, second = await next_event(api), await next_event(api)
         assert first["result"]["data"]["msg"]["data"] == "first"
-        # Binary frames reach the consumer base64-encoded (SPEC 5.11).
+        # Binary frames reach the consumer base64-encoded (docs/lua-api.md, "Shipped scripts").
         assert second["result"]["data"]["msg"] == {"data": "AP8=", "finish": True, "type": "binary"}
 
 

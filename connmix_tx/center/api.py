@@ -1,5 +1,5 @@
-"""The center's HTTP API (SPEC 9): ``GET /version``, ``GET /v1/nodes`` and ``GET /metrics``,
-behind access control."""
+"""The center's HTTP API (docs/api.md, "The center API"): ``GET /version``, ``GET /v1/nodes`` and
+``GET /metrics``, behind access control."""
 
 from __future__ import annotations
 

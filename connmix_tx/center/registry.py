@@ -1,4 +1,4 @@
-"""The center's list of live engines and their node numbers (SPEC 8.1, 8.2, 9).
+"""The center's list of live engines and their node numbers (docs/operations.md, "The cluster").
 
 A plain class with the clock injected: registration, heartbeats, failure detection, number
 reservation.  The PB layer (``center/pb.py``) calls it and pushes node lists to engines when it
@@ -51,7 +51,7 @@ class EngineRecord:
         return _host_port(self.host, self.mesh_port)
 
     def describe(self) -> dict[str, Any]:
-        """The node as ``/v1/nodes`` and node-list pushes show it (SPEC 9)."""
+        """The node as ``/v1/nodes`` and node-list pushes show it (docs/api.md)."""
         return {
             "id": self.node_id,
             "number": self.number,

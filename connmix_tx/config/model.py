@@ -36,7 +36,8 @@ class ConfigError(Exception):
 
 
 class _Address:
-    """Mixin for listener sections: the ``address`` text of the start-up log lines (SPEC 2.4)."""
+    """Mixin for listener sections: the ``address`` text of the start-up log lines
+    (docs/operations.md, "Logging")."""
 
     __slots__ = ()
     bind: str
@@ -102,7 +103,7 @@ class UserConfig:
 
 @dataclass(frozen=True, slots=True)
 class AccessConfig:
-    """``access``: API users and protected mode (SPEC 10)."""
+    """``access``: API users and protected mode (docs/api.md, "Authentication and roles")."""
 
     users: tuple[UserConfig, ...]
     protected: bool

@@ -73,7 +73,8 @@ def check_role(config: Config, role: str, workers: int | None = None) -> None:
 
 
 def listeners(config: Config, role: str) -> list[tuple[str, AnyListener]]:
-    """The listeners ``role`` opens, with their key paths, in start-up order (SPEC 2.4)."""
+    """The listeners ``role`` opens, with their key paths, in start-up order (docs/operations.md,
+    "Logging")."""
     if role not in ROLES:
         raise ValueError(f"unknown role {role!r}, expected one of {', '.join(ROLES)}")
     result: list[tuple[str, AnyListener]] = []

@@ -4,8 +4,9 @@ engine API site.
 The page (``index.html`` beside this file, shipped as package data) holds its CSS and JavaScript
 inline and loads nothing from anywhere; in the browser it opens a WebSocket to a protocol server
 and one to ``/ws/v1`` of the same origin, so a developer can click through the seed walkthrough
-(SPEC 1.3).  It is served behind the same ``AccessGuard`` as every other path of the site; its
-``Content-Security-Policy`` lets it run only its own inline code and connect only to WebSockets.
+(README.md, "The walkthrough").  It is served behind the same ``AccessGuard`` as every other path of
+the site; its ``Content-Security-Policy`` lets it run only its own inline code and connect only to
+WebSockets.
 """
 
 from __future__ import annotations

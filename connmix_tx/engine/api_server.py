@@ -1,19 +1,20 @@
-"""The engine API listener (SPEC 7, 10): a Twisted Web ``Site`` with the WebSocket API on
+"""The engine API listener (docs/api.md): a Twisted Web ``Site`` with the WebSocket API on
 ``/ws/v1`` and the HTTP API on ``/v1/mesh/send`` and ``/v1/mesh/publish``, behind ``AccessGuard``.
 
 ``ApiWebSocketProtocol`` is thin: the text or binary messages of one read go together to
 ``ApiDispatcher.handle_many`` (forwarded sends of one read leave as one submission per link);
 replies are written in request order even when some of them wait for another engine, the ready
 ones of a read in one write; queue events are written as the queues deliver them.  ``HttpApiMethod`` runs one dispatcher method per
-POST, in the compact dialect, and maps its errors to HTTP statuses (SPEC 7.4).  ``GET /metrics``
-serves the engine's Prometheus registry (SPEC 7.5), ``GET /console`` the debug console page
-(``connmix_tx.console``).
+POST, in the compact dialect, and maps its errors to HTTP statuses (docs/api.md, "The HTTP API").
+``GET /metrics`` serves the engine's Prometheus registry (docs/operations.md, Metrics),
+``GET /console`` the debug console page (``connmix_tx.console``).
 
-Limits (SPEC 7.7): a WebSocket message above ``maxMessageSize`` closes with 1009 (Autobahn), an
-HTTP body above it gets 413; an API connection with more than ``maxWriteBuffer`` bytes queued is
-closed with 4008, one whose queue does not move for ``writeTimeout`` seconds is aborted; an HTTP
-request idle for ``readTimeout`` seconds is dropped (a WebSocket gets auto-pings instead).  These
-are "new conns" keys: ``ApiWebSocketFactory.reconfigure`` applies them to later connections.
+Limits (docs/api.md, "Connection limits and close codes"): a WebSocket message above
+``maxMessageSize`` closes with 1009 (Autobahn), an HTTP body above it gets 413; an API connection
+with more than ``maxWriteBuffer`` bytes queued is closed with 4008, one whose queue does not move
+for ``writeTimeout`` seconds is aborted; an HTTP request idle for ``readTimeout`` seconds is dropped
+(a WebSocket gets auto-pings instead).  These are "new conns" keys:
+``ApiWebSocketFactory.reconfigure`` applies them to later connections.
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ class ApiWebSocketProtocol(WebSocketServerProtocol):
 
     factory: "ApiWebSocketFactory"
     session: ApiSession | None = None
-    #: The user name the handshake was admitted as (set by the factory, SPEC 10).
+    #: The user name the handshake was admitted as (set by the factory; docs/api.md, "Users").
     user: str | None = None
     write_timeout = 0
     max_write_buffer = 0
@@ -163,7 +164,8 @@ class ApiWebSocketProtocol(WebSocketServerProtocol):
             self.factory.queues.unconsume(self.session)
 
     def _write(self, data: bytes) -> None:
-        """Send one message; then the slow-consumer check and the write watch (SPEC 7.7)."""
+        """Send one message; then the slow-consumer check and the write watch (docs/api.md,
+        "Connection limits and close codes")."""
         if self.state != self.STATE_OPEN:
             return
         write_message(self, data)
@@ -205,12 +207,12 @@ class ApiWebSocketProtocol(WebSocketServerProtocol):
         self.dropConnection(abort=True)
 
     def close_removed_user(self) -> None:
-        """Its user was removed from ``access.users`` (SIGHUP, SPEC 3.4): close with 4001."""
+        """Its user was removed from ``access.users`` (SIGHUP): close with 4001."""
         self.close_with(4001, b"user removed")
 
     def close_with(self, code: int, reason: bytes) -> None:
         """Start a close handshake; the queues stop feeding this connection first, so no
-        message is handed to a connection that can no longer write it (SPEC 6)."""
+        message is handed to a connection that can no longer write it (docs/queues.md)."""
         if self.session is not None:
             self.factory.queues.unconsume(self.session)
         if self.state == self.STATE_OPEN:
@@ -316,12 +318,14 @@ class ApiWebSocketResource(WebSocketResource):
         return result
 
 
-#: HTTP status of an API error code on the HTTP API; the others (101, 401...) are 200 (SPEC 7.4).
+#: HTTP status of an API error code on the HTTP API; the others (101, 401...) are 200 (docs/api.md,
+#: "The HTTP API").
 HTTP_STATUS = {PARSE_ERROR: 400, INVALID_REQUEST: 400, UNAUTHORIZED: 403, INTERNAL_ERROR: 500}
 
 
 class HttpApiMethod(Resource):
-    """``POST /v1/mesh/<name>``: one API method, compact body in, ``{"E", "r"}`` out (SPEC 7.4)."""
+    """``POST /v1/mesh/<name>``: one API method, compact body in, ``{"E", "r"}`` out (docs/api.md,
+    "The HTTP API")."""
 
     isLeaf = True
 

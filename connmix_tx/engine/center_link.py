@@ -1,4 +1,5 @@
-"""The engine's registration at the center (SPEC 8.1, 8.2): PB login, register, heartbeats.
+"""The engine's registration at the center (docs/operations.md, "The cluster"): PB login, register,
+heartbeats.
 
 ``CenterLink`` keeps one PB connection to the center registry through a ``ClientService``: on
 every (re)connection it logs in as ``engine`` with the cluster secret, registers (claiming its
@@ -165,7 +166,8 @@ class CenterLink(service.Service):
             self.registered.callback(number)
 
     def _refused(self, reason: str) -> None:
-        """The center said no.  Only a lost node number ends a registered engine (SPEC 8.2)."""
+        """The center said no.  Only a lost node number ends a registered engine
+        (docs/operations.md, "Heartbeats and failures")."""
         if self.number is None and self.register_timeout is not None:
             self.fatal(EXIT_REGISTER, f"center registry {self.address} refused registration: {reason}")
         elif self.number is not None and "node number" in reason:

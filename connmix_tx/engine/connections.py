@@ -1,4 +1,5 @@
-"""The client connections of one engine: context, subscriptions, waiters (SPEC 5.5).
+"""The client connections of one engine: context, subscriptions, waiters (docs/lua-api.md, "The
+connection object").
 
 A ``ClientConnection`` is the transport-independent state of one end-user connection; the protocol
 object that carries it implements ``ClientTransport``.  ``ConnectionRegistry`` finds connections by
@@ -16,7 +17,7 @@ from connmix_tx.names import valid_name
 
 MAX_CHANNELS_PER_CONNECTION = 128
 
-#: Delivery failures, as Lua and the API name them (SPEC 5.4 mix.mesh.send).
+#: Delivery failures, as Lua and the API name them (docs/lua-api.md, mix.mesh.send).
 CLIENT_NOT_FOUND = "client not found"
 SLOW_CONSUMER = "slow consumer"
 ENCODE_FAILED = "encode failed"

@@ -1,8 +1,9 @@
-"""The mesh point (SPEC 8.4): where other engines deliver operations for this engine's clients.
+"""The mesh point (docs/operations.md, "The mesh"): where other engines deliver operations for this
+engine's clients.
 
 Peers log in with their node id and the cluster secret and call ``batch`` with one opaque
 msgpack blob of operations; the reply is one blob of results, in the same order.  The wire format
-is SPEC 8.4's; ``apply_batch`` is plain and runs the operations through ``LocalOps``.
+is ``MeshLink``'s; ``apply_batch`` is plain and runs the operations through ``LocalOps``.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Outgoing mesh links to the other engines (SPEC 8.4, 8.5, 8.2).
+"""Outgoing mesh links to the other engines (docs/operations.md, "The mesh" and "Routing").
 
 ``MeshLink`` is one engine's link to one peer's mesh point.  Operations (send, publish, call) are
 queued and flushed once per reactor turn as one opaque msgpack blob per ``callRemote("batch")``

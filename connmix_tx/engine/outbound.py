@@ -1,4 +1,5 @@
-"""Outbound limits of one connection (SPEC 4.1 ``writeTimeout`` / ``maxWriteBuffer``, 7.7).
+"""Outbound limits of one connection (``writeTimeout`` / ``maxWriteBuffer``;
+docs/robustness.md, "Clients").
 
 Twisted queues what a protocol writes in the transport and hands it to the kernel when the socket
 is writable; a peer that stops reading makes that queue grow without bound.  Two guards keep it

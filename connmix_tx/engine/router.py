@@ -1,4 +1,5 @@
-"""Routing of send / publish / call to connections anywhere in the cluster (SPEC 8.5).
+"""Routing of send / publish / call to connections anywhere in the cluster (docs/operations.md,
+"Routing").
 
 The node number inside a client id names the engine that holds it.  Own number: the operation runs
 here, synchronously.  Another number: it goes to that engine's mesh link, and the result comes back
@@ -34,7 +35,7 @@ CALL_FUNCS = ("set_context_value", "set_context", "subscribe", "unsubscribe", "c
 
 
 def valid_call_args(func: str, args: Any) -> bool:
-    """Whether ``args`` (JSON-decoded) have the shape ``func`` takes (SPEC 7.2 conn.call)."""
+    """Whether ``args`` (JSON-decoded) have the shape ``func`` takes (docs/api.md, conn.call)."""
     if not isinstance(args, list):
         return False
     if func == "set_context_value":
@@ -188,5 +189,5 @@ class Router:
 
 
 def _no_counts(failure: Any) -> tuple[int, int]:
-    """A peer that failed to answer a publish counts as 0/0 (SPEC 8.2)."""
+    """A peer that failed to answer a publish counts as 0/0 (docs/operations.md, "Routing")."""
     return 0, 0

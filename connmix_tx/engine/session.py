@@ -1,4 +1,5 @@
-"""Per-connection ordering of Lua callbacks (SPEC 5.3, 4.1 pending limit, 5.10 error policy).
+"""Per-connection ordering of Lua callbacks (docs/lua-api.md: "Coroutines and waiting",
+the pending limit, "Errors").
 
 A ``CallbackSession`` runs the callbacks of one connection strictly one after another: while one
 is suspended (waiting), decoded messages queue up (at most ``MAX_PENDING``); ``on_close`` runs once,
@@ -182,7 +183,7 @@ class CallbackSession:
 
 def open_client(factory: Any, proto: Any) -> tuple[ClientConnection, CallbackSession]:
     """A connection accepted by a protocol server: its client id, its entry in the registry,
-    its Lua session and the debug line of SPEC 4.1.
+    its Lua session and its debug line.
 
     ``factory`` offers ``ids``, ``connections``, ``script`` and ``meter``; ``proto`` is the
     ``ClientTransport`` with ``_overflow`` and ``_finished`` callbacks.

@@ -1,4 +1,5 @@
-"""The ``protocol: socket`` server (SPEC 4.1, 4.3): raw TCP, the framing is done by Lua.
+"""The ``protocol: socket`` server (docs/lua-api.md, "socket servers"): raw TCP, the framing is done
+by Lua.
 
 The engine only moves bytes.  ``SocketServerProtocol`` keeps the unconsumed input of one
 connection and runs the input loop: ``protocol_input`` on a snapshot of that input says where a
@@ -8,9 +9,9 @@ websocket servers).  Outbound, ``conn:send`` writes raw bytes while every delive
 script (API, mesh, publish) goes through ``protocol_encode``.  ``SocketServerFactory`` holds what
 the connections of one configured server share.
 
-Outbound limits (SPEC 4.1): above the connection's ``maxWriteBuffer`` a client is a slow consumer
-and is aborted; a queue that does not move for ``writeTimeout`` seconds aborts it too.  As on
-websocket servers, a connection keeps the settings it was accepted with (``limits``).
+Outbound limits (docs/robustness.md, "Clients"): above the connection's ``maxWriteBuffer`` a client
+is a slow consumer and is aborted; a queue that does not move for ``writeTimeout`` seconds aborts it
+too.  As on websocket servers, a connection keeps the settings it was accepted with (``limits``).
 """
 
 from __future__ import annotations
@@ -90,7 +91,7 @@ class SocketServerProtocol(Protocol):
         if conn is None or conn.closed or self._closing:
             return
         if not ok:
-            self._close("lua error")  # SPEC 5.10: on_close still runs
+            self._close("lua error")  # on_close still runs (docs/lua-api.md, Errors)
             return
         conn.ready = True
         if self._paused:
@@ -134,7 +135,7 @@ class SocketServerProtocol(Protocol):
         session.close(err)
         conn.mark_closed()
 
-    # The input loop (SPEC 4.3) -------------------------------------------------------------
+    # The input loop (docs/lua-api.md, "socket servers") -------------------------------------------
 
     def _process(self) -> None:
         if self._processing:
@@ -210,13 +211,14 @@ class SocketServerProtocol(Protocol):
             self._close(TOO_LARGE)
 
     def _message(self, value: Any) -> None:
-        """Queue ``on_message(value)``; the 257th waiting message closes (SPEC 4.1)."""
+        """Queue ``on_message(value)``; the 257th waiting message closes (docs/lua-api.md,
+        "Coroutines and waiting")."""
         assert self.session is not None
         self.meter.read.inc()
         self.session.call("on_message", value)  # applies the pending limit
 
     def _lua_error(self, callback: str, message: str) -> None:
-        """Log an error raised by a framing callback (SPEC 5.10)."""
+        """Log an error raised by a framing callback (docs/lua-api.md, Errors)."""
         script = self.factory.script
         assert self.conn is not None
         self.meter.lua_error(callback)
@@ -266,7 +268,7 @@ class SocketServerProtocol(Protocol):
         self.transport.abortConnection()
 
     def _written(self) -> str | None:
-        """After a write: the slow-consumer check (SPEC 4.1) and the write watch."""
+        """After a write: the slow-consumer check and the write watch (docs/robustness.md)."""
         buffered = buffered_bytes(self.transport)
         if buffered > self.max_write_buffer:
             self.meter.errors.inc()
@@ -378,7 +380,7 @@ class SocketServerFactory(ProtocolServerFactory, Factory):
         self.config = config
         self.share(script, connections, ids, clock, meter if meter is not None else NULL_METER,
                    config.read_timeout)
-        # The Lua buffer object of SPEC 5.6 (engine.new_buffer in bootstrap.lua).
+        # The Lua buffer object of docs/lua-api.md (engine.new_buffer in bootstrap.lua).
         self.new_buffer = script.new_buffer
 
     def reconfigure(self, config: ServerConfig) -> None:

@@ -3,7 +3,8 @@
 Receiving data only stores a timestamp on the connection (no timer is touched).  The wheel ticks
 every ``TICK`` seconds and looks only at the connections whose deadline fell due; one that received
 something since is put back for its new deadline.  A connection is therefore closed no earlier
-than ``timeout`` and no later than ``timeout + TICK`` after the last byte it sent (SPEC 4.1).
+than ``timeout`` and no later than ``timeout + TICK`` after the last byte it sent
+(docs/operations.md, "Per-connection limits").
 """
 
 from __future__ import annotations

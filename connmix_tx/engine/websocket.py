@@ -1,14 +1,15 @@
-"""The ``protocol: websocket`` server (SPEC 4.1, 4.2): Autobahn does the framing, Lua the logic.
+"""The ``protocol: websocket`` server (docs/configuration.md, ``engine.servers``): Autobahn does the
+framing, Lua the logic.
 
 ``WebSocketServerFactory`` holds what all connections of one configured server share (script,
 id generator, idle wheel, write watch, options); ``ClientWebSocketProtocol`` is a thin adapter that
 turns Autobahn's events into calls on the connection's ``CallbackSession`` and implements
 ``ClientTransport`` for the engine.
 
-The "new conns" keys of the server (SPEC 3.1: timeouts, sizes, ``options``, ``compression``) are
-read when a connection is accepted: a protocol keeps the ``ServerConfig`` it started with
-(``limits``) and its idle wheel, and ``reconfigure`` (SIGHUP) changes only what the factory
-hands to later connections.
+The "new conns" keys of the server (docs/configuration.md: timeouts, sizes, ``options``,
+``compression``) are read when a connection is accepted: a protocol keeps the ``ServerConfig`` it
+started with (``limits``) and its idle wheel, and ``reconfigure`` (SIGHUP) changes only what the
+factory hands to later connections.
 """
 
 from __future__ import annotations
@@ -54,7 +55,8 @@ log = Logger(namespace="connmix.server")
 
 
 def origin_allowed(origin: str | None, patterns: tuple[str, ...] | None) -> bool:
-    """SPEC 4.2 ``origins``: fnmatch globs, case-insensitive; a missing Origin is allowed."""
+    """The ``origins`` option (docs/operations.md, "Browsers and the API"): fnmatch globs,
+    case-insensitive; a missing Origin is allowed."""
     if patterns is None or not origin:
         return True
     origin = origin.strip().lower()
@@ -277,7 +279,7 @@ class ClientWebSocketProtocol(WebSocketServerProtocol):
         self.dropConnection(abort=True)
 
     def _written(self) -> str | None:
-        """After a write: the slow-consumer check (SPEC 4.1) and the write watch."""
+        """After a write: the slow-consumer check and the write watch (docs/robustness.md)."""
         buffered = buffered_bytes(self.transport)
         if buffered > self.max_write_buffer:
             self.meter.errors.inc()

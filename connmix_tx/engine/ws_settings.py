@@ -18,7 +18,7 @@ __all__ = [
 
 CLOSE_NORMAL, CLOSE_GOING_AWAY, CLOSE_POLICY = 1000, 1001, 1008
 CLOSE_TOO_BIG = 1009
-#: The peer does not read what it is sent (docs/robustness-clients.md).
+#: The peer does not read what it is sent (docs/robustness.md, "Clients").
 CLOSE_SLOW = 4008
 WRITE_TIMEOUT = "write timeout"
 #: The whole opening handshake, ``on_handshake`` included, in seconds.

@@ -285,8 +285,8 @@ end
 -- the generation in use.
 local string_meta = debug.getmetatable("")
 
--- Sandboxed standard library (SPEC 5.8): fresh tables for every compiled generation, so a
--- script's changes to them do not survive a hot reload.
+-- Sandboxed standard library (docs/lua-api.md, "The runtime"): fresh tables for every compiled
+-- generation, so a script's changes to them do not survive a hot reload.
 local function new_libraries(env)
   env.string = new_string_library()
   env.table, env.math, env.bit = copy(table), copy(math), copy(bit)
@@ -341,7 +341,7 @@ local function settle(mode, ...)
   return ...
 end
 
--- JSON (SPEC 5.7) ------------------------------------------------------------------------------
+-- JSON (docs/lua-api.md) --------------------------------------------------------------------------
 -- Encoding runs here, in Lua, because walking a table from Python costs a boundary crossing per
 -- value.  Output is byte-identical to the Python rules in connmix_tx/lua/convert.py (sorted
 -- keys, integral numbers without a fraction, UTF-8 as is); text with bytes >= 0x80 is checked
@@ -465,7 +465,7 @@ local function json_encode(v)
   return text, nil
 end
 
--- The connection object (SPEC 5.5) -----------------------------------------------------------
+-- The connection object (docs/lua-api.md) ---------------------------------------------------
 
 local Conn = { __metatable = false }
 Conn.__index = Conn
@@ -477,7 +477,7 @@ end
 function Conn:client_id() return self._cid end
 function Conn:remote_addr() return host.conn_remote_addr(self._cid) end
 -- The context as a Lua table, rebuilt from the host only when its version changed; callers get
--- a deep copy (SPEC 5.5), made here rather than by converting from Python every time.
+-- a deep copy (docs/lua-api.md), made here rather than by converting from Python every time.
 local context_cache = {}
 
 local function deep_copy(t)
@@ -524,7 +524,7 @@ function Conn:send(data, kind) return host.conn_send(self._cid, data, kind) end
 function Conn:close() return host.conn_close(self._cid) end
 function Conn:clear_buffer() return host.conn_clear_buffer(self._cid) end
 
--- The mix library (SPEC 5.4) -----------------------------------------------------------------
+-- The mix library (docs/lua-api.md) ---------------------------------------------------------
 
 local LEVELS = { debug = true, info = true, warn = true, error = true }
 
@@ -535,7 +535,8 @@ local function must_wait()
   end
 end
 
--- The redis object of mix.redis.connection (SPEC 5.4); its name lives here, out of reach.
+-- The redis object of mix.redis.connection (docs/lua-api.md, Redis); its name lives here, out of
+-- reach.
 local Redis = { __metatable = false }
 Redis.__index = Redis
 local redis_names = setmetatable({}, { __mode = "k" })
@@ -864,8 +865,8 @@ function engine.type_of(env, name)
   return type(env[name])
 end
 
--- The buffer object passed to protocol_input (SPEC 5.6): a snapshot of the unconsumed input of a
--- socket connection, with a read position.  `source` is a table whose [1] is the input string
+-- The buffer object passed to protocol_input (docs/lua-api.md): a snapshot of the unconsumed input
+-- of a socket connection, with a read position.  `source` is a table whose [1] is the input string
 -- the engine's loop started with and `offset` the bytes of it already consumed, so a run of
 -- packets in one chunk reuses one Lua string instead of copying the rest for every packet.
 -- Lua strings are immutable: the object is a copy as far as the script can tell.  The metatable

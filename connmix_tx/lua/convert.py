@@ -1,4 +1,4 @@
-"""Lua values <-> Python values <-> JSON, by the rules of SPEC 5.7.
+"""Lua values <-> Python values <-> JSON, by the rules of docs/lua-api.md, "JSON".
 
 Lua strings are bytes (the runtime uses ``encoding=None``); Python strings are text.  Going to
 Python, bytes are decoded as UTF-8 with each invalid byte replaced by U+FFFD (as Go does); going to
@@ -175,7 +175,7 @@ def _py_to_lua(runtime: Any, value: JsonValue) -> object:
     if isinstance(value, bool):
         return value
     if isinstance(value, int) and abs(value) > MAX_EXACT_INTEGER:
-        return float(value)  # Lua numbers are doubles: precision is lost, as SPEC 5.7 says
+        return float(value)  # Lua numbers are doubles: precision is lost, as docs/lua-api.md says
     if isinstance(value, dict):
         return runtime.table_from(
             {_to_lua_key(k): _py_to_lua(runtime, v) for k, v in value.items() if v is not None}

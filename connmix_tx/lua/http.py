@@ -1,4 +1,5 @@
-"""``mix.http.request`` (SPEC 5.4 "HTTP client"): an HTTP/HTTPS client for Lua scripts, on treq.
+"""``mix.http.request`` (docs/lua-api.md, "HTTP client"): an HTTP/HTTPS client for Lua scripts, on
+treq.
 
 ``HttpClient.request`` takes the Lua arguments as lupa hands them over (``bytes`` for strings, a
 Lua table for ``options``), checks them (wrong types and unknown option names raise, as Lua's
@@ -41,7 +42,7 @@ from twisted.web.iweb import IResponse
 
 from connmix_tx.lua.convert import lua_type_name
 
-#: Largest response body read into Lua (SPEC 5.4).
+#: Largest response body read into Lua (docs/lua-api.md, "HTTP client").
 MAX_BODY = 8 * 1024 * 1024
 MAX_REDIRECTS = 10
 DEFAULT_TIMEOUT = 30.0

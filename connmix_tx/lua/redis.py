@@ -1,9 +1,9 @@
-"""``mix.redis`` (SPEC 5.4 "Redis"): named Redis connection pools for Lua scripts.
+"""``mix.redis`` (docs/lua-api.md, "Redis"): named Redis connection pools for Lua scripts.
 
 A small RESP2 client on Twisted rather than ``txredisapi``: that library connects every pool
-slot as soon as the pool is made and keeps reconnecting in the background (SPEC wants lazy
-connections, so that start-up needs no Redis), calls the global reactor (no injected clock,
-STYLE 6), has no idle timeout, and turns numeric bulk strings into numbers by default.  What we
+slot as soon as the pool is made and keeps reconnecting in the background (we want lazy
+connections, so that start-up needs no Redis), calls the global reactor (no injected
+clock), has no idle timeout, and turns numeric bulk strings into numbers by default.  What we
 need is small: one command at a time per connection, a pool per configured name, a deadline per
 command.
 
@@ -15,7 +15,7 @@ command.
   connections idle for ``idleTimeout`` seconds or older than ``maxConnAge``, and fails a command
   that got no reply within ``timeout`` seconds (the connection it used is dropped, since a late
   reply would otherwise answer the next command).  ``minIdleConns`` is accepted and ignored
-  (SPEC 3.1 allows it): keeping idle connections open would defeat the lazy start.
+  (docs/configuration.md says so): keeping idle connections open would defeat the lazy start.
 * ``RedisPools`` maps the names of ``engine.luavm.redis`` to pools.
 
 Failures are ``RedisError`` whose text is the ``err`` the script sees: the server's error text for
@@ -42,7 +42,7 @@ from connmix_tx.lua.http import network_error
 
 log = Logger(namespace="connmix.redis")
 
-#: Seconds a command may wait for its reply (SPEC 5.4, ours).
+#: Seconds a command may wait for its reply (docs/lua-api.md, "Redis").
 COMMAND_TIMEOUT = 10.0
 #: Commands that change the state of a connection; with pooled connections their effect would
 #: leak into unrelated later commands (or, for SUBSCRIBE, take the connection over).

@@ -1,4 +1,4 @@
-"""Hot reload of a server's Lua files (SPEC 5.9).
+"""Hot reload of a server's Lua files (docs/lua-api.md, "Hot reload").
 
 ``HotReloader`` polls, every ``byteCodeExpires`` seconds, the modification time and size of the
 entry and of every module the current generation loaded from the entry folder
@@ -6,7 +6,7 @@ entry and of every module the current generation loaded from the entry folder
 switches the script to the new generation for callbacks started from then on (running and
 suspended ones finish with the code they started with), failure keeps the old one and logs the
 error with file:line.  A broken version is remembered by its file stamps and not compiled again
-until the files change once more.  The poll runs on an injected clock (STYLE 6).
+until the files change once more.  The poll runs on an injected clock.
 """
 
 from __future__ import annotations

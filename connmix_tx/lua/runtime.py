@@ -1,14 +1,14 @@
 """One sandboxed LuaJIT runtime per protocol server, and the coroutine <-> Deferred bridge.
 
-``Script`` owns a ``lupa.luajit21.LuaRuntime`` built as SPEC 5.1 and 5.8 ask (no eval, no
-builtins, bytes strings, a memory cap, an attribute handler that refuses every Python attribute),
-runs ``bootstrap.lua`` in it and compiles the entry file into a sandbox environment.
+``Script`` owns a ``lupa.luajit21.LuaRuntime`` built as docs/lua-api.md, "The runtime" describes (no
+eval, no builtins, bytes strings, a memory cap, an attribute handler that refuses every Python
+attribute), runs ``bootstrap.lua`` in it and compiles the entry file into a sandbox environment.
 
-Each callback runs in a new Lua coroutine (SPEC 5.3).  When Lua calls a waiting function, the
-Python side hands back a *token* for a Deferred and the coroutine yields it; when the Deferred
-fires, the coroutine is resumed with the Deferred's result (a tuple of Lua values).  The caller of
-``run`` learns the outcome through its ``done`` callback, so a callback that never waits costs
-no Deferred at all.
+Each callback runs in a new Lua coroutine (docs/lua-api.md, "Coroutines and waiting").  When Lua
+calls a waiting function, the Python side hands back a *token* for a Deferred and the coroutine
+yields it; when the Deferred fires, the coroutine is resumed with the Deferred's result (a tuple of
+Lua values).  The caller of ``run`` learns the outcome through its ``done`` callback, so a callback
+that never waits costs no Deferred at all.
 """
 
 from __future__ import annotations
@@ -241,7 +241,7 @@ class Script:
         self._forget_connection(cid)
 
     def new_buffer(self, source: bytes, offset: int = 0) -> Any:
-        """A buffer object (SPEC 5.6) over ``source[offset:]`` for ``protocol_input``."""
+        """A buffer object (docs/lua-api.md) over ``source[offset:]`` for ``protocol_input``."""
         return self._new_buffer(source, offset)
 
     # Limits --------------------------------------------------------------------------------
@@ -256,7 +256,7 @@ class Script:
 
     def set_instruction_limit(self, limit: int) -> None:
         """Apply ``engine.luavm.maxInstructions`` (hot): user code runs uncompiled while a limit is
-        set, because count hooks do not fire in compiled traces (SPEC 5.8)."""
+        set, because count hooks do not fire in compiled traces (docs/robustness.md)."""
         self._engine.set_instruction_limit(limit)
 
     def _sized(self, function: Callable[..., Any]) -> Callable[..., Any]:

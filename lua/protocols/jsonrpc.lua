@@ -1,4 +1,4 @@
--- Newline-delimited JSON requests for socket servers (SPEC 4.3, protocols.jsonrpc).
+-- Newline-delimited JSON requests for socket servers (docs/lua-api.md, "socket servers").
 --
 -- Framing as protocols.text.  decode() returns the decoded request table; a line that is not a
 -- JSON object with "method" and "params" closes the connection (and produces no message).

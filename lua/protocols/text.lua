@@ -1,4 +1,4 @@
--- Newline framing for socket servers (SPEC 4.3, protocols.text).
+-- Newline framing for socket servers (docs/lua-api.md, "socket servers").
 --
 --   local text = require("protocols.text")
 --   function protocol_input(buf) return text.input(buf) end

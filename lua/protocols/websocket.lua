@@ -1,4 +1,4 @@
--- RFC 6455 WebSocket in Lua, for socket servers (SPEC 4.3, protocols.websocket).
+-- RFC 6455 WebSocket in Lua, for socket servers (docs/lua-api.md, "socket servers").
 --
 --   local websocket = require("protocols.websocket")
 --   function protocol_input(buf) return websocket.input(buf, "/", on_handshake) end
