@@ -122,26 +122,6 @@ def family(pid: int) -> list[int]:
     return [pid, *children]
 
 
-def consecutive_ports(count: int) -> list[int]:
-    """``count`` consecutive ports of 127.0.0.1 that were free a moment ago (workers' mesh ports)."""
-    for _ in range(100):
-        (base,) = free_ports(1)
-        ports = list(range(base, base + count))
-        sockets = []
-        try:
-            for port in ports:
-                s = socket.socket()
-                sockets.append(s)
-                s.bind(("127.0.0.1", port))
-            return ports
-        except OSError:
-            continue
-        finally:
-            for s in sockets:
-                s.close()
-    raise BenchError("no consecutive free ports")
-
-
 def rss_kib(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -752,7 +732,7 @@ class Bench:
         engines: dict[str, tuple[Proc, dict[str, int]]] = {}
         for name, processes in (("engine-w2", 2), ("engine-w1", 1)):
             registry, capi, api, echo, default, publish = free_ports(6)
-            ports = {"mesh": consecutive_ports(processes)[0], "api": api, "echo": echo,
+            ports = {"mesh": free_ports(consecutive=True, count=processes)[0], "api": api, "echo": echo,
                      "client": default, "publish": publish, "center_api": capi}
             servers = [(echo, ECHO_ENTRY), (default, DEFAULT_ENTRY), (publish, PUBLISH_ENTRY)]
             proc = self.engine(name, "dev", servers, {"registry": registry, "api": capi}, ports,

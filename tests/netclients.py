@@ -88,23 +88,57 @@ async def until(predicate: Any, timeout: float = 5.0) -> None:
         await asyncio.sleep(0.02)
 
 
-async def raw_handshake(port: int, path: str = "/", extra: str = "", rcvbuf: int = 4096) -> socket.socket:
-    """A raw WebSocket client: handshake done, the socket is never read again."""
-    loop = asyncio.get_running_loop()
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-    sock.setblocking(False)
-    await loop.sock_connect(sock, ("127.0.0.1", port))
+def upgrade_request(port: int, path: str = "/", extra: str = "") -> bytes:
+    """The bytes of one WebSocket upgrade request (``extra``: more header lines, CRLF-ended)."""
     key = base64.b64encode(os.urandom(16)).decode()
-    request = (f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
-               f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
-               f"{extra}\r\n")
-    await loop.sock_sendall(sock, request.encode())
+    return (f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
+            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
+            f"{extra}\r\n").encode()
+
+
+async def connect(port: int, rcvbuf: int | None = None) -> socket.socket:
+    """A raw, non-blocking TCP socket to ``port`` of 127.0.0.1 (``rcvbuf``: a small receive
+    buffer, for clients that are meant to stop reading)."""
+    sock = socket.socket()
+    if rcvbuf:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    sock.setblocking(False)
+    await asyncio.wait_for(asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port)), 5)
+    return sock
+
+
+async def read_head(sock: socket.socket) -> bytes:
+    """The HTTP response head the server sends on ``sock`` (up to the blank line)."""
+    loop = asyncio.get_running_loop()
     head = b""
     while b"\r\n\r\n" not in head:
         chunk = await asyncio.wait_for(loop.sock_recv(sock, 1), 5)
         assert chunk, head
         head += chunk
+    return head
+
+
+async def read_all(sock: socket.socket, timeout: float = 5.0) -> bytes:
+    """Everything the server sends until it closes (or ``timeout``)."""
+    loop = asyncio.get_running_loop()
+    data = b""
+    deadline = loop.time() + timeout
+    while loop.time() < deadline:
+        try:
+            chunk = await asyncio.wait_for(loop.sock_recv(sock, 65536), deadline - loop.time())
+        except (asyncio.TimeoutError, OSError):
+            break
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+async def raw_handshake(port: int, path: str = "/", extra: str = "", rcvbuf: int = 4096) -> socket.socket:
+    """A raw WebSocket client: handshake done, the socket is never read again."""
+    sock = await connect(port, rcvbuf)
+    await asyncio.get_running_loop().sock_sendall(sock, upgrade_request(port, path, extra))
+    head = await read_head(sock)
     assert head.startswith(b"HTTP/1.1 101"), head
     return sock
 

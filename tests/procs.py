@@ -133,3 +133,27 @@ class Process:
             code = self.proc.wait(timeout=5)
         self._reader.join(timeout=5)
         return code
+
+
+def gone(pid: int) -> bool:
+    """True when no process ``pid`` runs (a zombie waiting for init counts as gone)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def wait_until(check: Any, timeout: float = 20.0, what: str = "condition") -> Any:
+    """Poll ``check`` every 0.1 s until it returns something true (returned), for ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.1)

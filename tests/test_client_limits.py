@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import dataclasses
-import os
 import socket
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ from twisted.internet.task import Clock
 from twisted.logger import formatEvent, globalLogPublisher
 
 from conftest import in_asyncio, loopback_config, start_engine
+from netclients import connect, masked_frame, read_all, read_head, until, upgrade_request
 from connmix_tx.config import AccessConfig, UserConfig
 from connmix_tx.engine.outbound import WriteWatch
 from connmix_tx.engine.websocket import MAX_HANDSHAKE, ClientWebSocketProtocol, refusal
@@ -33,66 +33,6 @@ ALICE = UserConfig("alice", "s3cret", ("read", "write"), "*")
 
 
 # Helpers --------------------------------------------------------------------------------------
-
-
-async def until(predicate: Any, timeout: float = 5.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not predicate():
-        if loop.time() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.02)
-
-
-def masked_frame(payload: bytes, opcode: int = 1) -> bytes:
-    mask = os.urandom(4)
-    body = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-    size = len(payload)
-    header = bytes([0x80 | opcode, 0x80 | size]) if size < 126 else \
-        bytes([0x80 | opcode, 0x80 | 126]) + size.to_bytes(2, "big")
-    return header + mask + body
-
-
-def upgrade_request(port: int, path: str = "/", extra: str = "") -> bytes:
-    key = base64.b64encode(os.urandom(16)).decode()
-    return (f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
-            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
-            f"{extra}\r\n").encode()
-
-
-async def connect(port: int, rcvbuf: int | None = None) -> socket.socket:
-    sock = socket.socket()
-    if rcvbuf:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-    sock.setblocking(False)
-    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
-    return sock
-
-
-async def read_head(sock: socket.socket) -> bytes:
-    loop = asyncio.get_running_loop()
-    head = b""
-    while b"\r\n\r\n" not in head:
-        chunk = await asyncio.wait_for(loop.sock_recv(sock, 1), 5)
-        assert chunk, head
-        head += chunk
-    return head
-
-
-async def read_all(sock: socket.socket, timeout: float = 5.0) -> bytes:
-    """Everything the server sends until it closes (or ``timeout``)."""
-    loop = asyncio.get_running_loop()
-    data = b""
-    deadline = loop.time() + timeout
-    while loop.time() < deadline:
-        try:
-            chunk = await asyncio.wait_for(loop.sock_recv(sock, 65536), deadline - loop.time())
-        except (asyncio.TimeoutError, ConnectionError):
-            break
-        if not chunk:
-            break
-        data += chunk
-    return data
 
 
 async def flood(sock: socket.socket, frame: bytes, limit: int, alive: Any) -> int:

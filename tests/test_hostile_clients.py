@@ -24,6 +24,7 @@ import pytest
 import websockets
 
 from conftest import in_asyncio
+from netclients import connect, masked_frame, read_all, read_head, upgrade_request
 from procs import Process, free_ports, twistd, write_yaml
 
 RSS_BOUND = 50 << 20
@@ -93,31 +94,6 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
 # Attacker tools -------------------------------------------------------------------------------
 
 
-def masked_frame(payload: bytes, opcode: int = 1) -> bytes:
-    mask = os.urandom(4)
-    body = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-    size = len(payload)
-    header = bytes([0x80 | opcode, 0x80 | size]) if size < 126 else \
-        bytes([0x80 | opcode, 0x80 | 126]) + size.to_bytes(2, "big")
-    return header + mask + body
-
-
-def upgrade_request(port: int, path: str = "/", extra: str = "") -> bytes:
-    key = base64.b64encode(os.urandom(16)).decode()
-    return (f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
-            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
-            f"{extra}\r\n").encode()
-
-
-async def connect(port: int, rcvbuf: int | None = None) -> socket.socket:
-    sock = socket.socket()
-    if rcvbuf:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-    sock.setblocking(False)
-    await asyncio.wait_for(asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port)), 5)
-    return sock
-
-
 async def send(sock: socket.socket, data: bytes, timeout: float = 2.0) -> bool:
     """Write ``data``; False once the peer is gone or stopped taking bytes for ``timeout``."""
     try:
@@ -125,31 +101,6 @@ async def send(sock: socket.socket, data: bytes, timeout: float = 2.0) -> bool:
     except (OSError, asyncio.TimeoutError):
         return False
     return True
-
-
-async def read_head(sock: socket.socket) -> bytes:
-    loop = asyncio.get_running_loop()
-    head = b""
-    while b"\r\n\r\n" not in head:
-        chunk = await asyncio.wait_for(loop.sock_recv(sock, 1), 5)
-        assert chunk, head
-        head += chunk
-    return head
-
-
-async def read_all(sock: socket.socket, timeout: float = 5.0) -> bytes:
-    loop = asyncio.get_running_loop()
-    data = b""
-    deadline = loop.time() + timeout
-    while loop.time() < deadline:
-        try:
-            chunk = await asyncio.wait_for(loop.sock_recv(sock, 65536), deadline - loop.time())
-        except (asyncio.TimeoutError, OSError):
-            break
-        if not chunk:
-            break
-        data += chunk
-    return data
 
 
 async def flood(sock: socket.socket, frame: bytes, budget: int) -> int:

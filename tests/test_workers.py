@@ -26,7 +26,7 @@ from websockets.sync.client import ClientConnection, connect
 
 from connmix_tx.config import device_cpus
 from connmix_tx.testing import free_ports
-from procs import Process, run, twistd, write_yaml
+from procs import Process, gone, run, twistd, wait_until, write_yaml
 
 FAST = {"heartbeatInterval": 0.5, "heartbeatTimeout": 1.5, "meshTimeout": 2, "registerTimeout": 10}
 
@@ -40,29 +40,6 @@ function on_message(msg)
 end
 function on_close(client_id, err) end
 """
-
-
-def gone(pid: int) -> bool:
-    """True when no process ``pid`` runs (a zombie waiting for init counts as gone)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-    except (OSError, IndexError):
-        return True
-
-
-def wait_until(check: Any, timeout: float = 15.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
 
 
 class Engine:

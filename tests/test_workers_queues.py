@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import signal
-import socket
 import time
 import urllib.request
 import uuid
@@ -25,7 +23,8 @@ from typing import Any, Iterator
 import pytest
 from websockets.sync.client import ClientConnection, connect
 
-from procs import Process, twistd, write_yaml
+from connmix_tx.testing import free_ports
+from procs import Process, gone, twistd, wait_until, write_yaml
 
 FAST = {"heartbeatInterval": 0.5, "heartbeatTimeout": 1.5, "meshTimeout": 2, "registerTimeout": 10}
 
@@ -46,56 +45,14 @@ CLIENTS = 24
 SEED_ENTRY = str(Path(__file__).resolve().parent.parent / "lua" / "entry.websocket.lua")
 
 
-def listen_ports(count: int, consecutive: bool = False) -> list[int]:
-    """``count`` free ports of 127.0.0.1 below the ephemeral range."""
-    for _ in range(200):
-        base = random.randrange(20000, 32000 - count)
-        ports = list(range(base, base + count)) if consecutive else random.sample(range(20000, 32000), count)
-        sockets = []
-        try:
-            for port in ports:
-                s = socket.socket()
-                sockets.append(s)
-                s.bind(("127.0.0.1", port))
-            return ports
-        except OSError:
-            continue
-        finally:
-            for s in sockets:
-                s.close()
-    raise RuntimeError("no free ports")
-
-
-def gone(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-    except (OSError, IndexError):
-        return True
-
-
-def wait_until(check: Any, timeout: float = 20.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
-
-
 class Engine:
     """A two-worker engine in dev mode, from a YAML file in a temporary folder."""
 
     def __init__(self, folder: Path, queue: dict[str, Any] | None = None,
                  redis: list[dict[str, Any]] | None = None, entry: str = "lua/push.lua") -> None:
         self.folder = folder
-        self.registry, self.center_api, self.api, self.client = listen_ports(4)
-        self.mesh = listen_ports(2, consecutive=True)[0]
+        self.registry, self.center_api, self.api, self.client = free_ports(4)
+        self.mesh = free_ports(2, consecutive=True)[0]
         (folder / "lua").mkdir(exist_ok=True)
         (folder / "lua" / "push.lua").write_text(ENTRY)
         luavm: dict[str, Any] = {"queue": queue or {}}
