@@ -14,12 +14,13 @@ from typing import Any, Callable
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet import endpoints
 from twisted.internet.error import CannotListenError
-from twisted.internet.interfaces import IListeningPort
+from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStreamServerEndpoint
 
 from connmix_tx.config import AnyListener
 from connmix_tx.errors import EXIT_CONFIG, EXIT_LISTEN, FatalError
 from connmix_tx.reuseport import ReusePortEndpoint
 from connmix_tx.tls import TLSError, check_server_files, server_options
+from connmix_tx.reactors import IReactor
 
 #: Listeners whose ``tls.caCertificates`` makes peers present a client certificate.
 CLIENT_CERTIFICATE_LISTENERS = ("center.registry", "engine.meshPoint")
@@ -40,7 +41,9 @@ def endpoint_string(listener: AnyListener) -> str:
             f":certKey={_escape(tls.certificate)}")
 
 
-def server_endpoint(reactor: Any, key: str, listener: AnyListener, reuse_port: bool = False) -> Any:
+def server_endpoint(
+    reactor: IReactor, key: str, listener: AnyListener, reuse_port: bool = False
+) -> IStreamServerEndpoint:
     """The endpoint a listener serves on; a bad certificate or key is a config error (exit 2).
 
     ``reuse_port``: the port is shared with the other workers of the engine (``SO_REUSEPORT``).
@@ -75,7 +78,7 @@ class Listener(StreamServerEndpointService):
     """
 
     def __init__(
-        self, reactor: Any, key: str, listener: AnyListener, factory: Any, started: Callable[[str], None],
+        self, reactor: IReactor, key: str, listener: AnyListener, factory: IProtocolFactory, started: Callable[[str], None],
         reuse_port: bool = False,
     ) -> None:
         super().__init__(server_endpoint(reactor, key, listener, reuse_port), factory)

@@ -20,6 +20,7 @@ from twisted.internet import endpoints, protocol
 from twisted.internet.defer import Deferred, DeferredList
 
 from connmix_tx.tally import Snapshot
+from connmix_tx.reactors import IReactor
 
 SOCKET_SUFFIX = ".metrics"
 FETCH_TIMEOUT = 2.0
@@ -55,7 +56,7 @@ class _Read(protocol.Protocol):
 class SiblingMetrics(service.Service):
     """Serves this worker's snapshot on ``w{index}.metrics`` and reads the siblings' sockets."""
 
-    def __init__(self, reactor: Any, directory: str, index: int, snapshot: Callable[[], Snapshot],
+    def __init__(self, reactor: IReactor, directory: str, index: int, snapshot: Callable[[], Snapshot],
                  timeout: float = FETCH_TIMEOUT) -> None:
         self.reactor = reactor
         self.directory = directory

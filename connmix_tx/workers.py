@@ -23,12 +23,14 @@ from typing import Any, Callable
 
 from twisted.application import service
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from connmix_tx.errors import FATAL_PREFIX
 from connmix_tx.supervisor import Supervisor, describe_status
+from connmix_tx.reactors import IReactor
 
 log = Logger(namespace="connmix.supervisor")
 
@@ -68,7 +70,7 @@ def report_ready() -> None:
 class ParentWatch(service.Service):
     """Calls ``gone`` once when the parent process changes (the supervisor died)."""
 
-    def __init__(self, clock: Any, gone: Callable[[], None], interval: float = 1.0,
+    def __init__(self, clock: IReactorTime, gone: Callable[[], None], interval: float = 1.0,
                  getppid: Callable[[], int] = os.getppid) -> None:
         self.getppid = getppid
         self.parent_pid = getppid()
@@ -153,7 +155,7 @@ class WorkerPool(service.Service):
         self,
         count: int,
         argv: Callable[[int], list[str]],
-        reactor: Any,
+        reactor: IReactor,
         fatal: Callable[[int, str], None],
         relay_out: Callable[[str], None],
         relay_err: Callable[[str], None] | None = None,

@@ -28,6 +28,7 @@ from connmix_tx.client.wire import (
     ConnmixError, Credentials, EngineUnavailable, Event, address_of, engine_url, payload_params, reason_text,
 )
 from connmix_tx.ids import InvalidClientId, node_number_of, parse_client_id
+from connmix_tx.reactors import IReactor, global_reactor
 
 log = Logger(namespace="connmix.client")
 
@@ -57,7 +58,7 @@ class Client(MultiService):
         center_url: str | None = None,
         engines: Sequence[str] = (),
         credentials: Credentials | None = None,
-        reactor: Any = None,
+        reactor: IReactor | None = None,
         *,
         poll_interval: float = 10.0,
         request_timeout: float = 30.0,
@@ -71,11 +72,7 @@ class Client(MultiService):
         super().__init__()
         if (center_url is None) == (not engines):
             raise ValueError("give either center_url or engines")
-        if reactor is None:
-            from twisted.internet import reactor as default_reactor
-
-            reactor = default_reactor
-        self.reactor = reactor
+        self.reactor = reactor if reactor is not None else global_reactor()
         self.center_url = center_url
         self.credentials = credentials
         self.poll_interval = poll_interval

@@ -38,6 +38,7 @@ from connmix_tx.engine.connections import CLIENT_NOT_FOUND, ENCODE_FAILED, SLOW_
 from connmix_tx.engine.router import NODE_UNAVAILABLE
 from connmix_tx.meter import NULL_METER, MeshMeter
 from connmix_tx.pb import BrokerFactory, login, reason_text, retry_delay
+from connmix_tx.reactors import IReactor
 
 log = Logger(namespace="connmix.mesh")
 
@@ -106,7 +107,7 @@ class MeshLink:
 
     def __init__(
         self,
-        reactor: Any,
+        reactor: IReactor,
         node: dict[str, Any],
         own_node_id: str,
         secret: str,

@@ -360,7 +360,7 @@ def _describe(value: object) -> str:
     return repr(value)
 
 
-class SocketServerFactory(ProtocolServerFactory, Factory):
+class SocketServerFactory(ProtocolServerFactory, Factory[SocketServerProtocol]):
     """Everything the connections of one ``protocol: socket`` server share."""
 
     protocol = SocketServerProtocol

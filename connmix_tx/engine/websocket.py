@@ -349,7 +349,9 @@ class ClientWebSocketProtocol(WebSocketServerProtocol):
 class ClientWebSocketFactory(ProtocolServerFactory, WebSocketServerFactory):
     """Everything the connections of one ``protocol: websocket`` server share."""
 
-    protocol = ClientWebSocketProtocol
+    # Autobahn derives from the unparameterised twisted ServerFactory, whose ``protocol`` must
+    # build a protocol typed with that base factory; ours are typed with their own factory class.
+    protocol = ClientWebSocketProtocol  # type: ignore[assignment]
     noisy = False
 
     def __init__(

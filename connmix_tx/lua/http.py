@@ -40,6 +40,7 @@ from twisted.web.http import PotentialDataLoss
 from twisted.web.iweb import IResponse
 
 from connmix_tx.lua.convert import lua_type_name
+from connmix_tx.reactors import IReactor
 
 #: Largest response body read into Lua (SPEC 5.4).
 MAX_BODY = 8 * 1024 * 1024
@@ -274,7 +275,7 @@ def network_error(failure: Failure) -> str:
 class HttpClient:
     """The HTTP client of one engine: a connection pool shared by every script."""
 
-    def __init__(self, reactor: Any, max_body: int = MAX_BODY) -> None:
+    def __init__(self, reactor: IReactor, max_body: int = MAX_BODY) -> None:
         self.reactor = reactor
         self.max_body = max_body
         self.pool = HTTPConnectionPool(reactor, persistent=True)

@@ -39,6 +39,7 @@ from twisted.python.failure import Failure
 
 from connmix_tx.config import RedisConfig
 from connmix_tx.lua.http import network_error
+from connmix_tx.reactors import IReactor
 
 log = Logger(namespace="connmix.redis")
 
@@ -184,7 +185,7 @@ class RedisPool:
     def __init__(
         self,
         config: RedisConfig,
-        reactor: Any,
+        reactor: IReactor,
         timeout: float = COMMAND_TIMEOUT,
         endpoint: IStreamClientEndpoint | None = None,
     ) -> None:
@@ -379,7 +380,7 @@ def _raise_reply_error(reply: Reply) -> Reply:
 class RedisPools:
     """The pools of ``engine.luavm.redis``, by name; each opens its connections on first use."""
 
-    def __init__(self, configs: Iterable[RedisConfig], reactor: Any, timeout: float = COMMAND_TIMEOUT) -> None:
+    def __init__(self, configs: Iterable[RedisConfig], reactor: IReactor, timeout: float = COMMAND_TIMEOUT) -> None:
         self.configs = {c.name: c for c in configs}
         self.reactor = reactor
         self.timeout = timeout

@@ -21,6 +21,7 @@ from connmix_tx.config import Config
 from connmix_tx.listeners import Listener
 from connmix_tx.lua.runtime import lua_version
 from connmix_tx.metrics import CenterMeter, MetricsResource, own
+from connmix_tx.reactors import IReactor
 
 
 class RegistryHeartbeat(service.Service):
@@ -43,7 +44,7 @@ class RegistryHeartbeat(service.Service):
 class CenterPart(service.MultiService):
     """Registry (PB) and center HTTP API."""
 
-    def __init__(self, config: Config, reactor: Any, access: AccessControl) -> None:
+    def __init__(self, config: Config, reactor: IReactor, access: AccessControl) -> None:
         super().__init__()
         self.setName("center")
         cluster = config.cluster

@@ -51,6 +51,7 @@ from connmix_tx.pb import GuardedPBServerFactory, LoggingPortal, SecretChecker
 from connmix_tx.tls import client_endpoint
 from connmix_tx.worker_metrics import SiblingMetrics
 from connmix_tx.workers import WorkerRole
+from connmix_tx.reactors import IReactor
 
 #: How long a clean stop waits for clients to finish their close handshakes (the whole stop: < 5 s).
 STOP_GRACE = 2.0
@@ -59,7 +60,7 @@ mesh_log = Logger(namespace="connmix.mesh")
 api_log = Logger(namespace="connmix.api")
 
 
-def _queues(config: Config, reactor: Any, node_id: str, meter: Any) -> QueueManager:
+def _queues(config: Config, reactor: IReactor, node_id: str, meter: Any) -> QueueManager:
     """The queue manager of the configured backend (docs/queues.md)."""
     luavm = config.engine.luavm
     queue = luavm.queue
@@ -94,7 +95,7 @@ class QueueService(service.Service):
 class MeshPeersService(service.Service):
     """The mesh links to the other engines of the center's node list; closed on stop."""
 
-    def __init__(self, config: Config, reactor: Any, node_id: str, metrics: EngineMeter) -> None:
+    def __init__(self, config: Config, reactor: IReactor, node_id: str, metrics: EngineMeter) -> None:
         self.setName("mesh-peers")
         self.config = config
         self.reactor = reactor
@@ -123,7 +124,7 @@ class MeshPeersService(service.Service):
 class LuaClients(service.Service):
     """The HTTP client and Redis pools every script of the engine shares (lazy); closed on stop."""
 
-    def __init__(self, config: Config, reactor: Any) -> None:
+    def __init__(self, config: Config, reactor: IReactor) -> None:
         self.setName("lua-clients")
         self.http = HttpClient(reactor)
         self.redis = RedisPools(config.engine.luavm.redis, reactor)
@@ -165,7 +166,7 @@ class EnginePart(service.MultiService):
     def __init__(
         self,
         config: Config,
-        reactor: Any,
+        reactor: IReactor,
         fatal: Callable[[int, str], None],
         center_address: Callable[[], tuple[str, int]],
         in_process_center: bool,
