@@ -43,7 +43,7 @@ from connmix_tx.meter import NULL_METER, ApiServerMeter
 from connmix_tx.engine.connections import peer_address
 from connmix_tx.engine.ws_settings import CLOSE_SLOW, WRITE_TIMEOUT, websocket_options
 from connmix_tx.later import now_or_later
-from connmix_tx.reactors import global_reactor
+from connmix_tx.reactors import IStreamTransport, global_reactor
 from connmix_tx.web import METHOD_NOT_ALLOWED_BODY, JsonTree, QuietSite, json_response
 
 __all__ = ["ApiWebSocketFactory", "ApiWebSocketProtocol", "HttpApiMethod", "api_site", "buffered_bytes"]
@@ -55,6 +55,8 @@ class ApiWebSocketProtocol(WebSocketServerProtocol):
     """One back-end connection to ``/ws/v1``."""
 
     factory: "ApiWebSocketFactory"
+    #: Set once the connection is made; a connected stream (write, abort, pause reading).
+    transport: IStreamTransport
     session: ApiSession | None = None
     #: The user name the handshake was admitted as (set by the factory, SPEC 10).
     user: str | None = None

@@ -15,7 +15,7 @@ websocket servers, a connection keeps the settings it was accepted with (``limit
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeGuard
 
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IReactorTime
@@ -37,6 +37,7 @@ from connmix_tx.engine.ws_settings import WRITE_TIMEOUT
 from connmix_tx.meter import NULL_METER, ServerMeter
 from connmix_tx.ids import Snowflake
 from connmix_tx.lua.runtime import Script, ScriptError
+from connmix_tx.reactors import IStreamTransport
 
 log = Logger(namespace="connmix.server")
 lua_log = Logger(namespace="connmix.lua")
@@ -52,6 +53,8 @@ class SocketServerProtocol(Protocol):
     """One end-user TCP connection of a socket server; implements ``ClientTransport``."""
 
     factory: "SocketServerFactory"
+    #: Set once the connection is made; a connected stream (write, abort, pause reading).
+    transport: IStreamTransport
     conn: ClientConnection | None = None
     session: CallbackSession | None = None
     last_received = 0.0
@@ -344,7 +347,7 @@ class SocketServerProtocol(Protocol):
         return None
 
 
-def _is_integer(value: object) -> bool:
+def _is_integer(value: object) -> TypeGuard[int | float]:
     if isinstance(value, bool):
         return False
     if isinstance(value, int):

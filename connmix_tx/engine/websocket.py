@@ -20,7 +20,9 @@ from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerPr
 from autobahn.websocket.types import ConnectionDeny
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from connmix_tx.config import ServerConfig
 from connmix_tx.engine.connections import (
@@ -125,7 +127,7 @@ class ClientWebSocketProtocol(WebSocketServerProtocol):
         self.last_received = factory.clock.seconds()
         self.wheel.watch(self)
 
-    def connectionLost(self, reason: Any) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.factory.open_protocols.discard(self)
         self.factory.write_watch.forget(self)
         super().connectionLost(reason)
@@ -166,7 +168,9 @@ class ClientWebSocketProtocol(WebSocketServerProtocol):
                 return False
         return True
 
-    def onConnect(self, request: Any) -> Deferred:
+    # Autobahn runs onConnect through txaio.as_future and accepts a Deferred, but types the
+    # result as the accepted subprotocol only.
+    def onConnect(self, request: Any) -> Deferred:  # type: ignore[override]
         factory = self.factory
         path = factory.path
         if path != "/" and not request.path.startswith(path):

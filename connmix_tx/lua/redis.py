@@ -27,7 +27,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import hiredis
 from twisted.internet.defer import Deferred
@@ -39,7 +39,7 @@ from twisted.python.failure import Failure
 
 from connmix_tx.config import RedisConfig
 from connmix_tx.lua.http import network_error
-from connmix_tx.reactors import IReactor
+from connmix_tx.reactors import IReactor, IStreamTransport
 
 log = Logger(namespace="connmix.redis")
 
@@ -80,7 +80,7 @@ class RespParser:
         """Add received bytes; return the replies they complete, in order.  Raise ProtocolError."""
         reader = self._reader
         reader.feed(data)
-        replies = []
+        replies: list[Reply] = []
         while True:
             reply = reader.gets()
             if reply is False:
@@ -98,6 +98,9 @@ def encode_command(args: Sequence[bytes]) -> bytes:
 
 class RedisProtocol(Protocol):
     """One connection: commands go out, replies come back in the same order."""
+
+    #: Set once the connection is made; a connected stream (write, abort, pause reading).
+    transport: IStreamTransport
 
     def __init__(self) -> None:
         self.parser = RespParser()
@@ -124,7 +127,7 @@ class RedisProtocol(Protocol):
         """Send several commands in one write; one Deferred per command, as ``execute``."""
         if not self.open:
             return [_failed(RedisError("redis: connection lost")) for _ in commands]
-        results = [Deferred() for _ in commands]
+        results: list[Deferred] = [Deferred() for _ in commands]
         self.pending.extend(results)
         self.transport.write(b"".join(encode_command(args) for args in commands))
         return results
@@ -231,7 +234,8 @@ class RedisPool:
 
     def _open(self, command: _Command) -> None:
         self.opening += 1
-        connecting = self.endpoint.connect(Factory.forProtocol(RedisProtocol))
+        # The endpoint fires with the protocol the factory built.
+        connecting = cast("Deferred[RedisProtocol]", self.endpoint.connect(Factory.forProtocol(RedisProtocol)))
         connecting.addCallback(self._prepare)
 
         def opened(conn: RedisProtocol) -> None:
@@ -268,8 +272,12 @@ class RedisPool:
             steps.append([b"SELECT", b"%d" % self.config.db])
         d: Deferred = Deferred()
         d.callback(None)
+
+        def run(_: object, step: list[bytes]) -> Deferred:
+            return conn.execute(step)
+
         for step in steps:
-            d.addCallback(lambda _, step=step: conn.execute(step))
+            d.addCallback(run, step)
             d.addCallback(_raise_reply_error)
         timer = self.reactor.callLater(self.timeout, conn.abort)
 
