@@ -104,7 +104,7 @@ def nodes_table(nodes: Sequence[dict[str, Any]], now: float) -> str:
     if not nodes:
         return "no engine registered"
     header = ("NUMBER", "ID", "API SERVER", "MESH POINT", "HOST", "VERSION", "CLIENTS", "CHANNELS", "LAST SEEN")
-    rows = [header]
+    rows: list[tuple[str, ...]] = [header]
     for node in nodes:
         last_seen = node.get("last_seen")
         seen = f"{max(0, int(now - last_seen))}s ago" if isinstance(last_seen, (int, float)) else "-"
@@ -190,7 +190,12 @@ async def _consume(client: Client, args: argparse.Namespace, out: TextIO) -> Non
             if acked is None:
                 done.callback(None)
             else:  # exit once the last ack was answered, so it is not redelivered
-                acked.addBoth(lambda _: done.called or done.callback(None))
+
+                def finish(_: object) -> None:
+                    if not done.called:
+                        done.callback(None)
+
+                acked.addBoth(finish)
         return acked
 
     await client.consume(args.topics, printed, ack=args.ack)

@@ -9,10 +9,11 @@ certificate into exit 2 (``connmix_tx.errors``).
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, cast
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet import endpoints
+from twisted.internet.address import IPv4Address
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStreamServerEndpoint
 
@@ -104,7 +105,8 @@ class Listener(StreamServerEndpointService):
 
     def _listening(self, port: IListeningPort) -> IListeningPort:
         self.port = port
-        self._bound = port.getHost().port
+        # Every listener is a TCP port (tcp:, ssl: or SO_REUSEPORT).
+        self._bound = cast(IPv4Address, port.getHost()).port
         scheme = "tls://" if self.listener.tls is not None else ""
         self.started(f"{scheme}{self.listener.bind}:{self._bound}")
         return port

@@ -121,7 +121,7 @@ class BrokerFactory(protocol.ClientFactory):
     protocol = pb.Broker  # type: ignore[assignment]
     noisy = False
 
-    def __init__(self, on_ready: Callable[[pb.Broker], None]) -> None:
+    def __init__(self, on_ready: Callable[[pb.Broker], object]) -> None:
         self.on_ready = on_ready
 
     def clientConnectionMade(self, broker: pb.Broker) -> None:

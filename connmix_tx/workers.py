@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 from twisted.application import service
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IProcessTransport, IReactorTime
 from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -118,6 +118,9 @@ class _LineBuffer:
 class WorkerProtocol(ProcessProtocol):
     """One worker process as the supervisor sees it."""
 
+    #: Set once the process is spawned.
+    transport: IProcessTransport
+
     def __init__(self, pool: "WorkerPool", index: int) -> None:
         self.pool = pool
         self.index = index
@@ -169,6 +172,8 @@ class WorkerPool(service.Service):
         self.supervisor = Supervisor(count, self._spawn, reactor, fatal)
         #: The engine's private run directory (mode 0700), removed when the workers stopped.
         self.directory: str | None = None
+        #: The engine id every worker registers under (set by the supervisor part).
+        self.engine_id = ""
 
     def _spawn(self, index: int) -> Any:
         args = self.argv(index)

@@ -315,13 +315,13 @@ class Client(MultiService):
     def _opened(self, link: EngineLink, conn: ApiConnection) -> None:
         link.connection, link.last_error = conn, None
         log.info("api connection to engine {address} up", address=link.address)
+
+        def failed(failure: Failure, topics: object) -> None:
+            log.error("engine {address}: consume {topics} failed: {reason}",
+                      address=link.address, topics=topics, reason=reason_text(failure))
+
         for consumption in self._consumptions:
-            conn.call("queue.consume", consumption.params()).addErrback(
-                lambda f, topics=consumption.topics: log.error(
-                    "engine {address}: consume {topics} failed: {reason}",
-                    address=link.address, topics=topics, reason=reason_text(f),
-                )
-            )
+            conn.call("queue.consume", consumption.params()).addErrback(failed, consumption.topics)
         self._notify(link, True, None)
         self._check_ready()
 

@@ -13,11 +13,12 @@ from typing import Any, Callable
 from twisted.application import service
 from twisted.application.internet import ClientService
 from twisted.internet.defer import Deferred, inlineCallbacks
-from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
+from twisted.internet.interfaces import IProtocolFactory, IReactorTime, IStreamClientEndpoint
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.spread import pb
+from zope.interface import implementer
 
 from connmix_tx.errors import EXIT_REGISTER
 from connmix_tx.pb import ENGINE_USER, BrokerFactory, is_refusal, login, reason_text, retry_delay
@@ -37,6 +38,13 @@ class _NodeListMind(pb.Referenceable):
         self.on_nodes(list(nodes))
 
 
+def _drop(broker: pb.Broker) -> None:
+    """Close the connection of a broker (connected: a login ran over it)."""
+    if broker.transport is not None:
+        broker.transport.loseConnection()
+
+
+@implementer(IStreamClientEndpoint)
 class _RecordingEndpoint:
     """Wraps the registry endpoint to remember why the last connection attempt failed."""
 
@@ -44,7 +52,7 @@ class _RecordingEndpoint:
         self.inner = inner
         self.link = link
 
-    def connect(self, factory: Any) -> Deferred:
+    def connect(self, factory: IProtocolFactory) -> Deferred:
         return self.inner.connect(factory).addErrback(self.link._connect_failed)
 
 
@@ -142,10 +150,10 @@ class CenterLink(service.Service):
             if is_refusal(failure):
                 self._refusals += 1
                 self._refused(self._last_error)
-            broker.transport.loseConnection()
+            _drop(broker)
             return
         if self._client is None:
-            broker.transport.loseConnection()
+            _drop(broker)
             return
         self._refusals = 0
         self._avatar = avatar

@@ -266,7 +266,8 @@ class MeshLink:
     def _flush(self) -> None:
         self._flush_call = None
         while self._queue and self.state == UP and self._in_flight < MAX_IN_FLIGHT:
-            batch, parts, size = _Batch(sent=self.reactor.seconds()), [], 0
+            batch, size = _Batch(sent=self.reactor.seconds()), 0
+            parts: list[bytes] = []
             while self._queue:
                 op = self._ops.get(self._queue[0])
                 if op is None:  # timed out while queued

@@ -152,9 +152,10 @@ def watch_engine(meter: EngineMeter, engine: EnginePart) -> None:
     meter.gauge("connmix_engine_queue_consumers", "Consumers", topics(lambda t: len(t.consumers)), ("topic",))
     meter.gauge("connmix_engine_queue_unacked", "Delivered, unacknowledged messages",
                 topics(lambda t: len(t.unacked)), ("topic",))
-    if hasattr(engine.queues, "up"):
+    queues = engine.queues
+    if isinstance(queues, RedisQueueManager):
         meter.gauge("connmix_engine_queue_backend_up", "1 while the queue backend (redis) answers, else 0",
-                    lambda: [((), int(engine.queues.up))])
+                    lambda: [((), int(queues.up))])
     meter.gauge("connmix_engine_api_connections", "Open API WebSockets",
                 lambda: [((), len(engine.api_factory.open_protocols))])
     meter.gauge("connmix_engine_mesh_peers", "Connected mesh links", lambda: [((), engine.peers.up)])
