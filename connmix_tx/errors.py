@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any, TextIO
+from typing import TextIO
 
 from twisted.internet.error import ReactorNotRunning
 from twisted.logger import Logger

@@ -9,7 +9,7 @@ certificate into exit 2 (``connmix_tx.errors``).
 
 from __future__ import annotations
 
-from typing import Any, Callable, cast
+from typing import Callable, cast
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet import endpoints

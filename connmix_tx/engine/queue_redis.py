@@ -146,7 +146,7 @@ class RedisQueueManager(QueueManager):
 
     # Lua side ------------------------------------------------------------------------------
 
-    def push(self, topic: str, client_id: str, data: bytes) -> Deferred:  # type: ignore[override]
+    def push(self, topic: str, client_id: str, data: bytes) -> Deferred[bool]:
         """Store one message in the topic's stream; fires True, fails with QueueError."""
         d: Deferred = Deferred()
         if not valid_name(topic):

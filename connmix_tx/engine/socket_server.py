@@ -376,7 +376,7 @@ class SocketServerFactory(ProtocolServerFactory, Factory[SocketServerProtocol]):
         connections: ConnectionRegistry,
         ids: Snowflake,
         clock: IReactorTime,
-        meter: Any = None,
+        meter: ServerMeter | None = None,
     ) -> None:
         self.config = config
         self.share(script, connections, ids, clock, meter if meter is not None else NULL_METER,

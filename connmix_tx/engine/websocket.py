@@ -365,7 +365,7 @@ class ClientWebSocketFactory(ProtocolServerFactory, WebSocketServerFactory):
         connections: ConnectionRegistry,
         ids: Snowflake,
         clock: IReactorTime,
-        meter: Any = None,
+        meter: ServerMeter | None = None,
     ) -> None:
         WebSocketServerFactory.__init__(self, server="connmix")
         self.share(script, connections, ids, clock, meter if meter is not None else NULL_METER,

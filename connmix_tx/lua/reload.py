@@ -12,7 +12,6 @@ until the files change once more.  The poll runs on an injected clock (STYLE 6).
 from __future__ import annotations
 
 import os
-from typing import Any
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall

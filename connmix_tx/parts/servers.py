@@ -99,7 +99,7 @@ class ProtocolServer(service.MultiService):
         self.engine = engine
         self.library, self.script = self._load(config)
         #: The Lua hot reloader (``byteCodeExpires``); replaceable before start (tests).
-        self.hot_reloader: Any = HotReloader(
+        self.hot_reloader = HotReloader(
             self.script, reactor, self.config.byte_code_expires, meter=engine.metrics
         )
         self.factory: ServerFactory | None = None

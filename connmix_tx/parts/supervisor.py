@@ -9,7 +9,7 @@ A worker runs the engine part on the ports it shares with its siblings, plus ``p
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Callable
 
 from connmix_tx.config import Config
 from connmix_tx.errors import stop_reactor
