@@ -96,7 +96,8 @@ class Listener(StreamServerEndpointService):
             super().privilegedStartService()
         except CannotListenError as e:
             raise FatalError(EXIT_LISTEN, self._bind_error(e)) from None
-        self._waitingForPort.addCallback(self._listening)
+        if self._waitingForPort is not None:  # set by the start above
+            self._waitingForPort.addCallback(self._listening)
 
     def _bind_error(self, error: CannotListenError) -> str:
         reason = error.socketError

@@ -110,8 +110,7 @@ class LimitedRequest(Request):
     def _refuse(self, size: int) -> None:
         """413 and close, without reading (or keeping) more of the body."""
         self._refused = True
-        # Twisted declares ``content`` as the class attribute ``None`` (documented as a file).
-        self.content = _Discard()  # type: ignore[assignment]
+        self.content = _Discard()
         # No "100 Continue" after the refusal (the channel sends it after gotLength).
         self.requestHeaders.removeHeader(b"expect")
         channel = self.channel

@@ -12,11 +12,11 @@ from __future__ import annotations
 import itertools
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence, cast
 
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.application.service import MultiService
-from twisted.internet.defer import Deferred, DeferredList, fail, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, DeferredList, FirstError, fail, maybeDeferred, succeed
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -434,7 +434,8 @@ class Client(MultiService):
 
 
 def _ignore_code(failure: Failure, code: int) -> Any:
-    if failure.check(ConnmixError) and failure.value.code == code:
+    error = failure.value
+    if isinstance(error, ConnmixError) and error.code == code:
         return None
     return failure
 
@@ -445,7 +446,8 @@ def _all_or_first_error(requests: list[Deferred]) -> Deferred:
         return succeed([])
 
     def unwrap(failure: Failure) -> Failure:
-        return failure.value.subFailure
+        # fireOnOneErrback: the list fails with a FirstError wrapping the first failure.
+        return cast(FirstError, failure.value).subFailure
 
     return DeferredList(requests, fireOnOneErrback=True, consumeErrors=True).addCallbacks(
         lambda results: [value for _, value in results], unwrap

@@ -265,8 +265,9 @@ def network_error(failure: Failure) -> str:
         return f"stopped after {MAX_REDIRECTS} redirects"
     if failure.check(web_error.RedirectWithNoLocation):
         return "redirect without location"
-    text = failure.getErrorMessage().strip() or failure.type.__name__
-    if "SSL" in failure.type.__name__ or "ssl" in text.lower() or "certificate" in text.lower():
+    kind = failure.type.__name__ if failure.type is not None else ""
+    text = failure.getErrorMessage().strip() or kind
+    if "SSL" in kind or "ssl" in text.lower() or "certificate" in text.lower():
         return f"tls: {text}"
     return text
 
@@ -369,7 +370,9 @@ class HttpClient:
 def _redirect_not_followed(failure: Failure) -> Any:
     """A 307/308 answer to a method that must not be redirected is the response itself."""
     failure.trap(ResponseFailed)
-    response = getattr(failure.value, "response", None)
-    if response is not None and any(r.check(web_error.PageRedirect) for r in failure.value.reasons):
+    error = failure.value
+    response = getattr(error, "response", None)
+    if response is not None and isinstance(error, ResponseFailed) \
+            and any(r.check(web_error.PageRedirect) for r in error.reasons):
         return response
     return failure

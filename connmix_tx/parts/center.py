@@ -8,7 +8,6 @@ on SIGHUP except the access control, which the root owns and the center API read
 
 from __future__ import annotations
 
-
 from twisted.application import service
 from twisted.logger import Logger
 
