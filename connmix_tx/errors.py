@@ -15,6 +15,7 @@ from typing import TextIO
 
 from twisted.internet.error import ReactorNotRunning
 from twisted.logger import Logger
+
 from connmix_tx.reactors import IReactor
 
 #: A clean stop (SIGTERM / SIGINT) and ``--version``.

@@ -19,9 +19,9 @@ from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStrea
 
 from connmix_tx.config import AnyListener
 from connmix_tx.errors import EXIT_CONFIG, EXIT_LISTEN, FatalError
+from connmix_tx.reactors import IReactor
 from connmix_tx.reuseport import ReusePortEndpoint
 from connmix_tx.tls import TLSError, check_server_files, server_options
-from connmix_tx.reactors import IReactor
 
 #: Listeners whose ``tls.caCertificates`` makes peers present a client certificate.
 CLIENT_CERTIFICATE_LISTENERS = ("center.registry", "engine.meshPoint")

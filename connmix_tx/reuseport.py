@@ -16,6 +16,7 @@ from typing import Any
 from twisted.internet import defer, tcp
 from twisted.internet.interfaces import IStreamServerEndpoint
 from zope.interface import implementer
+
 from connmix_tx.reactors import IReactor
 
 #: False where the platform has no ``SO_REUSEPORT`` (then only one worker can bind a port).

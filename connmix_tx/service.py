@@ -26,8 +26,8 @@ from connmix_tx.parts.center import CenterPart
 from connmix_tx.parts.engine import STOP_GRACE, EnginePart
 from connmix_tx.parts.servers import SERVER_FACTORIES
 from connmix_tx.parts.supervisor import add_supervisor, add_worker
-from connmix_tx.workers import WorkerPool, WorkerRole
 from connmix_tx.reactors import IReactor
+from connmix_tx.workers import WorkerPool, WorkerRole
 
 #: The old private name of ``connmix_tx.errors.stop_reactor``.
 _stop_reactor = stop_reactor

@@ -20,8 +20,8 @@ from twisted.internet import endpoints, protocol
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.interfaces import IAddress, IListeningPort
 
-from connmix_tx.tally import Snapshot
 from connmix_tx.reactors import IReactor, IStreamTransport
+from connmix_tx.tally import Snapshot
 
 SOCKET_SUFFIX = ".metrics"
 FETCH_TIMEOUT = 2.0

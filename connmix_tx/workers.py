@@ -29,8 +29,8 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from connmix_tx.errors import FATAL_PREFIX
-from connmix_tx.supervisor import Supervisor, describe_status
 from connmix_tx.reactors import IReactor
+from connmix_tx.supervisor import Supervisor, describe_status
 
 log = Logger(namespace="connmix.supervisor")
 

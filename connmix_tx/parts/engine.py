@@ -46,12 +46,12 @@ from connmix_tx.lua.http import HttpClient
 from connmix_tx.lua.redis import RedisPools
 from connmix_tx.lua.runtime import lua_version
 from connmix_tx.metrics import EngineMeter, MetricsResource, own
-from connmix_tx.parts.servers import ProtocolServer
+from connmix_tx.parts.servers import ProtocolServer, ServerFactory
 from connmix_tx.pb import GuardedPBServerFactory, LoggingPortal, SecretChecker
+from connmix_tx.reactors import IReactor
 from connmix_tx.tls import client_endpoint
 from connmix_tx.worker_metrics import SiblingMetrics
 from connmix_tx.workers import WorkerRole
-from connmix_tx.reactors import IReactor
 
 #: How long a clean stop waits for clients to finish their close handshakes (the whole stop: < 5 s).
 STOP_GRACE = 2.0
@@ -306,9 +306,10 @@ class EnginePart(service.MultiService):
         return [server.listener for server in self.servers if server.listener is not None]
 
     @property
-    def client_factories(self) -> list[Any]:
+    def client_factories(self) -> list[ServerFactory]:
         """The client factories of the protocol servers that serve."""
-        return [server.factory for server in self.servers if server.listener is not None]
+        return [server.factory for server in self.servers
+                if server.listener is not None and server.factory is not None]
 
     # Running ----------------------------------------------------------------------------------
 
@@ -381,7 +382,8 @@ class EnginePart(service.MultiService):
         deadline = self.reactor.seconds() + timeout
 
         def check() -> None:
-            left = sum(len(f.open_protocols) for f in [*self.client_factories, self.api_factory])
+            left = len(self.api_factory.open_protocols)
+            left += sum(len(f.open_protocols) for f in self.client_factories)
             if left == 0 or self.reactor.seconds() >= deadline:
                 done.callback(left)
             else:

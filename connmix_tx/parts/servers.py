@@ -43,6 +43,10 @@ class ServerFactory(Protocol):
     """
 
     @property
+    def config(self) -> ServerConfig:
+        """The server settings new connections are accepted with."""
+
+    @property
     def open_protocols(self) -> set[Any]:
         """The connections currently open on this server."""
 

@@ -15,8 +15,8 @@ from connmix_tx.config import Config
 from connmix_tx.errors import stop_reactor
 from connmix_tx.ids import new_node_id
 from connmix_tx.parts.engine import EnginePart
-from connmix_tx.workers import ParentWatch, WorkerPool, report_ready, worker_argv
 from connmix_tx.reactors import IReactor
+from connmix_tx.workers import ParentWatch, WorkerPool, report_ready, worker_argv
 
 if TYPE_CHECKING:
     from connmix_tx.service import ConnmixService
