@@ -13,7 +13,7 @@ from typing import Any, Callable
 from twisted.application import service
 from twisted.application.internet import ClientService
 from twisted.internet.defer import Deferred, inlineCallbacks
-from twisted.internet.interfaces import IProtocolFactory, IReactorTime, IStreamClientEndpoint
+from twisted.internet.interfaces import IDelayedCall, IProtocolFactory, IReactorTime, IStreamClientEndpoint
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -86,7 +86,7 @@ class CenterLink(service.Service):
         self.address = ""
         self._avatar: Any = None
         self._client: ClientService | None = None
-        self._deadline: Any = None
+        self._deadline: IDelayedCall | None = None
         self._last_error = "no answer"
         self._last_warning = -WARN_EVERY
         self._refusals = 0

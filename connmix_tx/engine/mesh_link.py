@@ -29,6 +29,7 @@ import msgpack
 from twisted.application.internet import ClientService
 from twisted.internet import endpoints
 from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -135,7 +136,7 @@ class MeshLink:
         self._queue: deque[int] = deque()
         self._in_flight = 0
         self._avatar: Any = None
-        self._flush_call: Any = None
+        self._flush_call: IDelayedCall | None = None
         self._last_sent = 0.0
         self._last_reply = 0.0
         self._client: ClientService | None = None

@@ -13,7 +13,7 @@ A clean stop is two steps the engine part orders around its other children:
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from twisted.application import service
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
@@ -33,6 +33,9 @@ from connmix_tx.lua.runtime import Script, ScriptError
 from connmix_tx.lua.reload import HotReloader
 from connmix_tx.meter import ServerMeter
 from connmix_tx.reactors import IReactor
+
+if TYPE_CHECKING:  # the engine part builds its protocol servers
+    from connmix_tx.parts.engine import EnginePart
 
 @implementer(IProtocolFactory)
 class ServerFactory(Protocol):
@@ -93,7 +96,7 @@ class ProtocolServer(service.MultiService):
         ``queues``, ``http``, ``redis`` and ``metrics`` of the engine part.
     """
 
-    def __init__(self, index: int, config: Config, reactor: IReactor, engine: Any) -> None:
+    def __init__(self, index: int, config: Config, reactor: IReactor, engine: EnginePart) -> None:
         super().__init__()
         self.index = index
         self.key = f"engine.servers[{index}]"
