@@ -1,10 +1,14 @@
 # The few commands people run; docs/conformance.md explains the gates.
 PYTHON ?= python
 
-.PHONY: test conformance conformance-all bench conformance-socket
+.PHONY: test typecheck conformance conformance-all bench conformance-socket
 
 test:
 	$(PYTHON) -m pytest
+
+# Static types of connmix_tx/ (mypy.ini: mypy-zope for the Twisted interfaces; tests/ stay out).
+typecheck:
+	$(PYTHON) -m mypy
 
 # Autobahn|Testsuite against the echo entry: the fast set CI runs (1-7, 10, 12, 13 without the
 # heavy 12.x/13.x cases), then everything (1-13 with 9.x and every 12.x/13.x case).  The first

@@ -83,6 +83,10 @@ setup(
             # the bench smoke test runs the load generator
             "picows>=1.9",
             "uvloop>=0.19",
+            # static types of connmix_tx/ (mypy.ini; `make typecheck`, a step of .ci/run)
+            "mypy>=1.10",
+            "mypy-zope>=1.0",
+            "types-PyYAML",
         ],
         # bench/: the load generator (picows on uvloop) and the profiler of docs/performance.md.
         "bench": [

@@ -250,7 +250,8 @@ class AccessGuard(Resource):
             # authority: loopback in protected mode, or Basic credentials the browser cached.
             # Credentials given explicitly in the /ws/v1 query are a deliberate cross-site use.
             return Refusal(Verdict(None, 403, CROSS_ORIGIN_BODY))
-        request.connmix_user = verdict.user.username if verdict.user is not None else None
+        # Twisted's Request has no slot for it: the admitted user rides on the request object.
+        setattr(request, _USER_ATTRIBUTE, verdict.user.username if verdict.user is not None else None)
         return None
 
 
@@ -272,7 +273,10 @@ def _cross_origin(request: Request) -> bool:
 
 def request_user(request: Request) -> str | None:
     """The user name ``AccessGuard`` admitted this request as (None when no users exist)."""
-    return getattr(request, "connmix_user", None)
+    return getattr(request, _USER_ATTRIBUTE, None)
+
+
+_USER_ATTRIBUTE = "connmix_user"
 
 
 class Refusal(Resource):

@@ -24,6 +24,7 @@ from twisted.internet.task import react
 from twisted.logger import LogLevel, FilteringLogObserver, LogLevelFilterPredicate, globalLogBeginner, textFileLogObserver
 
 from connmix_tx.client import Client, ConnmixError, EngineLink, EngineUnavailable, QueueMessage, fetch_nodes
+from connmix_tx.reactors import IReactor
 
 PROG = "connmix-cli"
 DEFAULT_CENTER = "http://127.0.0.1:6787"
@@ -103,7 +104,7 @@ def nodes_table(nodes: Sequence[dict[str, Any]], now: float) -> str:
     if not nodes:
         return "no engine registered"
     header = ("NUMBER", "ID", "API SERVER", "MESH POINT", "HOST", "VERSION", "CLIENTS", "CHANNELS", "LAST SEEN")
-    rows = [header]
+    rows: list[tuple[str, ...]] = [header]
     for node in nodes:
         last_seen = node.get("last_seen")
         seen = f"{max(0, int(now - last_seen))}s ago" if isinstance(last_seen, (int, float)) else "-"
@@ -126,7 +127,7 @@ def event_line(message: QueueMessage, as_json: bool) -> str:
     return f"{message.client_id or '-'} {message.topic} {data}{again}"
 
 
-async def run(reactor: Any, args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> None:
+async def run(reactor: IReactor, args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> None:
     """Run one command; raise ``SystemExit(1)`` after printing a one-line error."""
     try:
         await _command(reactor, args, out, err)
@@ -143,7 +144,7 @@ async def run(reactor: Any, args: argparse.Namespace, out: TextIO = sys.stdout, 
         raise SystemExit(1)
 
 
-async def _command(reactor: Any, args: argparse.Namespace, out: TextIO, err: TextIO) -> None:
+async def _command(reactor: IReactor, args: argparse.Namespace, out: TextIO, err: TextIO) -> None:
     credentials = (args.user, args.password or "") if args.user else None
     center = args.center or (None if args.engine else DEFAULT_CENTER)
     if args.command == "nodes":
@@ -189,7 +190,12 @@ async def _consume(client: Client, args: argparse.Namespace, out: TextIO) -> Non
             if acked is None:
                 done.callback(None)
             else:  # exit once the last ack was answered, so it is not redelivered
-                acked.addBoth(lambda _: done.called or done.callback(None))
+
+                def finish(_: object) -> None:
+                    if not done.called:
+                        done.callback(None)
+
+                acked.addBoth(finish)
         return acked
 
     await client.consume(args.topics, printed, ack=args.ack)

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any, TextIO
+from typing import TextIO
 
 from twisted.internet.error import ReactorNotRunning
 from twisted.logger import Logger
+
+from connmix_tx.reactors import IReactor
 
 #: A clean stop (SIGTERM / SIGINT) and ``--version``.
 EXIT_OK = 0
@@ -66,7 +68,7 @@ class Fatal:
     service tree stops cleanly) and the process exits with ``code`` after the shutdown.
     """
 
-    def __init__(self, reactor: Any, stderr: TextIO | None = None) -> None:
+    def __init__(self, reactor: IReactor, stderr: TextIO | None = None) -> None:
         self.reactor = reactor
         self.stderr = stderr
         self.code: int | None = None
@@ -82,7 +84,7 @@ class Fatal:
             stop_reactor(self.reactor)  # already stopping after a signal: the exit code still applies
 
 
-def stop_reactor(reactor: Any) -> None:
+def stop_reactor(reactor: IReactor) -> None:
     """Stop the reactor unless it is stopping already (a fatal error, or a second signal)."""
     try:
         reactor.stop()

@@ -20,6 +20,7 @@ __all__ = ["Later", "now_or_later", "when_ready"]
 
 T = TypeVar("T")
 R = TypeVar("R")
+U = TypeVar("U")
 
 #: A ``T`` now, or a Deferred that fires with one (``Later[str | None]``).
 Later = Union[T, Deferred[T]]
@@ -41,7 +42,7 @@ def when_ready(result: Later[T], then: Callable[..., R], *args: Any,
     return then(result, *args)
 
 
-def now_or_later(result: Later[T], now: Callable[[T], R], later: Callable[[Deferred[T]], R]) -> R:
+def now_or_later(result: T | Deferred[U], now: Callable[[T], R], later: Callable[[Deferred[U]], R]) -> R:
     """``now(result)`` for a result now, ``later(deferred)`` for a result later."""
     if isinstance(result, Deferred):
         return later(result)

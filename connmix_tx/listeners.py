@@ -9,15 +9,17 @@ certificate into exit 2 (``connmix_tx.errors``).
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Callable, cast
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet import endpoints
+from twisted.internet.address import IPv4Address
 from twisted.internet.error import CannotListenError
-from twisted.internet.interfaces import IListeningPort
+from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStreamServerEndpoint
 
 from connmix_tx.config import AnyListener
 from connmix_tx.errors import EXIT_CONFIG, EXIT_LISTEN, FatalError
+from connmix_tx.reactors import IReactor
 from connmix_tx.reuseport import ReusePortEndpoint
 from connmix_tx.tls import TLSError, check_server_files, server_options
 
@@ -40,7 +42,9 @@ def endpoint_string(listener: AnyListener) -> str:
             f":certKey={_escape(tls.certificate)}")
 
 
-def server_endpoint(reactor: Any, key: str, listener: AnyListener, reuse_port: bool = False) -> Any:
+def server_endpoint(
+    reactor: IReactor, key: str, listener: AnyListener, reuse_port: bool = False
+) -> IStreamServerEndpoint:
     """The endpoint a listener serves on; a bad certificate or key is a config error (exit 2).
 
     ``reuse_port``: the port is shared with the other workers of the engine (``SO_REUSEPORT``).
@@ -75,7 +79,7 @@ class Listener(StreamServerEndpointService):
     """
 
     def __init__(
-        self, reactor: Any, key: str, listener: AnyListener, factory: Any, started: Callable[[str], None],
+        self, reactor: IReactor, key: str, listener: AnyListener, factory: IProtocolFactory, started: Callable[[str], None],
         reuse_port: bool = False,
     ) -> None:
         super().__init__(server_endpoint(reactor, key, listener, reuse_port), factory)
@@ -92,7 +96,8 @@ class Listener(StreamServerEndpointService):
             super().privilegedStartService()
         except CannotListenError as e:
             raise FatalError(EXIT_LISTEN, self._bind_error(e)) from None
-        self._waitingForPort.addCallback(self._listening)
+        if self._waitingForPort is not None:  # set by the start above
+            self._waitingForPort.addCallback(self._listening)
 
     def _bind_error(self, error: CannotListenError) -> str:
         reason = error.socketError
@@ -101,7 +106,8 @@ class Listener(StreamServerEndpointService):
 
     def _listening(self, port: IListeningPort) -> IListeningPort:
         self.port = port
-        self._bound = port.getHost().port
+        # Every listener is a TCP port (tcp:, ssl: or SO_REUSEPORT).
+        self._bound = cast(IPv4Address, port.getHost()).port
         scheme = "tls://" if self.listener.tls is not None else ""
         self.started(f"{scheme}{self.listener.bind}:{self._bound}")
         return port

@@ -59,7 +59,7 @@ _FACTORY_NOISE = frozenset(("Starting factory {factory!r}", "Stopping factory {f
 def _level_name(event: dict[str, Any]) -> str:
     """Our level name for an event; events without a known Twisted level count as ``info``."""
     try:
-        return LEVELS[_TWISTED_RANK.get(event.get("log_level"), 1)]  # type: ignore[arg-type]
+        return LEVELS[_TWISTED_RANK.get(event.get("log_level"), 1)]
     except TypeError:  # an unhashable log_level
         return "info"
 

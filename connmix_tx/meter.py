@@ -31,11 +31,18 @@ class Timer(Protocol):
 class ServerMeter(Protocol):
     """What the connections of one protocol server count (bound to its protocol and entry)."""
 
-    read: Count
-    sent: Count
-    errors: Count
-    slow: Count
-    local_send: Timer
+    # Read-only properties, so an implementation may hold any Count / Timer (a protocol
+    # attribute would be mutable, hence invariant).
+    @property
+    def read(self) -> Count: ...
+    @property
+    def sent(self) -> Count: ...
+    @property
+    def errors(self) -> Count: ...
+    @property
+    def slow(self) -> Count: ...
+    @property
+    def local_send(self) -> Timer: ...
 
     def lua_error(self, callback: str, message: object = None) -> None:
         """One error raised by ``callback`` of this server's script (``message``: its text)."""
@@ -67,7 +74,8 @@ class QueueMeter(Protocol):
 class ApiMeter(Protocol):
     """API requests and slow API connections."""
 
-    slow_api: Count
+    @property
+    def slow_api(self) -> Count: ...
 
     def request(self, method: str, code: int) -> None:
         """One request of ``method`` (a long name, ``unknown`` or ``""``) ending with ``code``."""
@@ -80,7 +88,8 @@ class ApiServerMeter(ApiMeter, QueueMeter, Protocol):
 class MeshMeter(Protocol):
     """Mesh operations and batches, both directions, and forwarded send times."""
 
-    forward_send: Timer
+    @property
+    def forward_send(self) -> Timer: ...
 
     def op(self, direction: str, op: str) -> Count:
         """The counter of operations ``op`` going ``in`` or ``out``."""

@@ -17,6 +17,7 @@ from typing import Any, Callable, Union
 import twisted
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
@@ -180,7 +181,12 @@ class MetricsResource(Resource):
         if not isinstance(snapshots, Deferred):
             return exposition(snapshots)
         snapshots.addCallback(lambda s: _finish(request, exposition(s)))
-        snapshots.addErrback(lambda f: (log.failure("metrics scrape failed", f), _finish(request, b"")))
+
+        def failed(failure: Failure) -> None:
+            log.failure("metrics scrape failed", failure)
+            _finish(request, b"")
+
+        snapshots.addErrback(failed)
         return NOT_DONE_YET
 
 

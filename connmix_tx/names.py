@@ -7,12 +7,14 @@ imports another only for the rule.
 
 from __future__ import annotations
 
+from typing import TypeGuard
+
 __all__ = ["MAX_NAME_BYTES", "valid_name"]
 
 MAX_NAME_BYTES = 255
 
 
-def valid_name(name: object) -> bool:
+def valid_name(name: object) -> TypeGuard[str]:
     """Topic and channel names: 1-255 bytes of text, no whitespace or control characters."""
     if not isinstance(name, str) or not name:
         return False

@@ -118,10 +118,11 @@ def retry_delay(failed_attempts: int) -> float:
 class BrokerFactory(protocol.ClientFactory):
     """Builds client brokers and reports each one once it can make remote calls."""
 
-    protocol = pb.Broker
+    # Twisted does not type pb.Broker as a protocol with a factory (its Factory's bound).
+    protocol = pb.Broker  # type: ignore[assignment]
     noisy = False
 
-    def __init__(self, on_ready: Callable[[pb.Broker], None]) -> None:
+    def __init__(self, on_ready: Callable[[pb.Broker], object]) -> None:
         self.on_ready = on_ready
 
     def clientConnectionMade(self, broker: pb.Broker) -> None:

@@ -17,6 +17,8 @@ from twisted.internet import defer, tcp
 from twisted.internet.interfaces import IStreamServerEndpoint
 from zope.interface import implementer
 
+from connmix_tx.reactors import IReactor
+
 #: False where the platform has no ``SO_REUSEPORT`` (then only one worker can bind a port).
 HAVE_REUSEPORT = hasattr(socket, "SO_REUSEPORT")
 
@@ -39,7 +41,7 @@ class ReusePortEndpoint:
         ``ssl.CertificateOptions``; None serves plain TCP.
     """
 
-    def __init__(self, reactor: Any, port: int, interface: str = "", backlog: int = 50,
+    def __init__(self, reactor: IReactor, port: int, interface: str = "", backlog: int = 50,
                  context_factory: Any = None) -> None:
         self.reactor = reactor
         self.port = port

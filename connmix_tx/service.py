@@ -26,6 +26,7 @@ from connmix_tx.parts.center import CenterPart
 from connmix_tx.parts.engine import STOP_GRACE, EnginePart
 from connmix_tx.parts.servers import SERVER_FACTORIES
 from connmix_tx.parts.supervisor import add_supervisor, add_worker
+from connmix_tx.reactors import IReactor
 from connmix_tx.workers import WorkerPool, WorkerRole
 
 #: The old private name of ``connmix_tx.errors.stop_reactor``.
@@ -55,7 +56,7 @@ class ConnmixService(service.MultiService):
         self,
         config: Config,
         role: str,
-        reactor: Any,
+        reactor: IReactor,
         fatal: Callable[[int, str], None],
         processes: int | None = None,
         worker: WorkerRole | None = None,
@@ -108,13 +109,13 @@ class ConnmixService(service.MultiService):
             self.access.replace(new.access)
 
 
-def add_center(root: ConnmixService, config: Config, reactor: Any, fatal: Callable[[int, str], None]) -> None:
+def add_center(root: ConnmixService, config: Config, reactor: IReactor, fatal: Callable[[int, str], None]) -> None:
     """The center part: registry and center API."""
     root.center = CenterPart(config, reactor, root.access)
     root.center.setServiceParent(root)
 
 
-def add_engine(root: ConnmixService, config: Config, reactor: Any, fatal: Callable[[int, str], None]) -> None:
+def add_engine(root: ConnmixService, config: Config, reactor: IReactor, fatal: Callable[[int, str], None]) -> None:
     """The engine part; in dev / single it dials the in-process registry over loopback."""
     center = root.center
     if center is not None:

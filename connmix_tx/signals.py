@@ -17,6 +17,7 @@ from twisted.application import service
 from twisted.logger import Logger
 
 from connmix_tx.errors import stop_reactor
+from connmix_tx.reactors import IReactor
 
 log = Logger(namespace="connmix.engine")
 
@@ -30,7 +31,7 @@ class SignalHandlers(service.Service):
     """
 
     def __init__(
-        self, reactor: Any, reload: Callable[[], None] | None, ignore_interrupt: bool = False,
+        self, reactor: IReactor, reload: Callable[[], None] | None, ignore_interrupt: bool = False,
         install: Callable[[int, Any], Any] = signal.signal,
     ) -> None:
         self.setName("signals")

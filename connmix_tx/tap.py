@@ -172,16 +172,17 @@ def print_banner() -> None:
 
 def makeService(options: Options) -> Any:
     """Build the service tree of the role given on the command line; print the banner first."""
-    from twisted.internet import reactor
     from twisted.logger import Logger
 
     from connmix_tx.config import device_cpus, worker_count
     from connmix_tx.errors import Fatal, FatalError, exit_with
     from connmix_tx.logs import LoggingService
+    from connmix_tx.reactors import global_reactor
     from connmix_tx.reload import Reloader
     from connmix_tx.service import ConnmixService
     from connmix_tx.signals import SignalHandlers
 
+    reactor = global_reactor()
     log = Logger(namespace="connmix.config")
     config = options.config
     worker = options.worker_role

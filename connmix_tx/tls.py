@@ -26,6 +26,7 @@ from typing import Any
 from twisted.internet import endpoints, ssl
 
 from connmix_tx.config import TLSConfig
+from connmix_tx.reactors import IReactor
 
 
 class TLSError(Exception):
@@ -97,7 +98,7 @@ def client_options(host: str, peer: TLSConfig, own: TLSConfig | None) -> Any:
     return ssl.CertificateOptions(verify=False)
 
 
-def client_endpoint(reactor: Any, host: str, port: int, peer: TLSConfig | None,
+def client_endpoint(reactor: IReactor, host: str, port: int, peer: TLSConfig | None,
                     own: TLSConfig | None = None, timeout: float = 30) -> Any:
     """A TCP client endpoint to ``host:port``, wrapped in TLS when ``peer`` is set."""
     tcp = endpoints.HostnameEndpoint(reactor, host, port, timeout=timeout)

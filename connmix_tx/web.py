@@ -16,6 +16,7 @@ import json
 from typing import Any, Callable
 
 from twisted.logger import Logger
+from twisted.web import http
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
@@ -81,7 +82,8 @@ class LimitedRequest(Request):
     _refused = False
 
     def _cap(self) -> int | None:
-        cap = getattr(self.channel.site, "max_body", None)
+        # Site.buildProtocol sets channel.site; Twisted's HTTPChannel does not declare it.
+        cap = getattr(self.channel.site, "max_body", None)  # type: ignore[attr-defined]
         return cap() if callable(cap) else cap
 
     def gotLength(self, length: int | None) -> None:
@@ -161,5 +163,5 @@ class QuietSite(Site):
         super().__init__(resource, *args, **kwargs)
         self.max_body = max_body
 
-    def log(self, request: Request) -> None:
+    def log(self, request: http.Request) -> None:
         pass

@@ -18,7 +18,9 @@ import msgpack
 from twisted.application import service
 from twisted.internet import endpoints, protocol
 from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.interfaces import IAddress, IListeningPort
 
+from connmix_tx.reactors import IReactor, IStreamTransport
 from connmix_tx.tally import Snapshot
 
 SOCKET_SUFFIX = ".metrics"
@@ -32,13 +34,30 @@ def socket_path(directory: str, index: int) -> str:
 class _Expose(protocol.Protocol):
     """Writes the worker's snapshot and closes."""
 
+    transport: IStreamTransport
+
+    def __init__(self, snapshot: Callable[[], Snapshot]) -> None:
+        self.snapshot = snapshot
+
     def connectionMade(self) -> None:
-        self.transport.write(msgpack.packb(self.factory.snapshot(), use_bin_type=True))
+        self.transport.write(msgpack.packb(self.snapshot(), use_bin_type=True))
         self.transport.loseConnection()
+
+
+class _ExposeFactory(protocol.Factory):
+    """Serves ``snapshot()`` to every connection."""
+
+    def __init__(self, snapshot: Callable[[], Snapshot]) -> None:
+        self.snapshot = snapshot
+
+    def buildProtocol(self, addr: IAddress | None) -> _Expose:
+        return _Expose(self.snapshot)
 
 
 class _Read(protocol.Protocol):
     """Reads until the other side closes; ``done`` fires with the bytes."""
+
+    transport: IStreamTransport
 
     def __init__(self) -> None:
         self.parts: list[bytes] = []
@@ -55,14 +74,14 @@ class _Read(protocol.Protocol):
 class SiblingMetrics(service.Service):
     """Serves this worker's snapshot on ``w{index}.metrics`` and reads the siblings' sockets."""
 
-    def __init__(self, reactor: Any, directory: str, index: int, snapshot: Callable[[], Snapshot],
+    def __init__(self, reactor: IReactor, directory: str, index: int, snapshot: Callable[[], Snapshot],
                  timeout: float = FETCH_TIMEOUT) -> None:
         self.reactor = reactor
         self.directory = directory
         self.index = index
         self.snapshot = snapshot
         self.timeout = timeout
-        self._port: Any = None
+        self._port: IListeningPort | None = None
 
     def privilegedStartService(self) -> None:
         super().privilegedStartService()
@@ -71,9 +90,7 @@ class SiblingMetrics(service.Service):
             os.unlink(path)  # left by this worker's previous process
         except FileNotFoundError:
             pass
-        factory = protocol.Factory.forProtocol(_Expose)
-        factory.snapshot = self.snapshot  # type: ignore[attr-defined]
-        self._port = self.reactor.listenUNIX(path, factory, mode=0o600)
+        self._port = self.reactor.listenUNIX(path, _ExposeFactory(self.snapshot), mode=0o600)
 
     def stopService(self) -> Any:
         super().stopService()
@@ -99,7 +116,13 @@ class SiblingMetrics(service.Service):
 
         def connected(proto: _Read) -> Deferred:
             timer = self.reactor.callLater(self.timeout, proto.transport.abortConnection)
-            return proto.done.addBoth(lambda result: (timer.cancel() if timer.active() else None, result)[1])
+
+            def stop_timer(result: object) -> object:
+                if timer.active():
+                    timer.cancel()
+                return result
+
+            return proto.done.addBoth(stop_timer)
 
         result = connecting.addCallback(connected)
         return result.addCallbacks(_unpack, lambda failure: None)

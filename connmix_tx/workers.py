@@ -23,11 +23,13 @@ from typing import Any, Callable
 
 from twisted.application import service
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IProcessTransport, IReactorTime
 from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from connmix_tx.errors import FATAL_PREFIX
+from connmix_tx.reactors import IReactor
 from connmix_tx.supervisor import Supervisor, describe_status
 
 log = Logger(namespace="connmix.supervisor")
@@ -68,7 +70,7 @@ def report_ready() -> None:
 class ParentWatch(service.Service):
     """Calls ``gone`` once when the parent process changes (the supervisor died)."""
 
-    def __init__(self, clock: Any, gone: Callable[[], None], interval: float = 1.0,
+    def __init__(self, clock: IReactorTime, gone: Callable[[], None], interval: float = 1.0,
                  getppid: Callable[[], int] = os.getppid) -> None:
         self.getppid = getppid
         self.parent_pid = getppid()
@@ -116,6 +118,9 @@ class _LineBuffer:
 class WorkerProtocol(ProcessProtocol):
     """One worker process as the supervisor sees it."""
 
+    #: Set once the process is spawned.
+    transport: IProcessTransport
+
     def __init__(self, pool: "WorkerPool", index: int) -> None:
         self.pool = pool
         self.index = index
@@ -153,7 +158,7 @@ class WorkerPool(service.Service):
         self,
         count: int,
         argv: Callable[[int], list[str]],
-        reactor: Any,
+        reactor: IReactor,
         fatal: Callable[[int, str], None],
         relay_out: Callable[[str], None],
         relay_err: Callable[[str], None] | None = None,
@@ -167,6 +172,8 @@ class WorkerPool(service.Service):
         self.supervisor = Supervisor(count, self._spawn, reactor, fatal)
         #: The engine's private run directory (mode 0700), removed when the workers stopped.
         self.directory: str | None = None
+        #: The engine id every worker registers under (set by the supervisor part).
+        self.engine_id = ""
 
     def _spawn(self, index: int) -> Any:
         args = self.argv(index)

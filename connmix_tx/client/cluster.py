@@ -12,11 +12,11 @@ from __future__ import annotations
 import itertools
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence, cast
 
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.application.service import MultiService
-from twisted.internet.defer import Deferred, DeferredList, fail, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, DeferredList, FirstError, fail, maybeDeferred, succeed
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -28,6 +28,7 @@ from connmix_tx.client.wire import (
     ConnmixError, Credentials, EngineUnavailable, Event, address_of, engine_url, payload_params, reason_text,
 )
 from connmix_tx.ids import InvalidClientId, node_number_of, parse_client_id
+from connmix_tx.reactors import IReactor, global_reactor
 
 log = Logger(namespace="connmix.client")
 
@@ -57,7 +58,7 @@ class Client(MultiService):
         center_url: str | None = None,
         engines: Sequence[str] = (),
         credentials: Credentials | None = None,
-        reactor: Any = None,
+        reactor: IReactor | None = None,
         *,
         poll_interval: float = 10.0,
         request_timeout: float = 30.0,
@@ -71,11 +72,7 @@ class Client(MultiService):
         super().__init__()
         if (center_url is None) == (not engines):
             raise ValueError("give either center_url or engines")
-        if reactor is None:
-            from twisted.internet import reactor as default_reactor
-
-            reactor = default_reactor
-        self.reactor = reactor
+        self.reactor = reactor if reactor is not None else global_reactor()
         self.center_url = center_url
         self.credentials = credentials
         self.poll_interval = poll_interval
@@ -318,13 +315,13 @@ class Client(MultiService):
     def _opened(self, link: EngineLink, conn: ApiConnection) -> None:
         link.connection, link.last_error = conn, None
         log.info("api connection to engine {address} up", address=link.address)
+
+        def failed(failure: Failure, topics: object) -> None:
+            log.error("engine {address}: consume {topics} failed: {reason}",
+                      address=link.address, topics=topics, reason=reason_text(failure))
+
         for consumption in self._consumptions:
-            conn.call("queue.consume", consumption.params()).addErrback(
-                lambda f, topics=consumption.topics: log.error(
-                    "engine {address}: consume {topics} failed: {reason}",
-                    address=link.address, topics=topics, reason=reason_text(f),
-                )
-            )
+            conn.call("queue.consume", consumption.params()).addErrback(failed, consumption.topics)
         self._notify(link, True, None)
         self._check_ready()
 
@@ -437,7 +434,8 @@ class Client(MultiService):
 
 
 def _ignore_code(failure: Failure, code: int) -> Any:
-    if failure.check(ConnmixError) and failure.value.code == code:
+    error = failure.value
+    if isinstance(error, ConnmixError) and error.code == code:
         return None
     return failure
 
@@ -448,7 +446,8 @@ def _all_or_first_error(requests: list[Deferred]) -> Deferred:
         return succeed([])
 
     def unwrap(failure: Failure) -> Failure:
-        return failure.value.subFailure
+        # fireOnOneErrback: the list fails with a FirstError wrapping the first failure.
+        return cast(FirstError, failure.value).subFailure
 
     return DeferredList(requests, fireOnOneErrback=True, consumeErrors=True).addCallbacks(
         lambda results: [value for _, value in results], unwrap

@@ -17,7 +17,7 @@ from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientPr
 from twisted.application.internet import ClientService
 from twisted.internet import endpoints
 from twisted.internet.defer import CancelledError, Deferred, fail
-from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -26,6 +26,7 @@ from connmix_tx.client.wire import (
     Credentials, EngineUnavailable, Event, PendingRequests, address_of, basic_authorization, close_reason,
     parse_frame, reason_text,
 )
+from connmix_tx.reactors import IReactor
 
 log = Logger(namespace="connmix.client")
 
@@ -88,7 +89,9 @@ class ApiConnectionFactory(WebSocketClientFactory):
     optional callbacks.
     """
 
-    protocol = ApiConnection
+    # Autobahn derives from the unparameterised twisted ClientFactory, whose ``protocol`` must
+    # build a protocol typed with that base factory; ours is typed with its own factory class.
+    protocol = ApiConnection  # type: ignore[assignment]
     noisy = False
 
     def __init__(
@@ -96,7 +99,7 @@ class ApiConnectionFactory(WebSocketClientFactory):
         url: str,
         credentials: Credentials | None = None,
         *,
-        clock: Any,
+        clock: IReactorTime,
         request_timeout: float = 30.0,
         ping_interval: float = 20.0,
         on_open: Callable[[ApiConnection], Any] | None = None,
@@ -117,7 +120,7 @@ class ApiConnectionFactory(WebSocketClientFactory):
             failByDrop=False,
         )
 
-    def endpoint(self, reactor: Any, tls_options: Callable[[str], Any] | None = None) -> Any:
+    def endpoint(self, reactor: IReactor, tls_options: Callable[[str], Any] | None = None) -> Any:
         """The client endpoint for this URL (TLS for ``wss://``)."""
         endpoint = endpoints.HostnameEndpoint(reactor, self.host.encode("idna"), self.port)
         if not self.isSecure:
@@ -141,7 +144,7 @@ class ApiConnectionFactory(WebSocketClientFactory):
 
 
 def connect_api(
-    reactor: Any,
+    reactor: IReactor,
     url: str,
     credentials: Credentials | None = None,
     on_event: Callable[[ApiConnection, Event], Any] | None = None,

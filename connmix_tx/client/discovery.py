@@ -18,6 +18,7 @@ from twisted.web.http_headers import Headers
 
 from connmix_tx.client.wire import Credentials, EngineUnavailable, basic_authorization, reason_text
 from connmix_tx.ids import InvalidClientId, node_number_of, parse_client_id
+from connmix_tx.reactors import IReactor
 
 
 class RoutingTable:
@@ -58,7 +59,7 @@ class RoutingTable:
         return connected[0] if connected else None
 
 
-def fetch_nodes(reactor: Any, center_url: str, credentials: Credentials | None = None, timeout: float = 10.0) -> Deferred:
+def fetch_nodes(reactor: IReactor, center_url: str, credentials: Credentials | None = None, timeout: float = 10.0) -> Deferred:
     """``GET {center_url}/v1/nodes``; fires with the list of nodes.
 
     Fails with ``EngineUnavailable`` (naming the center) when it cannot be reached or answers

@@ -91,7 +91,11 @@ class PendingRequests:
         """A new request: its JSON frame and the Deferred of its result."""
         request_id = next(self._ids)
         frame = json.dumps({"method": method, "params": list(params), "id": request_id}, separators=(",", ":"))
-        waiting: Deferred = Deferred(lambda d: self._waiting.pop(request_id, None))
+
+        def cancel(_: Deferred) -> None:
+            self._waiting.pop(request_id, None)
+
+        waiting: Deferred = Deferred(cancel)
         self._waiting[request_id] = waiting
         return frame.encode(), waiting
 

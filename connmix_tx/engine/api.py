@@ -205,7 +205,9 @@ class ApiDispatcher:
         else:
             return None
         name = request.get(dialect.name_key)
-        method = dialect.method(name) if isinstance(name, str) else None
+        if not isinstance(name, str):
+            return None
+        method = dialect.method(name)
         if method not in FAST_METHODS:
             return None
         request_id = request.get(dialect.id_key)
@@ -221,9 +223,10 @@ class ApiDispatcher:
                 client_id, func, args = call_args(params)
                 op = ("call", client_id, func, args)
             target = self.router.route(client_id)
-            if target is None:  # here: the router runs it (and times it) at once
-                error = self.router.send(client_id, data, binary) if method == "mesh.send" \
-                    else self.router.call(client_id, func, args)
+            if target is None:  # here: run it (and time it) at once
+                local = self.router.local
+                error = local.send(client_id, data, binary) if method == "mesh.send" \
+                    else local.call(client_id, func, args)
             elif isinstance(target, str):
                 error = target
             else:
@@ -338,9 +341,10 @@ class ApiDispatcher:
             if set(spec) - {"queues", "ack"} or spec.get("ack", "auto") not in ("auto", "manual"):
                 raise ApiError(INVALID_PARAMS, 'invalid params: expected {"queues": [...], "ack": "auto"|"manual"}')
             manual = spec.get("ack") == "manual"
-            params = spec.get("queues")
-            if not isinstance(params, list):
+            queues = spec.get("queues")
+            if not isinstance(queues, list):
                 raise ApiError(INVALID_PARAMS, "invalid params: queues must be an array of topic names")
+            params = queues
         if not params or not all(valid_name(t) for t in params):
             raise ApiError(INVALID_PARAMS, "invalid params: expected one or more topic names")
         mine = self.queues.consumes(session)

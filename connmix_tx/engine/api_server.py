@@ -21,11 +21,12 @@ from __future__ import annotations
 
 from collections import deque
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any, Iterator, cast
 
 from autobahn.twisted.resource import WebSocketResource
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IAddress, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
@@ -43,6 +44,7 @@ from connmix_tx.meter import NULL_METER, ApiServerMeter
 from connmix_tx.engine.connections import peer_address
 from connmix_tx.engine.ws_settings import CLOSE_SLOW, WRITE_TIMEOUT, websocket_options
 from connmix_tx.later import now_or_later
+from connmix_tx.reactors import IStreamTransport, global_reactor
 from connmix_tx.web import METHOD_NOT_ALLOWED_BODY, JsonTree, QuietSite, json_response
 
 __all__ = ["ApiWebSocketFactory", "ApiWebSocketProtocol", "HttpApiMethod", "api_site", "buffered_bytes"]
@@ -54,6 +56,8 @@ class ApiWebSocketProtocol(WebSocketServerProtocol):
     """One back-end connection to ``/ws/v1``."""
 
     factory: "ApiWebSocketFactory"
+    #: Set once the connection is made; a connected stream (write, abort, pause reading).
+    transport: IStreamTransport
     session: ApiSession | None = None
     #: The user name the handshake was admitted as (set by the factory; docs/api.md, "Users").
     user: str | None = None
@@ -225,7 +229,9 @@ class ApiWebSocketProtocol(WebSocketServerProtocol):
 class ApiWebSocketFactory(WebSocketServerFactory):
     """Shared state of the ``/ws/v1`` connections."""
 
-    protocol = ApiWebSocketProtocol
+    # Autobahn derives from the unparameterised twisted ServerFactory, whose ``protocol`` must
+    # build a protocol typed with that base factory; ours are typed with their own factory class.
+    protocol = ApiWebSocketProtocol  # type: ignore[assignment]
     noisy = False
 
     def __init__(
@@ -235,16 +241,14 @@ class ApiWebSocketFactory(WebSocketServerFactory):
         queues: QueueManager,
         node_id: str,
         meter: ApiServerMeter = NULL_METER,
-        clock: Any = None,
+        clock: IReactorTime | None = None,
     ) -> None:
         super().__init__(server="connmix")
         self.dispatcher = dispatcher
         self.queues = queues
         self.node_id = node_id
         self.meter = meter
-        if clock is None:
-            from twisted.internet import reactor as clock
-        self.write_watch = WriteWatch(clock)
+        self.write_watch = WriteWatch(clock if clock is not None else global_reactor())
         self.open_protocols: set[ApiWebSocketProtocol] = set()
         #: The Site serving this factory (set by ``api_site``): its HTTP timeout follows readTimeout.
         self.site: Site | None = None
@@ -266,8 +270,9 @@ class ApiWebSocketFactory(WebSocketServerFactory):
         if self.site is not None:
             self.site.timeOut = config.read_timeout or None
 
-    def buildProtocol(self, addr: Any) -> ApiWebSocketProtocol:
-        proto = super().buildProtocol(addr)
+    # The same unparameterised base: it returns the base protocol type, ours is narrower.
+    def buildProtocol(self, addr: IAddress) -> ApiWebSocketProtocol:  # type: ignore[override]
+        proto = cast(ApiWebSocketProtocol, super().buildProtocol(addr))
         proto.user = self._handshake_user
         return proto
 

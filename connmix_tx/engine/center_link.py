@@ -14,11 +14,12 @@ from typing import Any, Callable
 from twisted.application import service
 from twisted.application.internet import ClientService
 from twisted.internet.defer import Deferred, inlineCallbacks
-from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
+from twisted.internet.interfaces import IDelayedCall, IProtocolFactory, IReactorTime, IStreamClientEndpoint
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.spread import pb
+from zope.interface import implementer
 
 from connmix_tx.errors import EXIT_REGISTER
 from connmix_tx.pb import ENGINE_USER, BrokerFactory, is_refusal, login, reason_text, retry_delay
@@ -38,6 +39,13 @@ class _NodeListMind(pb.Referenceable):
         self.on_nodes(list(nodes))
 
 
+def _drop(broker: pb.Broker) -> None:
+    """Close the connection of a broker (connected: a login ran over it)."""
+    if broker.transport is not None:
+        broker.transport.loseConnection()
+
+
+@implementer(IStreamClientEndpoint)
 class _RecordingEndpoint:
     """Wraps the registry endpoint to remember why the last connection attempt failed."""
 
@@ -45,7 +53,7 @@ class _RecordingEndpoint:
         self.inner = inner
         self.link = link
 
-    def connect(self, factory: Any) -> Deferred:
+    def connect(self, factory: IProtocolFactory) -> Deferred:
         return self.inner.connect(factory).addErrback(self.link._connect_failed)
 
 
@@ -79,7 +87,7 @@ class CenterLink(service.Service):
         self.address = ""
         self._avatar: Any = None
         self._client: ClientService | None = None
-        self._deadline: Any = None
+        self._deadline: IDelayedCall | None = None
         self._last_error = "no answer"
         self._last_warning = -WARN_EVERY
         self._refusals = 0
@@ -143,10 +151,10 @@ class CenterLink(service.Service):
             if is_refusal(failure):
                 self._refusals += 1
                 self._refused(self._last_error)
-            broker.transport.loseConnection()
+            _drop(broker)
             return
         if self._client is None:
-            broker.transport.loseConnection()
+            _drop(broker)
             return
         self._refusals = 0
         self._avatar = avatar

@@ -29,6 +29,7 @@ import msgpack
 from twisted.application.internet import ClientService
 from twisted.internet import endpoints
 from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -38,6 +39,7 @@ from connmix_tx.engine.connections import CLIENT_NOT_FOUND, ENCODE_FAILED, SLOW_
 from connmix_tx.engine.router import NODE_UNAVAILABLE
 from connmix_tx.meter import NULL_METER, MeshMeter
 from connmix_tx.pb import BrokerFactory, login, reason_text, retry_delay
+from connmix_tx.reactors import IReactor
 
 log = Logger(namespace="connmix.mesh")
 
@@ -106,7 +108,7 @@ class MeshLink:
 
     def __init__(
         self,
-        reactor: Any,
+        reactor: IReactor,
         node: dict[str, Any],
         own_node_id: str,
         secret: str,
@@ -134,7 +136,7 @@ class MeshLink:
         self._queue: deque[int] = deque()
         self._in_flight = 0
         self._avatar: Any = None
-        self._flush_call: Any = None
+        self._flush_call: IDelayedCall | None = None
         self._last_sent = 0.0
         self._last_reply = 0.0
         self._client: ClientService | None = None
@@ -265,7 +267,8 @@ class MeshLink:
     def _flush(self) -> None:
         self._flush_call = None
         while self._queue and self.state == UP and self._in_flight < MAX_IN_FLIGHT:
-            batch, parts, size = _Batch(sent=self.reactor.seconds()), [], 0
+            batch, size = _Batch(sent=self.reactor.seconds()), 0
+            parts: list[bytes] = []
             while self._queue:
                 op = self._ops.get(self._queue[0])
                 if op is None:  # timed out while queued

@@ -110,8 +110,9 @@ class Watched(Protocol):
     """A connection a ``WriteWatch`` can look after."""
 
     transport: Any
-    #: The connection's ``writeTimeout`` (fixed when it was accepted: a "new conns" key).
-    write_timeout: float
+    @property
+    def write_timeout(self) -> float:
+        """The connection's ``writeTimeout`` (fixed when it was accepted: a "new conns" key)."""
 
     def write_timed_out(self) -> None:
         """Called once when the queue made no progress for ``write_timeout`` seconds."""

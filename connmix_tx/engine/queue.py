@@ -22,6 +22,7 @@ from __future__ import annotations
 from collections import OrderedDict, deque
 from typing import Protocol
 
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
@@ -187,8 +188,11 @@ class QueueManager:
 
     # Lua side ------------------------------------------------------------------------------
 
-    def push(self, topic: str, client_id: str, data: bytes) -> int:
-        """Store one message; return how many wait in the topic now.  Raise QueueError."""
+    def push(self, topic: str, client_id: str, data: bytes) -> int | Deferred[bool]:
+        """Store one message; return how many wait in the topic now.  Raise QueueError.
+
+        A backend that stores elsewhere (redis) answers later: a Deferred firing True once stored.
+        """
         try:
             entry = self.topics.get(topic)
             if entry is None:

@@ -35,7 +35,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IDelayedCall, IReactorTime, IStreamClientEndpoint
+from twisted.internet.interfaces import IDelayedCall, IStreamClientEndpoint
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -48,6 +48,7 @@ from connmix_tx.engine.redis_link import RedisLink
 from connmix_tx.lua.redis import RedisError, ReplyError
 from connmix_tx.meter import NULL_METER, QueueMeter
 from connmix_tx.names import valid_name
+from connmix_tx.reactors import IReactor
 
 log = Logger(namespace="connmix.queue")
 
@@ -72,7 +73,7 @@ class RedisQueueManager(QueueManager):
 
     def __init__(
         self,
-        clock: IReactorTime,
+        clock: IReactor,
         redis: RedisConfig,
         consumer_name: str,
         topic_size: int = 2000,
@@ -145,7 +146,7 @@ class RedisQueueManager(QueueManager):
 
     # Lua side ------------------------------------------------------------------------------
 
-    def push(self, topic: str, client_id: str, data: bytes) -> Deferred:  # type: ignore[override]
+    def push(self, topic: str, client_id: str, data: bytes) -> Deferred[bool]:
         """Store one message in the topic's stream; fires True, fails with QueueError."""
         d: Deferred = Deferred()
         if not valid_name(topic):

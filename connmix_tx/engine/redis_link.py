@@ -25,6 +25,7 @@ from twisted.python.failure import Failure
 from connmix_tx.config import RedisConfig
 from connmix_tx.lua.http import network_error
 from connmix_tx.lua.redis import RedisError, RedisProtocol, ReplyError
+from connmix_tx.reactors import IReactor
 
 log = Logger(namespace="connmix.queue")
 
@@ -40,7 +41,7 @@ class RedisLink:
     def __init__(
         self,
         config: RedisConfig,
-        reactor: Any,
+        reactor: IReactor,
         prepare: Callable[[], list[list[bytes]]] = list,
         on_up: Callable[[], None] = lambda: None,
         on_down: Callable[[], None] = lambda: None,

@@ -13,12 +13,15 @@ from collections import deque
 from typing import Any, Callable
 
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from connmix_tx.engine.connections import ClientConnection, peer_address
+from connmix_tx.engine.connections import ClientConnection, ConnectionRegistry, peer_address
 from connmix_tx.engine.outbound import WriteWatch
 from connmix_tx.engine.timeouts import IdleWheel
+from connmix_tx.ids import Snowflake
 from connmix_tx.lua.runtime import Script
+from connmix_tx.meter import ServerMeter
 
 log = Logger(namespace="connmix.lua")
 
@@ -212,7 +215,13 @@ class ProtocolServerFactory:
     """
 
     def share(
-        self, script: Any, connections: Any, ids: Any, clock: Any, meter: Any, read_timeout: float
+        self,
+        script: Script,
+        connections: ConnectionRegistry,
+        ids: Snowflake,
+        clock: IReactorTime,
+        meter: ServerMeter,
+        read_timeout: float,
     ) -> None:
         self.script = script
         self.connections = connections

@@ -154,9 +154,9 @@ class SiblingQueues:
         return topics
 
     def ack(self, consumer: Any, topic: str, ids: list[str]) -> int:
-        held = self._held.get(consumer, {}).get(topic)
-        remote = [i for i in ids if held and i in held]
-        local = [i for i in ids if not held or i not in held] if remote else ids
+        held = self._held.get(consumer, {}).get(topic) or {}
+        remote = [i for i in ids if i in held]
+        local = [i for i in ids if i not in held] if remote else ids
         count = self.queues.ack(consumer, topic, local)  # raises QueueError when not consumed
         by_sibling: dict[tuple[str, int], list[str]] = defaultdict(list)
         for message_id in remote:

@@ -16,7 +16,7 @@ too.  As on websocket servers, a connection keeps the settings it was accepted w
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeGuard
 
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IReactorTime
@@ -38,6 +38,7 @@ from connmix_tx.engine.ws_settings import WRITE_TIMEOUT
 from connmix_tx.meter import NULL_METER, ServerMeter
 from connmix_tx.ids import Snowflake
 from connmix_tx.lua.runtime import Script, ScriptError
+from connmix_tx.reactors import IStreamTransport
 
 log = Logger(namespace="connmix.server")
 lua_log = Logger(namespace="connmix.lua")
@@ -53,6 +54,8 @@ class SocketServerProtocol(Protocol):
     """One end-user TCP connection of a socket server; implements ``ClientTransport``."""
 
     factory: "SocketServerFactory"
+    #: Set once the connection is made; a connected stream (write, abort, pause reading).
+    transport: IStreamTransport
     conn: ClientConnection | None = None
     session: CallbackSession | None = None
     last_received = 0.0
@@ -346,7 +349,7 @@ class SocketServerProtocol(Protocol):
         return None
 
 
-def _is_integer(value: object) -> bool:
+def _is_integer(value: object) -> TypeGuard[int | float]:
     if isinstance(value, bool):
         return False
     if isinstance(value, int):
@@ -362,7 +365,7 @@ def _describe(value: object) -> str:
     return repr(value)
 
 
-class SocketServerFactory(ProtocolServerFactory, Factory):
+class SocketServerFactory(ProtocolServerFactory, Factory[SocketServerProtocol]):
     """Everything the connections of one ``protocol: socket`` server share."""
 
     protocol = SocketServerProtocol
@@ -375,7 +378,7 @@ class SocketServerFactory(ProtocolServerFactory, Factory):
         connections: ConnectionRegistry,
         ids: Snowflake,
         clock: IReactorTime,
-        meter: Any = None,
+        meter: ServerMeter | None = None,
     ) -> None:
         self.config = config
         self.share(script, connections, ids, clock, meter if meter is not None else NULL_METER,

@@ -21,7 +21,9 @@ from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerPr
 from autobahn.websocket.types import ConnectionDeny
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from connmix_tx.config import ServerConfig
 from connmix_tx.engine.connections import (
@@ -127,7 +129,7 @@ class ClientWebSocketProtocol(WebSocketServerProtocol):
         self.last_received = factory.clock.seconds()
         self.wheel.watch(self)
 
-    def connectionLost(self, reason: Any) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.factory.open_protocols.discard(self)
         self.factory.write_watch.forget(self)
         super().connectionLost(reason)
@@ -168,7 +170,9 @@ class ClientWebSocketProtocol(WebSocketServerProtocol):
                 return False
         return True
 
-    def onConnect(self, request: Any) -> Deferred:
+    # Autobahn runs onConnect through txaio.as_future and accepts a Deferred, but types the
+    # result as the accepted subprotocol only.
+    def onConnect(self, request: Any) -> Deferred:  # type: ignore[override]
         factory = self.factory
         path = factory.path
         if path != "/" and not request.path.startswith(path):
@@ -351,7 +355,9 @@ class ClientWebSocketProtocol(WebSocketServerProtocol):
 class ClientWebSocketFactory(ProtocolServerFactory, WebSocketServerFactory):
     """Everything the connections of one ``protocol: websocket`` server share."""
 
-    protocol = ClientWebSocketProtocol
+    # Autobahn derives from the unparameterised twisted ServerFactory, whose ``protocol`` must
+    # build a protocol typed with that base factory; ours are typed with their own factory class.
+    protocol = ClientWebSocketProtocol  # type: ignore[assignment]
     noisy = False
 
     def __init__(
@@ -361,7 +367,7 @@ class ClientWebSocketFactory(ProtocolServerFactory, WebSocketServerFactory):
         connections: ConnectionRegistry,
         ids: Snowflake,
         clock: IReactorTime,
-        meter: Any = None,
+        meter: ServerMeter | None = None,
     ) -> None:
         WebSocketServerFactory.__init__(self, server="connmix")
         self.share(script, connections, ids, clock, meter if meter is not None else NULL_METER,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import codecs
 import json
 import math
-from typing import Any
+from typing import Any, Iterable, Protocol, TypeGuard
 
 from lupa import luajit21 as lupa
 
@@ -75,6 +75,21 @@ def _key(key: object) -> str:
     raise ConvertError(f"cannot use a {lupa.lua_type(key) or type(key).__name__} as an object key")
 
 
+class LuaTable(Protocol):
+    """A Lua table handed to Python (lupa's ``_LuaTable``: lupa ships no types)."""
+
+    def items(self) -> Iterable[tuple[Any, Any]]:
+        """Its key / value pairs, in traversal order."""
+
+    def __getitem__(self, key: Any) -> Any:
+        """The value at ``key`` (None when absent)."""
+
+
+def is_table(value: object) -> TypeGuard[LuaTable]:
+    """True for a Lua table."""
+    return bool(lupa.lua_type(value) == "table")
+
+
 def lua_type_name(value: object) -> str:
     """The Lua type name of a value handed to Python (for Lua-style argument errors)."""
     if value is None:
@@ -110,8 +125,8 @@ def _lua_to_py(value: object, _depth: int, _seen: frozenset[str], _left: list[in
         return _text(value)
     if isinstance(value, (int, float)):
         return _number(value)
-    kind = lupa.lua_type(value)
-    if kind != "table":
+    if not is_table(value):
+        kind = lupa.lua_type(value)
         raise ConvertError(f"cannot encode a {kind or type(value).__name__}")
     if _depth >= MAX_DEPTH:
         raise ConvertError(f"nesting deeper than {MAX_DEPTH}")
@@ -122,7 +137,7 @@ def _lua_to_py(value: object, _depth: int, _seen: frozenset[str], _left: list[in
     if _left[0] < 0:
         raise ConvertError(f"value too large (more than {MAX_NODES} tables)")
     seen = _seen | {identity}
-    items = list(value.items())  # type: ignore[attr-defined]
+    items = list(value.items())
     if not items:
         return []
     n = len(items)
@@ -131,12 +146,12 @@ def _lua_to_py(value: object, _depth: int, _seen: frozenset[str], _left: list[in
         for k, v in items:
             result[k - 1] = _lua_to_py(v, _depth + 1, seen, _left)
         return result
-    result: dict[str, Any] = {}
+    mapping: dict[str, Any] = {}
     for k, v in items:
         name = _key(k)
-        if name not in result:  # {[1]=..., ["1"]=...}: the first in traversal order wins
-            result[name] = _lua_to_py(v, _depth + 1, seen, _left)
-    return result
+        if name not in mapping:  # {[1]=..., ["1"]=...}: the first in traversal order wins
+            mapping[name] = _lua_to_py(v, _depth + 1, seen, _left)
+    return mapping
 
 
 def _identity(table: object) -> str:

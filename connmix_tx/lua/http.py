@@ -19,14 +19,14 @@ from __future__ import annotations
 
 import base64
 import re
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlsplit
 
-from lupa import luajit21 as lupa
 from treq.client import HTTPClient
 from twisted.internet import error as net
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.protocol import Protocol
+from twisted.internet.interfaces import IPushProducer
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
 from twisted.web import error as web_error
 from twisted.web.client import (
@@ -38,9 +38,11 @@ from twisted.web.client import (
     ResponseNeverReceived,
 )
 from twisted.web.http import PotentialDataLoss
+from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
 
-from connmix_tx.lua.convert import lua_type_name
+from connmix_tx.lua.convert import is_table, lua_type_name
+from connmix_tx.reactors import IReactor
 
 #: Largest response body read into Lua (docs/lua-api.md, "HTTP client").
 MAX_BODY = 8 * 1024 * 1024
@@ -81,10 +83,10 @@ def _string(value: object, what: str) -> bytes:
 
 def _pairs(value: object, what: str) -> list[tuple[bytes, bytes]]:
     """A table of name -> string as a sorted list of pairs (deterministic header order)."""
-    if lupa.lua_type(value) != "table":
+    if not is_table(value):
         raise _bad(what, "table", value)
     pairs = []
-    for key, item in value.items():  # type: ignore[union-attr]
+    for key, item in value.items():
         name = _string(key, what)
         pairs.append((name, _string(item, f"{what}.{name.decode('utf-8', 'replace')}")))
     return sorted(pairs)
@@ -119,9 +121,9 @@ class Request:
         self.auth: tuple[bytes, bytes] | None = None
         if options is None:
             return
-        if lupa.lua_type(options) != "table":
+        if not is_table(options):
             raise _bad("3", "table", options)
-        given = dict(options.items())  # type: ignore[union-attr]
+        given = dict(options.items())
         for name in given:
             if name is None or not isinstance(name, bytes) or name.decode("utf-8", "replace") not in OPTIONS:
                 shown = name.decode("utf-8", "replace") if isinstance(name, bytes) else str(name)
@@ -149,7 +151,7 @@ class Request:
             self.timeout = parse_timeout(given[b"timeout"])
         if given.get(b"auth") is not None:
             auth = given[b"auth"]
-            if lupa.lua_type(auth) != "table":
+            if not is_table(auth):
                 raise _bad("auth", "table", auth)
             self.auth = (
                 _string(auth[b"username"], "auth.username"),
@@ -200,7 +202,7 @@ class _BodyReader(Protocol):
             return
         self.parts.append(data)
 
-    def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self.done.called:
             return
         if reason.check(ResponseDone, PotentialDataLoss):
@@ -213,7 +215,8 @@ class _BodyReader(Protocol):
 
     def _abort(self) -> None:
         if self.transport is not None:
-            self.transport.stopProducing()
+            # deliverBody connects this protocol to the response's producer, not to a socket.
+            cast(IPushProducer, self.transport).stopProducing()
 
 
 def _headers(response: IResponse) -> dict[bytes, bytes]:
@@ -263,8 +266,9 @@ def network_error(failure: Failure) -> str:
         return f"stopped after {MAX_REDIRECTS} redirects"
     if failure.check(web_error.RedirectWithNoLocation):
         return "redirect without location"
-    text = failure.getErrorMessage().strip() or failure.type.__name__
-    if "SSL" in failure.type.__name__ or "ssl" in text.lower() or "certificate" in text.lower():
+    kind = failure.type.__name__ if failure.type is not None else ""
+    text = failure.getErrorMessage().strip() or kind
+    if "SSL" in kind or "ssl" in text.lower() or "certificate" in text.lower():
         return f"tls: {text}"
     return text
 
@@ -275,7 +279,7 @@ def network_error(failure: Failure) -> str:
 class HttpClient:
     """The HTTP client of one engine: a connection pool shared by every script."""
 
-    def __init__(self, reactor: Any, max_body: int = MAX_BODY) -> None:
+    def __init__(self, reactor: IReactor, max_body: int = MAX_BODY) -> None:
         self.reactor = reactor
         self.max_body = max_body
         self.pool = HTTPConnectionPool(reactor, persistent=True)
@@ -310,8 +314,10 @@ class HttpClient:
         timed_out = []
         try:
             sending = client.request(
-                request.method.decode("ascii"), request.url, headers=headers, data=request.body,
-                allow_redirects=False, unbuffered=True, reactor=self.reactor,
+                request.method.decode("ascii"), request.url, headers=Headers(headers), data=request.body,
+                # treq types its reactor as its private _ITreqReactor (TCP, time and name
+                # resolution), which IReactor extends but does not name.
+                allow_redirects=False, unbuffered=True, reactor=self.reactor,  # type: ignore[arg-type]
             )
         except (ValueError, UnicodeError) as e:  # hyperlink / idna refuse the URL
             sending = Deferred()
@@ -365,7 +371,9 @@ class HttpClient:
 def _redirect_not_followed(failure: Failure) -> Any:
     """A 307/308 answer to a method that must not be redirected is the response itself."""
     failure.trap(ResponseFailed)
-    response = getattr(failure.value, "response", None)
-    if response is not None and any(r.check(web_error.PageRedirect) for r in failure.value.reasons):
+    error = failure.value
+    response = getattr(error, "response", None)
+    if response is not None and isinstance(error, ResponseFailed) \
+            and any(r.check(web_error.PageRedirect) for r in error.reasons):
         return response
     return failure

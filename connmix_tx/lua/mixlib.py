@@ -12,7 +12,6 @@ from typing import Any, Callable
 
 from lupa import luajit21 as lupa
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
@@ -26,6 +25,7 @@ from connmix_tx.lua.convert import ConvertError, json_to_lua, lua_to_py, py_to_l
 from connmix_tx.lua.http import HttpClient, HttpError
 from connmix_tx.lua.redis import RedisError, RedisPools, ReplyError
 from connmix_tx.lua.runtime import Script
+from connmix_tx.reactors import IReactor
 
 log = Logger(namespace="connmix.lua")
 
@@ -71,7 +71,7 @@ class MixLibrary:
         connections: ConnectionRegistry,
         router: Router,
         queues: QueueManager,
-        clock: IReactorTime,
+        clock: IReactor,
         options: dict[str, str],
         http: HttpClient | None = None,
         redis: RedisPools | None = None,

@@ -11,7 +11,7 @@ import math
 import re
 import struct
 import sys
-from typing import Any
+from typing import Any, Literal
 
 from connmix_tx.lua.args import number_arg, string_arg
 
@@ -21,10 +21,10 @@ __all__ = ["MAX_PACK_SIZE", "php_pack", "php_unpack"]
 MAX_PACK_SIZE = 64 * 1024 * 1024
 _INT_MAX = 2**31 - 1
 
-_MACHINE = sys.byteorder
+_MACHINE: Literal["little", "big"] = sys.byteorder
 #: Integer codes: size in bytes, byte order, signed when unpacked.  PHP integers are 64-bit signed,
 #: so the 64-bit codes all unpack as signed (Q/J/P >= 2^63 come back negative, as in PHP).
-_INTEGERS: dict[str, tuple[int, str, bool]] = {
+_INTEGERS: dict[str, tuple[int, Literal["little", "big"], bool]] = {
     "c": (1, "little", True), "C": (1, "little", False),
     "s": (2, _MACHINE, True), "S": (2, _MACHINE, False), "n": (2, "big", False), "v": (2, "little", False),
     "i": (4, _MACHINE, True), "I": (4, _MACHINE, False),
@@ -145,7 +145,7 @@ def _pack(fmt: bytes, args: tuple[object, ...]) -> bytes:
             size, order, _ = _INTEGERS[code]
             for k in range(first, first + count):
                 value64 = _to_int64(number_arg(args[k], k + 2, "php_pack"))
-                put((value64 & ((1 << 8 * size) - 1)).to_bytes(size, order))  # type: ignore[arg-type]
+                put((value64 & ((1 << 8 * size) - 1)).to_bytes(size, order))
         elif code in _FLOATS:
             for k in range(first, first + count):
                 put(_pack_float(_FLOATS[code], float(number_arg(args[k], k + 2, "php_pack"))))
@@ -254,7 +254,7 @@ def _unpack(fmt: bytes, data: bytes) -> dict:
                     result[key] = struct.unpack(_FLOATS[code], chunk)[0]
                 else:
                     _, order, signed = _INTEGERS[code]
-                    result[key] = int.from_bytes(chunk, order, signed=signed)  # type: ignore[arg-type]
+                    result[key] = int.from_bytes(chunk, order, signed=signed)
             pos += size
             number += 1
     return result

@@ -27,18 +27,19 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import hiredis
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.interfaces import IDelayedCall, IStreamClientEndpoint
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from connmix_tx.config import RedisConfig
 from connmix_tx.lua.http import network_error
+from connmix_tx.reactors import IReactor, IStreamTransport
 
 log = Logger(namespace="connmix.redis")
 
@@ -79,7 +80,7 @@ class RespParser:
         """Add received bytes; return the replies they complete, in order.  Raise ProtocolError."""
         reader = self._reader
         reader.feed(data)
-        replies = []
+        replies: list[Reply] = []
         while True:
             reply = reader.gets()
             if reply is False:
@@ -97,6 +98,9 @@ def encode_command(args: Sequence[bytes]) -> bytes:
 
 class RedisProtocol(Protocol):
     """One connection: commands go out, replies come back in the same order."""
+
+    #: Set once the connection is made; a connected stream (write, abort, pause reading).
+    transport: IStreamTransport
 
     def __init__(self) -> None:
         self.parser = RespParser()
@@ -123,7 +127,7 @@ class RedisProtocol(Protocol):
         """Send several commands in one write; one Deferred per command, as ``execute``."""
         if not self.open:
             return [_failed(RedisError("redis: connection lost")) for _ in commands]
-        results = [Deferred() for _ in commands]
+        results: list[Deferred] = [Deferred() for _ in commands]
         self.pending.extend(results)
         self.transport.write(b"".join(encode_command(args) for args in commands))
         return results
@@ -152,7 +156,7 @@ class RedisProtocol(Protocol):
             if not d.called:
                 d.callback(reply)
 
-    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.open = False
         self.lost = reason
         pending, self.pending = self.pending, deque()
@@ -184,7 +188,7 @@ class RedisPool:
     def __init__(
         self,
         config: RedisConfig,
-        reactor: Any,
+        reactor: IReactor,
         timeout: float = COMMAND_TIMEOUT,
         endpoint: IStreamClientEndpoint | None = None,
     ) -> None:
@@ -230,7 +234,8 @@ class RedisPool:
 
     def _open(self, command: _Command) -> None:
         self.opening += 1
-        connecting = self.endpoint.connect(Factory.forProtocol(RedisProtocol))
+        # The endpoint fires with the protocol the factory built.
+        connecting = cast("Deferred[RedisProtocol]", self.endpoint.connect(Factory.forProtocol(RedisProtocol)))
         connecting.addCallback(self._prepare)
 
         def opened(conn: RedisProtocol) -> None:
@@ -267,8 +272,12 @@ class RedisPool:
             steps.append([b"SELECT", b"%d" % self.config.db])
         d: Deferred = Deferred()
         d.callback(None)
+
+        def run(_: object, step: list[bytes]) -> Deferred:
+            return conn.execute(step)
+
         for step in steps:
-            d.addCallback(lambda _, step=step: conn.execute(step))
+            d.addCallback(run, step)
             d.addCallback(_raise_reply_error)
         timer = self.reactor.callLater(self.timeout, conn.abort)
 
@@ -379,7 +388,7 @@ def _raise_reply_error(reply: Reply) -> Reply:
 class RedisPools:
     """The pools of ``engine.luavm.redis``, by name; each opens its connections on first use."""
 
-    def __init__(self, configs: Iterable[RedisConfig], reactor: Any, timeout: float = COMMAND_TIMEOUT) -> None:
+    def __init__(self, configs: Iterable[RedisConfig], reactor: IReactor, timeout: float = COMMAND_TIMEOUT) -> None:
         self.configs = {c.name: c for c in configs}
         self.reactor = reactor
         self.timeout = timeout

@@ -12,8 +12,8 @@ until the files change once more.  The poll runs on an injected clock.
 from __future__ import annotations
 
 import os
-from typing import Any
 
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
@@ -37,7 +37,7 @@ def _stamp(path: str) -> tuple[float, int] | None:
 class HotReloader:
     """Reloads one server's script when its files change; ``interval`` 0 = off."""
 
-    def __init__(self, script: Script, clock: Any, interval: float, meter: ReloadMeter = NULL_METER) -> None:
+    def __init__(self, script: Script, clock: IReactorTime, interval: float, meter: ReloadMeter = NULL_METER) -> None:
         self.meter = meter
         self.script = script
         self.clock = clock

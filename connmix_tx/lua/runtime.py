@@ -130,7 +130,7 @@ class Script:
         if limit_address is None:
             log.warn("lua memory limit cannot be split; the script may use the headroom too")
 
-        host = dict(functions)
+        host: dict[str, Any] = dict(functions)  # and server_kind, a byte string
         if "valid_utf8" in host:
             host["valid_utf8"] = self._sized(host["valid_utf8"])
         host.update(
@@ -150,7 +150,12 @@ class Script:
         ), limit_address)
         base = self.runtime.get_memory_used(total=True) - self.runtime.get_memory_used()
         self._engine.set_memory_limits(base + self.budget, base + self.budget + HEADROOM)
-        _SCRIPTS[id(self.runtime)] = weakref.ref(self, lambda _, key=id(self.runtime): _SCRIPTS.pop(key, None))
+        key = id(self.runtime)
+
+        def gone(_: object) -> None:
+            _SCRIPTS.pop(key, None)
+
+        _SCRIPTS[key] = weakref.ref(self, gone)
         self._resume = self._engine.resume
         self._start = self._engine.start
         self._start_message = self._engine.start_message
@@ -413,6 +418,7 @@ class Script:
         if wait.co is None:
             return  # fired before the coroutine yielded; _outcome picks it up
         del self._waits[token]
+        assert wait.cid is not None and wait.done is not None  # set with co when it yielded
         if self._depth:
             # Never resume one coroutine from inside another's run-slice.
             self._clock.callLater(0, self._resume_with, wait.co, wait.cid, wait.result, wait.done)

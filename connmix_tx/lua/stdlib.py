@@ -18,10 +18,8 @@ import binascii
 import hashlib
 from typing import Any, Callable
 
-from lupa import luajit21 as lupa
-
 from connmix_tx.lua.args import bad_argument, string_arg
-from connmix_tx.lua.convert import lua_type_name, py_to_lua
+from connmix_tx.lua.convert import is_table, lua_type_name, py_to_lua
 from connmix_tx.lua.go_url import parse_url
 from connmix_tx.lua.php_pack import php_pack, php_unpack
 
@@ -81,9 +79,9 @@ def bytes_tostring(values: object = None) -> bytes:
 
     Every key must be one of ``1..n`` and every value an integer 0..255; anything else raises.
     """
-    if lupa.lua_type(values) != "table":
+    if not is_table(values):
         raise bad_argument(1, "bytes_tostring", "table", values)
-    items = dict(values.items())  # type: ignore[attr-defined]
+    items = dict(values.items())
     out = bytearray(len(items))
     for key, value in items.items():
         if not isinstance(key, int) or isinstance(key, bool) or not 1 <= key <= len(items):

@@ -8,8 +8,6 @@ on SIGHUP except the access control, which the root owns and the center API read
 
 from __future__ import annotations
 
-from typing import Any
-
 from twisted.application import service
 from twisted.logger import Logger
 
@@ -21,6 +19,7 @@ from connmix_tx.config import Config
 from connmix_tx.listeners import Listener
 from connmix_tx.lua.runtime import lua_version
 from connmix_tx.metrics import CenterMeter, MetricsResource, own
+from connmix_tx.reactors import IReactor
 
 
 class RegistryHeartbeat(service.Service):
@@ -43,7 +42,7 @@ class RegistryHeartbeat(service.Service):
 class CenterPart(service.MultiService):
     """Registry (PB) and center HTTP API."""
 
-    def __init__(self, config: Config, reactor: Any, access: AccessControl) -> None:
+    def __init__(self, config: Config, reactor: IReactor, access: AccessControl) -> None:
         super().__init__()
         self.setName("center")
         cluster = config.cluster

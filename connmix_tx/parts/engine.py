@@ -46,8 +46,9 @@ from connmix_tx.lua.http import HttpClient
 from connmix_tx.lua.redis import RedisPools
 from connmix_tx.lua.runtime import lua_version
 from connmix_tx.metrics import EngineMeter, MetricsResource, own
-from connmix_tx.parts.servers import ProtocolServer
+from connmix_tx.parts.servers import ProtocolServer, ServerFactory
 from connmix_tx.pb import GuardedPBServerFactory, LoggingPortal, SecretChecker
+from connmix_tx.reactors import IReactor
 from connmix_tx.tls import client_endpoint
 from connmix_tx.worker_metrics import SiblingMetrics
 from connmix_tx.workers import WorkerRole
@@ -59,7 +60,7 @@ mesh_log = Logger(namespace="connmix.mesh")
 api_log = Logger(namespace="connmix.api")
 
 
-def _queues(config: Config, reactor: Any, node_id: str, meter: Any) -> QueueManager:
+def _queues(config: Config, reactor: IReactor, node_id: str, meter: Any) -> QueueManager:
     """The queue manager of the configured backend (docs/queues.md)."""
     luavm = config.engine.luavm
     queue = luavm.queue
@@ -94,7 +95,7 @@ class QueueService(service.Service):
 class MeshPeersService(service.Service):
     """The mesh links to the other engines of the center's node list; closed on stop."""
 
-    def __init__(self, config: Config, reactor: Any, node_id: str, metrics: EngineMeter) -> None:
+    def __init__(self, config: Config, reactor: IReactor, node_id: str, metrics: EngineMeter) -> None:
         self.setName("mesh-peers")
         self.config = config
         self.reactor = reactor
@@ -123,7 +124,7 @@ class MeshPeersService(service.Service):
 class LuaClients(service.Service):
     """The HTTP client and Redis pools every script of the engine shares (lazy); closed on stop."""
 
-    def __init__(self, config: Config, reactor: Any) -> None:
+    def __init__(self, config: Config, reactor: IReactor) -> None:
         self.setName("lua-clients")
         self.http = HttpClient(reactor)
         self.redis = RedisPools(config.engine.luavm.redis, reactor)
@@ -151,9 +152,10 @@ def watch_engine(meter: EngineMeter, engine: EnginePart) -> None:
     meter.gauge("connmix_engine_queue_consumers", "Consumers", topics(lambda t: len(t.consumers)), ("topic",))
     meter.gauge("connmix_engine_queue_unacked", "Delivered, unacknowledged messages",
                 topics(lambda t: len(t.unacked)), ("topic",))
-    if hasattr(engine.queues, "up"):
+    queues = engine.queues
+    if isinstance(queues, RedisQueueManager):
         meter.gauge("connmix_engine_queue_backend_up", "1 while the queue backend (redis) answers, else 0",
-                    lambda: [((), int(engine.queues.up))])
+                    lambda: [((), int(queues.up))])
     meter.gauge("connmix_engine_api_connections", "Open API WebSockets",
                 lambda: [((), len(engine.api_factory.open_protocols))])
     meter.gauge("connmix_engine_mesh_peers", "Connected mesh links", lambda: [((), engine.peers.up)])
@@ -165,7 +167,7 @@ class EnginePart(service.MultiService):
     def __init__(
         self,
         config: Config,
-        reactor: Any,
+        reactor: IReactor,
         fatal: Callable[[int, str], None],
         center_address: Callable[[], tuple[str, int]],
         in_process_center: bool,
@@ -304,9 +306,10 @@ class EnginePart(service.MultiService):
         return [server.listener for server in self.servers if server.listener is not None]
 
     @property
-    def client_factories(self) -> list[Any]:
+    def client_factories(self) -> list[ServerFactory]:
         """The client factories of the protocol servers that serve."""
-        return [server.factory for server in self.servers if server.listener is not None]
+        return [server.factory for server in self.servers
+                if server.listener is not None and server.factory is not None]
 
     # Running ----------------------------------------------------------------------------------
 
@@ -379,7 +382,8 @@ class EnginePart(service.MultiService):
         deadline = self.reactor.seconds() + timeout
 
         def check() -> None:
-            left = sum(len(f.open_protocols) for f in [*self.client_factories, self.api_factory])
+            left = len(self.api_factory.open_protocols)
+            left += sum(len(f.open_protocols) for f in self.client_factories)
             if left == 0 or self.reactor.seconds() >= deadline:
                 done.callback(left)
             else:

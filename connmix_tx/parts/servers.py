@@ -13,13 +13,16 @@ A clean stop is two steps the engine part orders around its other children:
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Protocol
 
 from twisted.application import service
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.interfaces import IAddress, IProtocol, IProtocolFactory, IReactorTime
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from connmix_tx.config import Config, ServerConfig
+from connmix_tx.engine.connections import ConnectionRegistry
 from connmix_tx.engine.socket_server import SocketServerFactory
 from connmix_tx.engine.websocket import ClientWebSocketFactory
 from connmix_tx.errors import EXIT_CONFIG, FatalError
@@ -28,11 +31,57 @@ from connmix_tx.listeners import Listener
 from connmix_tx.lua.mixlib import MixLibrary
 from connmix_tx.lua.runtime import Script, ScriptError
 from connmix_tx.lua.reload import HotReloader
+from connmix_tx.meter import ServerMeter
+from connmix_tx.reactors import IReactor
 
-#: ``servers[].protocol`` -> the factory of its listener.  A factory takes
-#: ``(server_config, script, connections, ids, clock, meter=None)`` and offers
-#: ``open_protocols``, ``reconfigure(server_config)`` (SIGHUP) and ``shutdown()``.
-SERVER_FACTORIES: dict[str, Callable[..., Any]] = {
+if TYPE_CHECKING:  # the engine part builds its protocol servers
+    from connmix_tx.parts.engine import EnginePart
+
+@implementer(IProtocolFactory)
+class ServerFactory(Protocol):
+    """The client factory of one protocol server, as its ``ProtocolServer`` uses it.
+
+    A Twisted protocol factory (the listener serves it) that also knows its open connections,
+    takes the "new conns" keys of a new ``ServerConfig`` on SIGHUP and closes every client.
+    """
+
+    @property
+    def config(self) -> ServerConfig:
+        """The server settings new connections are accepted with."""
+
+    @property
+    def open_protocols(self) -> set[Any]:
+        """The connections currently open on this server."""
+
+    def reconfigure(self, config: ServerConfig) -> None:
+        """Use ``config``'s "new conns" keys for the connections accepted from now on."""
+
+    def shutdown(self) -> None:
+        """Close every client (WebSocket 1001, TCP close) and stop the timers."""
+
+    def buildProtocol(self, addr: IAddress) -> IProtocol | None: ...
+
+    def doStart(self) -> None: ...
+
+    def doStop(self) -> None: ...
+
+
+class ServerFactoryMaker(Protocol):
+    """What builds a ``ServerFactory``: the factory class of a ``servers[].protocol``."""
+
+    def __call__(
+        self,
+        config: ServerConfig,
+        script: Script,
+        connections: ConnectionRegistry,
+        ids: Snowflake,
+        clock: IReactorTime,
+        meter: ServerMeter | None = None,
+    ) -> ServerFactory: ...
+
+
+#: ``servers[].protocol`` -> the factory of its listener.
+SERVER_FACTORIES: dict[str, ServerFactoryMaker] = {
     "websocket": ClientWebSocketFactory,
     "socket": SocketServerFactory,
 }
@@ -47,7 +96,7 @@ class ProtocolServer(service.MultiService):
         ``queues``, ``http``, ``redis`` and ``metrics`` of the engine part.
     """
 
-    def __init__(self, index: int, config: Config, reactor: Any, engine: Any) -> None:
+    def __init__(self, index: int, config: Config, reactor: IReactor, engine: EnginePart) -> None:
         super().__init__()
         self.index = index
         self.key = f"engine.servers[{index}]"
@@ -57,10 +106,10 @@ class ProtocolServer(service.MultiService):
         self.engine = engine
         self.library, self.script = self._load(config)
         #: The Lua hot reloader (``byteCodeExpires``); replaceable before start (tests).
-        self.hot_reloader: Any = HotReloader(
+        self.hot_reloader = HotReloader(
             self.script, reactor, self.config.byte_code_expires, meter=engine.metrics
         )
-        self.factory: Any = None
+        self.factory: ServerFactory | None = None
         self.listener: Listener | None = None
 
     def _load(self, config: Config) -> tuple[MixLibrary, Script]:

@@ -9,18 +9,19 @@ A worker runs the engine part on the ports it shares with its siblings, plus ``p
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Callable
 
 from connmix_tx.config import Config
 from connmix_tx.errors import stop_reactor
 from connmix_tx.ids import new_node_id
 from connmix_tx.parts.engine import EnginePart
+from connmix_tx.reactors import IReactor
 from connmix_tx.workers import ParentWatch, WorkerPool, report_ready, worker_argv
 
 if TYPE_CHECKING:
     from connmix_tx.service import ConnmixService
 
-def add_worker(root: ConnmixService, config: Config, reactor: Any, fatal: Callable[[int, str], None]) -> None:
+def add_worker(root: ConnmixService, config: Config, reactor: IReactor, fatal: Callable[[int, str], None]) -> None:
     """Worker ``i`` of a multi-process engine: the engine part, and a watch on its supervisor."""
     worker = root.worker
     assert worker is not None
@@ -49,7 +50,7 @@ def _remove_empty_directory(path: str) -> None:
         pass  # a sibling still has its socket there; it will try too
 
 
-def add_supervisor(root: ConnmixService, config: Config, reactor: Any, fatal: Callable[[int, str], None]) -> None:
+def add_supervisor(root: ConnmixService, config: Config, reactor: IReactor, fatal: Callable[[int, str], None]) -> None:
     """The supervisor's worker processes; in dev / single they dial the in-process registry."""
     engine_id = new_node_id()
     center = root.center

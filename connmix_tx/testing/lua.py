@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, cast
 
 from twisted.internet.task import Clock
 
@@ -25,6 +25,7 @@ from connmix_tx.engine.router import LocalOps, Router
 from connmix_tx.ids import TWITTER_EPOCH_MS, Snowflake
 from connmix_tx.lua.mixlib import MixLibrary
 from connmix_tx.lua.runtime import Script
+from connmix_tx.reactors import IReactor
 from connmix_tx.testing.clients import FakeClientTransport
 
 
@@ -120,7 +121,9 @@ def script_engine(
     connections = ConnectionRegistry()
     queues = QueueManager(clock, topic_size=topic_size, max_topics=max_topics)
     router = Router(0, LocalOps(connections))
-    library = MixLibrary(connections, router, queues, clock, dict(options or {}))
+    # The Clock stands in for the reactor: the library schedules on it (its default HTTP client
+    # and Redis pools would dial through it, so tests of those give their own).
+    library = MixLibrary(connections, router, queues, cast(IReactor, clock), dict(options or {}))
     functions = library.functions()
     functions.update(overrides or {})
     script = Script(
