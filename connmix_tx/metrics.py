@@ -23,7 +23,8 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from connmix_tx import __version__
 from connmix_tx.tally import INFO, Count, Family, GaugeReader, Meters, Snapshot, Timing, exposition
-from connmix_tx.web import METHOD_NOT_ALLOWED_BODY, json_response
+from connmix_tx.later import now_or_later
+from connmix_tx.web import method_not_allowed
 
 log = Logger(namespace="connmix.api")
 
@@ -174,20 +175,19 @@ class MetricsResource(Resource):
 
     def render(self, request: Request) -> Any:
         if request.method not in (b"GET", b"HEAD"):
-            request.setHeader(b"allow", b"GET")
-            return json_response(request, 405, METHOD_NOT_ALLOWED_BODY)
+            return method_not_allowed(request, b"GET")
         request.setHeader(b"content-type", CONTENT_TYPE)
-        snapshots = self.source()
-        if not isinstance(snapshots, Deferred):
-            return exposition(snapshots)
-        snapshots.addCallback(lambda s: _finish(request, exposition(s)))
+        return now_or_later(self.source(), exposition, lambda later: _answer_later(request, later))
 
-        def failed(failure: Failure) -> None:
-            log.failure("metrics scrape failed", failure)
-            _finish(request, b"")
 
-        snapshots.addErrback(failed)
-        return NOT_DONE_YET
+def _answer_later(request: Request, snapshots: Deferred) -> object:
+    """Write the text of ``snapshots`` when the workers answered (a worker's ``/metrics``)."""
+    def failed(failure: Failure) -> None:
+        log.failure("metrics scrape failed", failure)
+        _finish(request, b"")
+
+    snapshots.addCallbacks(lambda s: _finish(request, exposition(s)), failed)
+    return NOT_DONE_YET
 
 
 def _finish(request: Request, body: bytes) -> None:

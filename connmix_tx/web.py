@@ -58,6 +58,13 @@ class JsonTree(Resource):
         return json_response(request, 404, NOT_FOUND_BODY)
 
 
+def method_not_allowed(request: Request, allow: bytes) -> bytes:
+    """The 405 answer (JSON body, ``Allow`` header) to a request of a method the resource does
+    not serve."""
+    request.setHeader(b"allow", allow)
+    return json_response(request, 405, METHOD_NOT_ALLOWED_BODY)
+
+
 class JsonGet(Resource):
     """A leaf that answers GET with the JSON of ``produce()``; other methods get 405."""
 
@@ -69,8 +76,7 @@ class JsonGet(Resource):
 
     def render(self, request: Request) -> bytes:
         if request.method not in (b"GET", b"HEAD"):
-            request.setHeader(b"allow", b"GET")
-            return json_response(request, 405, METHOD_NOT_ALLOWED_BODY)
+            return method_not_allowed(request, b"GET")
         body = json.dumps(self.produce(), separators=(",", ":")).encode()
         return json_response(request, 200, body)
 

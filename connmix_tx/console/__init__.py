@@ -16,7 +16,7 @@ from importlib import resources
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
-from connmix_tx.web import METHOD_NOT_ALLOWED_BODY, NOT_FOUND_BODY, json_response
+from connmix_tx.web import NOT_FOUND_BODY, json_response, method_not_allowed
 
 __all__ = ["ConsolePage", "page"]
 
@@ -46,8 +46,7 @@ class ConsolePage(Resource):
         if request.postpath not in ([], [b""]):
             return json_response(request, 404, NOT_FOUND_BODY)
         if request.method not in (b"GET", b"HEAD"):
-            request.setHeader(b"allow", b"GET, HEAD")
-            return json_response(request, 405, METHOD_NOT_ALLOWED_BODY)
+            return method_not_allowed(request, b"GET, HEAD")
         request.setHeader(b"content-type", b"text/html; charset=utf-8")
         request.setHeader(b"content-security-policy", CONTENT_SECURITY_POLICY.encode())
         request.setHeader(b"x-content-type-options", b"nosniff")

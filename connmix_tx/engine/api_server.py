@@ -45,7 +45,7 @@ from connmix_tx.engine.connections import peer_address
 from connmix_tx.engine.ws_settings import CLOSE_SLOW, WRITE_TIMEOUT, websocket_options
 from connmix_tx.later import now_or_later
 from connmix_tx.reactors import IStreamTransport, global_reactor
-from connmix_tx.web import METHOD_NOT_ALLOWED_BODY, JsonTree, QuietSite, json_response
+from connmix_tx.web import JsonTree, QuietSite, json_response, method_not_allowed
 
 __all__ = ["ApiWebSocketFactory", "ApiWebSocketProtocol", "HttpApiMethod", "api_site", "buffered_bytes"]
 
@@ -346,8 +346,7 @@ class HttpApiMethod(Resource):
 
     def render(self, request: Request) -> Any:
         if request.method != b"POST":
-            request.setHeader(b"allow", b"POST")
-            return json_response(request, 405, METHOD_NOT_ALLOWED_BODY)
+            return method_not_allowed(request, b"POST")
         max_size = self.max_size() if callable(self.max_size) else self.max_size
         body = request.content.read(max_size + 1) if request.content is not None else b""
         if len(body) > max_size:
