@@ -407,6 +407,13 @@ class Script:
         deferred.addCallbacks(self._settled, self._failed, callbackArgs=(token,), errbackArgs=(token,))
         return 1, token
 
+    def waiter(self) -> tuple[int, Callable[[tuple], None]]:
+        """A wait without a Deferred: ``(token, settle)``.  The host function returns
+        ``1, token`` to Lua; ``settle(values)`` later resumes the coroutine with ``values``."""
+        token = next(self._tokens)
+        self._waits[token] = _Wait()
+        return token, lambda values: self._settled(values, token)
+
     def _failed(self, failure: Any, token: int) -> None:
         self._settled((None, str(failure.getErrorMessage()).encode()), token)
 
