@@ -21,6 +21,9 @@ from connmix_tx.config import AccessConfig, Config, UserConfig, default_config
 
 REPO = Path(__file__).resolve().parent.parent
 
+#: Fixtures of helper modules, available to every test: ``redis_address``.
+pytest_plugins = ["redisservers"]
+
 
 def in_asyncio(fn: Callable[..., Awaitable[Any]]) -> Callable[..., Any]:
     """Run an asyncio coroutine test (using ``websockets``) under pytest-twisted."""

@@ -8,13 +8,8 @@ the pools use the real reactor, except where a test drives their timers with a `
 
 from __future__ import annotations
 
-import os
-import shutil
-import socket
-import subprocess
-import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -39,48 +34,6 @@ from connmix_tx.lua.redis import (
 )
 from connmix_tx.testing import free_port
 from luahelpers import Engine, make_engine
-
-
-def _answers(host: str, port: int) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=1) as s:
-            s.sendall(b"PING\r\n")
-            return s.recv(16).startswith(b"+PONG")
-    except OSError:
-        return False
-
-
-@pytest.fixture(scope="module")
-def redis_address(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HostPort]:
-    """The test Redis server: CONNMIX_TEST_REDIS, or one started here."""
-    given = os.environ.get("CONNMIX_TEST_REDIS")
-    if given:
-        address = HostPort.parse(given)
-        if not _answers(address.host, address.port):
-            pytest.skip(f"CONNMIX_TEST_REDIS={given} does not answer PING")
-        yield address
-        return
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.skip("no Redis: CONNMIX_TEST_REDIS is not set and redis-server is not installed "
-                    "(.ci/run installs and starts one)")
-    port = free_port()
-    folder = tmp_path_factory.mktemp("redis")
-    process = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-         "--dir", str(folder)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 10
-        while not _answers("127.0.0.1", port):
-            if process.poll() is not None or time.monotonic() > deadline:
-                pytest.skip(f"redis-server did not start on port {port}")
-            time.sleep(0.05)
-        yield HostPort("127.0.0.1", port)
-    finally:
-        process.terminate()
-        process.wait(10)
 
 
 def config(address: HostPort, name: str = "default", **changes: Any) -> RedisConfig:

@@ -12,9 +12,7 @@ import asyncio
 import dataclasses
 import json
 import os
-import shutil
 import socket
-import subprocess
 import time
 import uuid
 from pathlib import Path
@@ -29,75 +27,9 @@ from conftest import in_asyncio, loopback_config, start_engine, wait_for
 from connmix_tx.config import HostPort, RedisConfig
 from connmix_tx.engine.queue import QueueError
 from connmix_tx.engine.queue_redis import RedisQueueManager
+from redisservers import RedisServer
 
 SEED_CONSUME = '{"method":"queue.consume","params":["foo"],"id":12345}'
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _answers(host: str, port: int) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=1) as s:
-            s.sendall(b"PING\r\n")
-            return s.recv(16).startswith(b"+PONG")
-    except OSError:
-        return False
-
-
-class RedisServer:
-    """A private redis-server on a loopback port, stopped (and restarted) by its pid."""
-
-    def __init__(self, folder: Path, port: int | None = None) -> None:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            pytest.skip("redis-server is not installed (.ci/run installs it)")
-        self.binary = binary
-        self.folder = folder
-        self.port = port or _free_port()
-        self.process: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        self.process = subprocess.Popen(
-            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(self.folder)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 10
-        while not _answers("127.0.0.1", self.port):
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"redis-server did not start on port {self.port}")
-            time.sleep(0.05)
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            self.process.wait(10)
-        self.process = None
-
-    @property
-    def address(self) -> HostPort:
-        return HostPort("127.0.0.1", self.port)
-
-
-@pytest.fixture(scope="module")
-def redis_address(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HostPort]:
-    given = os.environ.get("CONNMIX_TEST_REDIS")
-    if given:
-        address = HostPort.parse(given)
-        if not _answers(address.host, address.port):
-            pytest.skip(f"CONNMIX_TEST_REDIS={given} does not answer PING")
-        yield address
-        return
-    server = RedisServer(tmp_path_factory.mktemp("redis"))
-    server.start()
-    try:
-        yield server.address
-    finally:
-        server.stop()
 
 
 def redis_config(address: HostPort) -> RedisConfig:
