@@ -157,3 +157,19 @@ def wait_until(check: Any, timeout: float = 20.0, what: str = "condition") -> An
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.1)
+
+
+#: Fast cluster timings for tests that start several processes.
+FAST_CLUSTER = {"heartbeatInterval": 0.5, "heartbeatTimeout": 1.5, "meshTimeout": 2, "registerTimeout": 10}
+
+#: An entry script that answers "id" with the connection's client id and pushes every other
+#: message to queue foo as the seed's entry does (``{msg, ctx}``).
+ID_OR_PUSH_ENTRY = r"""
+function on_handshake(client_id, headers, server) end
+function on_message(msg)
+  local conn = mix.websocket()
+  if msg.data == "id" then conn:send(conn:client_id()) return end
+  mix.queue.push("foo", { msg = msg, ctx = conn:context() })
+end
+function on_close(client_id, err) end
+"""

@@ -27,7 +27,7 @@ from connmix_tx.config import AccessConfig
 from connmix_tx.console import page
 from connmix_tx.web import NOT_FOUND_BODY
 from netclients import ALICE, BOB, basic, http_request
-from procs import Process, free_ports, twistd, write_yaml
+from procs import Process, config_data, free_ports, twistd, write_yaml
 
 SCREENSHOT = REPO / "docs" / "images" / "console.png"
 
@@ -140,18 +140,7 @@ def browser(tmp_path: Path) -> Iterator[Any]:
 def dev_process(tmp_path: Path, **sections: Any) -> Iterator[dict[str, int]]:
     """``twistd connmix --dev`` on free loopback ports; yields the ports; stopped by its pid."""
     ports = dict(zip(("registry", "center_api", "mesh", "api", "client"), free_ports(5)))
-    data: dict[str, Any] = {
-        "center": {
-            "registry": {"bind": "127.0.0.1", "port": ports["registry"]},
-            "apiServer": {"bind": "127.0.0.1", "port": ports["center_api"]},
-        },
-        "engine": {
-            "meshPoint": {"bind": "127.0.0.1", "port": ports["mesh"]},
-            "apiServer": {"bind": "127.0.0.1", "port": ports["api"]},
-            "servers": [{"bind": "127.0.0.1", "port": ports["client"]}],
-        },
-        **sections,
-    }
+    data = config_data(ports, **sections)
     process = Process(twistd("--dev", "-f", str(write_yaml(tmp_path / "connmix.yaml", data))), tmp_path)
     try:
         process.wait_for_line(r"start the protocol server")

@@ -26,20 +26,8 @@ from websockets.sync.client import ClientConnection, connect
 
 from connmix_tx.config import device_cpus
 from connmix_tx.testing import free_ports
-from procs import Process, gone, run, twistd, wait_until, write_yaml
+from procs import FAST_CLUSTER, ID_OR_PUSH_ENTRY, Process, gone, run, twistd, wait_until, write_yaml
 
-FAST = {"heartbeatInterval": 0.5, "heartbeatTimeout": 1.5, "meshTimeout": 2, "registerTimeout": 10}
-
-# Answers "id" with the connection's client id; every other message goes to queue foo.
-ENTRY = r"""
-function on_handshake(client_id, headers, server) end
-function on_message(msg)
-  local conn = mix.websocket()
-  if msg.data == "id" then conn:send(conn:client_id()) return end
-  mix.queue.push("foo", { msg = msg, ctx = conn:context() })
-end
-function on_close(client_id, err) end
-"""
 
 
 class Engine:
@@ -50,14 +38,14 @@ class Engine:
         self.registry, self.center_api, self.api, self.client = free_ports(4)
         self.mesh = free_ports(2, consecutive=True)[0]
         (folder / "lua").mkdir(exist_ok=True)
-        (folder / "lua" / "id.lua").write_text(ENTRY)
+        (folder / "lua" / "id.lua").write_text(ID_OR_PUSH_ENTRY)
         self.config = self.write(workers_in_file)
         self.process: Process | None = None
         self.seen_pids: set[int] = set()
 
     def write(self, workers: int, **logging: Any) -> Path:
         return write_yaml(self.folder / "engine.yaml", {
-            "cluster": FAST,
+            "cluster": FAST_CLUSTER,
             "logging": logging or {"level": "info"},
             "center": {"registry": {"bind": "127.0.0.1", "port": self.registry},
                        "apiServer": {"bind": "127.0.0.1", "port": self.center_api}},

@@ -24,21 +24,8 @@ import pytest
 from websockets.sync.client import ClientConnection, connect
 
 from connmix_tx.testing import free_ports
-from procs import Process, gone, twistd, wait_until, write_yaml
+from procs import FAST_CLUSTER, ID_OR_PUSH_ENTRY, Process, gone, twistd, wait_until, write_yaml
 
-FAST = {"heartbeatInterval": 0.5, "heartbeatTimeout": 1.5, "meshTimeout": 2, "registerTimeout": 10}
-
-# Answers "id" with the connection's client id; every other message goes to queue foo (as the seed's
-# entry script: {msg, ctx}).
-ENTRY = r"""
-function on_handshake(client_id, headers, server) end
-function on_message(msg)
-  local conn = mix.websocket()
-  if msg.data == "id" then conn:send(conn:client_id()) return end
-  mix.queue.push("foo", { msg = msg, ctx = conn:context() })
-end
-function on_close(client_id, err) end
-"""
 
 CLIENTS = 24
 #: The packaged default entry script (the seed's).
@@ -54,12 +41,12 @@ class Engine:
         self.registry, self.center_api, self.api, self.client = free_ports(4)
         self.mesh = free_ports(2, consecutive=True)[0]
         (folder / "lua").mkdir(exist_ok=True)
-        (folder / "lua" / "push.lua").write_text(ENTRY)
+        (folder / "lua" / "push.lua").write_text(ID_OR_PUSH_ENTRY)
         luavm: dict[str, Any] = {"queue": queue or {}}
         if redis:
             luavm["redis"] = redis
         self.config = write_yaml(folder / "engine.yaml", {
-            "cluster": FAST,
+            "cluster": FAST_CLUSTER,
             "logging": {"level": "info"},
             "center": {"registry": {"bind": "127.0.0.1", "port": self.registry},
                        "apiServer": {"bind": "127.0.0.1", "port": self.center_api}},
@@ -245,13 +232,10 @@ def test_the_seed_walkthrough_unchanged_with_two_workers(engine_factory: Any) ->
     assert engine.stop() == 0
 
 
-def test_seed_walkthrough_with_two_workers_on_the_redis_backend(engine_factory: Any) -> None:
-    address = os.environ.get("CONNMIX_TEST_REDIS")
-    if not address:
-        pytest.skip("CONNMIX_TEST_REDIS is not set")
+def test_seed_walkthrough_with_two_workers_on_the_redis_backend(engine_factory: Any, redis_address: Any) -> None:
     walkthrough(engine_factory(
         queue={"backend": "redis", "redis": "default", "prefix": f"connmix:test:{uuid.uuid4().hex}:"},
-        redis=[{"name": "default", "addr": address}],
+        redis=[{"name": "default", "addr": f"{redis_address.host}:{redis_address.port}"}],
     ))
 
 
