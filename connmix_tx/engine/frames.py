@@ -15,6 +15,8 @@ from typing import Any
 
 from autobahn.websocket.protocol import WebSocketProtocol
 
+from connmix_tx.engine.outbox import Outbox
+
 _OPEN = WebSocketProtocol.STATE_OPEN
 _HEADER_16 = struct.Struct("!BBH").pack
 _HEADER_64 = struct.Struct("!BBQ").pack
@@ -36,17 +38,17 @@ def direct(proto: Any) -> bool:
     return proto.state == _OPEN and getattr(proto, "_perMessageCompress", None) is None
 
 
-def write_message(proto: Any, payload: bytes, binary: bool = False) -> None:
-    """``proto.sendMessage(payload, binary)``, written directly when possible."""
-    if direct(proto):
-        proto.transport.write(frame(payload, binary))
-    else:
-        proto.sendMessage(payload, binary)
+def write_message(proto: Any, payload: bytes, binary: bool = False, outbox: Outbox | None = None) -> None:
+    """``proto.sendMessage(payload, binary)``, written directly when possible (through
+    ``outbox``, when given: sent at the end of the reactor turn)."""
+    write_frame(proto, frame(payload, binary) if direct(proto) else b"", payload, binary, outbox)
 
 
-def write_frame(proto: Any, framed: bytes, payload: bytes, binary: bool) -> None:
+def write_frame(proto: Any, framed: bytes, payload: bytes, binary: bool, outbox: Outbox | None = None) -> None:
     """Write an already framed message (fan-out: framed once, written to many)."""
-    if direct(proto):
-        proto.transport.write(framed)
-    else:
+    if not direct(proto):
         proto.sendMessage(payload, binary)
+    elif outbox is not None:
+        outbox.write(proto.transport, framed)
+    else:
+        proto.transport.write(framed)

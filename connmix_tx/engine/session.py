@@ -17,7 +17,9 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from connmix_tx.engine.connections import ClientConnection, ConnectionRegistry, peer_address
+from connmix_tx.engine.backlog import Backlog
 from connmix_tx.engine.outbound import WriteWatch
+from connmix_tx.engine.outbox import Outbox
 from connmix_tx.engine.timeouts import IdleWheel
 from connmix_tx.ids import Snowflake
 from connmix_tx.lua.runtime import Script
@@ -40,12 +42,15 @@ class CallbackSession:
         on_overflow: Callable[[], None],
         on_finished: Callable[[], None],
         on_error: Callable[[str, str], None] | None = None,
+        on_drained: Callable[[], None] | None = None,
     ) -> None:
         self.script = script
         self.conn = conn
         self._on_overflow = on_overflow
         self._on_finished = on_finished
         self._on_error = on_error
+        #: Called when the last queued callback has started (``Backlog.drained``).
+        self._on_drained = on_drained
         self._busy = False
         self._draining = False
         self._pending: deque[tuple[str, Job]] = deque()
@@ -151,6 +156,8 @@ class CallbackSession:
         try:
             while self._pending and not self._busy:
                 name, job = self._pending.popleft()
+                if not self._pending and self._on_drained is not None:
+                    self._on_drained()
                 self._busy = True
                 reported: list[bool] = []
 
@@ -193,9 +200,10 @@ def open_client(factory: Any, proto: Any) -> tuple[ClientConnection, CallbackSes
     """
     conn = ClientConnection(factory.ids.next_id(), peer_address(proto.transport), proto)
     factory.connections.add(conn)
+    backlog = factory.backlog
     session = CallbackSession(
         factory.script, conn, on_overflow=proto._overflow, on_finished=proto._finished,
-        on_error=factory.meter.lua_error,
+        on_error=factory.meter.lua_error, on_drained=lambda: backlog.drained(proto),
     )
     log.debug(
         "client {client_id} connected from {remote_addr} on {port}",
@@ -229,6 +237,10 @@ class ProtocolServerFactory:
         self.clock = clock
         self.meter = meter
         self.write_watch = WriteWatch(clock)
+        #: Writes to the clients, sent once per reactor turn (connmix_tx/engine/outbox.py).
+        self.outbox = Outbox(clock)
+        #: Clients not read while their callbacks are behind (connmix_tx/engine/backlog.py).
+        self.backlog = Backlog(clock)
         self.wheel = IdleWheel(clock, read_timeout)
         self._wheels = [self.wheel]
         self.open_protocols: set[Any] = set()
@@ -247,3 +259,4 @@ class ProtocolServerFactory:
         for wheel in self._wheels:
             wheel.stop()
         self.write_watch.stop()
+        self.backlog.stop()

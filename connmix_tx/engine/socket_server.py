@@ -110,17 +110,25 @@ class SocketServerProtocol(Protocol):
         conn = self.conn
         if conn is not None and conn.ready:
             self._process()
+            session = self.session
+            if session is not None and session.pending:
+                self.factory.backlog.pause(self)
         elif len(self._buffer) > self.limits.max_message_size and not self._paused:
             # on_connect still waits: keep what arrived, but let TCP hold back the rest rather
             # than buffering without bound.  Reading resumes once on_connect has finished.
             self._paused = True
             self.transport.pauseProducing()
 
+    def may_read(self) -> bool:
+        """Whether ``Backlog`` may read again (not closing, not paused while on_connect runs)."""
+        return not self._closing and not self._paused
+
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         factory = self.factory
         factory.open_protocols.discard(self)
         self.wheel.forget(self)
         factory.write_watch.forget(self)
+        factory.backlog.forget(self)
         self._buffer.clear()
         conn, session = self.conn, self.session
         if conn is None or session is None or conn.closed:
@@ -300,7 +308,7 @@ class SocketServerProtocol(Protocol):
             return CLOSED
         if not data:
             return None
-        self.transport.write(data)
+        self.factory.outbox.write(self.transport, data)
         return self._written()
 
     def deliver(self, data: bytes, binary: bool, shared: dict[str, Any]) -> str | None:
@@ -333,7 +341,7 @@ class SocketServerProtocol(Protocol):
         if self._closing:
             self.meter.errors.inc()
             return CLOSED  # protocol_encode closed the connection
-        self.transport.write(frame)
+        self.factory.outbox.write(self.transport, frame)
         return self._written()
 
     def close_connection(self) -> None:

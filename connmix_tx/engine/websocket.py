@@ -132,6 +132,7 @@ class ClientWebSocketProtocol(WebSocketServerProtocol):
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.factory.open_protocols.discard(self)
         self.factory.write_watch.forget(self)
+        self.factory.backlog.forget(self)
         super().connectionLost(reason)
 
     def dataReceived(self, data: bytes) -> None:
@@ -141,6 +142,13 @@ class ClientWebSocketProtocol(WebSocketServerProtocol):
         if self.state != self.STATE_OPEN and not self._before_open(data):
             return
         self._dataReceived(data)
+        session = self.session
+        if session is not None and session.pending:
+            self.factory.backlog.pause(self)
+
+    def may_read(self) -> bool:
+        """Whether ``Backlog`` may read again (open, not closing, not paused by the handshake)."""
+        return self.state == self.STATE_OPEN and self._close_err is None and not self._paused
 
     def _before_open(self, data: bytes) -> bool:
         """Whether Autobahn may take ``data`` now (the connection is not open yet).
@@ -329,7 +337,7 @@ class ClientWebSocketProtocol(WebSocketServerProtocol):
         if not binary and not _is_utf8(data):
             self.meter.errors.inc()
             return INVALID_UTF8
-        write_message(self, data, binary)
+        write_message(self, data, binary, self.factory.outbox)
         return self._written()
 
     def deliver(self, data: bytes, binary: bool, shared: dict[str, Any]) -> str | None:
@@ -342,7 +350,7 @@ class ClientWebSocketProtocol(WebSocketServerProtocol):
                 self.meter.errors.inc()
                 return INVALID_UTF8
             framed = shared["websocket"] = frame(data, binary)  # framed once per fan-out
-        write_frame(self, framed, data, binary)
+        write_frame(self, framed, data, binary, self.factory.outbox)
         return self._written()
 
     def close_connection(self) -> None:
