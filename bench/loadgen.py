@@ -36,9 +36,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import json
 import os
 import re
+import select
 import socket
 import struct
 import sys
@@ -86,7 +88,15 @@ async def connect(url: str, on_frame: Callable[[WSFrame], None]) -> WSTransport:
     # connections to one port need more sources (any 127.x.y.z is loopback on Linux).
     extra = {"local_addr": (SOURCE, 0)} if SOURCE else {}
     transport, _ = await ws_connect(lambda: Listener(on_frame), url, websocket_handshake_timeout=30, **extra)
+    linger_zero(transport.underlying_transport.get_extra_info("socket"))
     return transport
+
+
+def linger_zero(sock: Any) -> None:
+    """Close ``sock`` with a reset whenever it closes (also when the process ends): no TIME_WAIT
+    left behind to use up the ephemeral ports of the next runs."""
+    if sock is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
 
 
 async def connect_many(
@@ -119,10 +129,7 @@ async def connect_many(
 
 
 def reset(transport: WSTransport) -> None:
-    """Close with a TCP reset (SO_LINGER 0): no close handshake, no TIME_WAIT left behind."""
-    sock = transport.underlying_transport.get_extra_info("socket")
-    if sock is not None:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    """Close with a TCP reset (``connect`` set SO_LINGER 0): no close handshake, no TIME_WAIT."""
     transport.disconnect(graceful=False)
 
 
@@ -412,15 +419,122 @@ class Relay(Scenario):
         return 1
 
 
+class Subscribers:
+    """Publish subscribers read in bulk, so that receiving costs the load generator next to nothing.
+
+    Every delivery of a publish run is the same frame (a 32-byte text payload: 34 bytes), so
+    the bytes a subscriber received count its deliveries.  The sockets are plain non-blocking
+    sockets outside the event loop (the handshake is done by hand); ``count()`` reads every
+    socket with something waiting, once, through an epoll of their own.  Read every
+    ``READ_EVERY`` seconds, a socket has several frames waiting: one ``recv`` for all of them,
+    and no Python per frame (picows would call back once per frame: with 10,000 subscribers the
+    load generator needed half a core, which the engine then lacked on a 2-core machine).
+    """
+
+    FRAME = 2 + 32
+    READ_EVERY = 0.25
+
+    def __init__(self) -> None:
+        self.sockets: dict[int, socket.socket] = {}
+        self.poller = select.epoll()
+        self.received = 0
+        self.closed = 0
+        #: The last reason a subscriber failed to connect.
+        self.why = ""
+
+    @property
+    def deliveries(self) -> int:
+        return self.received // self.FRAME
+
+    async def open(self, urls: list[str], count: int, parallel: int, deadline: float) -> int:
+        """Open ``count`` subscribers round robin over ``urls``; the number that failed."""
+        state = {"next": 0, "failed": 0}
+
+        async def worker() -> None:
+            while state["next"] < count and time.perf_counter() < deadline:
+                index = state["next"]
+                state["next"] += 1
+                try:
+                    sock = await self._handshake(urls[index % len(urls)])
+                except Exception as e:  # noqa: BLE001 (refused, reset, fd limit: each one counts)
+                    state["failed"] += 1
+                    self.why = f"{type(e).__name__}: {e}"
+                    continue
+                self.sockets[sock.fileno()] = sock
+                self.poller.register(sock.fileno(), select.EPOLLIN)
+
+        await asyncio.gather(*(worker() for _ in range(min(parallel, max(count, 1)))))
+        return state["failed"]
+
+    async def _handshake(self, url: str) -> socket.socket:
+        loop = asyncio.get_running_loop()
+        host, _, port = url.removeprefix("ws://").partition("/")[0].rpartition(":")
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            sock.setblocking(False)
+            if SOURCE:
+                sock.bind((SOURCE, 0))
+            await loop.sock_connect(sock, (host, int(port)))
+            key = base64.b64encode(os.urandom(16)).decode()
+            request = (f"GET / HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\n"
+                       f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+                       "Sec-WebSocket-Version: 13\r\n\r\n")
+            await loop.sock_sendall(sock, request.encode())
+            answer = b""
+            while b"\r\n\r\n" not in answer:
+                chunk = await asyncio.wait_for(loop.sock_recv(sock, 4096), 30)
+                if not chunk:
+                    raise ConnectionError("closed during the handshake")
+                answer += chunk
+            head, _, rest = answer.partition(b"\r\n\r\n")
+            if not head.startswith(b"HTTP/1.1 101"):
+                raise ConnectionError(head.split(b"\r\n")[0].decode(errors="replace"))
+            self.received += len(rest)
+            linger_zero(sock)
+            return sock
+        except BaseException:
+            sock.close()
+            raise
+
+    def count(self) -> int:
+        """Read what every subscriber has waiting; the deliveries so far."""
+        sockets = self.sockets
+        for fd, _ in self.poller.poll(0, max(len(sockets), 1)):
+            sock = sockets[fd]
+            while True:
+                try:
+                    data = sock.recv(1 << 16)
+                except BlockingIOError:
+                    break
+                except OSError:
+                    data = b""
+                if not data:
+                    self.poller.unregister(fd)
+                    del sockets[fd]
+                    sock.close()
+                    self.closed += 1
+                    break
+                self.received += len(data)
+                if len(data) < 1 << 16:
+                    break
+        return self.deliveries
+
+
 class Publish(Scenario):
-    """An API connection publishes to channel ``bench``; every subscriber counts its deliveries."""
+    """An API connection publishes to channel ``bench``; the subscribers' deliveries are counted.
+
+    ``--pub-window`` publishes are in flight (a publish is done when its answer came back); the
+    deliveries are counted at the subscribers (``Subscribers``), at the start and the end of the
+    measuring time and every ``READ_EVERY`` seconds in between.
+    """
 
     def __init__(self, args: Any, raw: bool) -> None:
         super().__init__(args)
         self.raw = raw
         self.api: WSTransport | None = None
-        self.subscribers = 0
-        self.clients: list[WSTransport] = []
+        self.subscribers = Subscribers()
+        self.published = 0
+        self.reader: asyncio.Task | None = None
         if raw:
             self.request = json.dumps({"n": 1, "d": "x" * 32}).encode()
         else:
@@ -430,32 +544,61 @@ class Publish(Scenario):
 
     async def setup(self) -> dict:
         deadline = time.perf_counter() + self.args.connect_timeout
-        clients, failed = await connect_many(
-            self.args.clients, self.args.n, lambda i, f: self.arrived(), parallel=128, deadline=deadline
-        )
-        self.clients = clients
-        self.subscribers = len(clients)
+        failed = await self.subscribers.open(self.args.clients, self.args.n, 128, deadline)
+        count = len(self.subscribers.sockets)
         self.api = await connect(self.args.api[0], self._reply)
         # Sanity: one publish reaches every subscriber.
-        self.sent += self.send_one(False)
+        self.send_one(False)
         end = time.perf_counter() + 30
-        while self.done < self.sent and time.perf_counter() < end:
+        while self.subscribers.count() < count and time.perf_counter() < end:
             await asyncio.sleep(0.05)
-        reached = self.done
-        self.sent = self.done
-        # ``--pub-window`` publishes in flight: with one, the pipeline stalls on every round trip.
-        self.window = self.args.pub_window * max(self.subscribers, 1)
-        return {"clients": len(clients), "failed": failed, "reached": reached}
+        reached = self.subscribers.deliveries
+        self.sent = self.done = 0
+        self.window = self.args.pub_window
+        self.reader = asyncio.get_running_loop().create_task(self._read())
+        return {"clients": count, "failed": failed, "reached": reached, "why": self.subscribers.why}
+
+    async def _read(self) -> None:
+        while True:
+            await asyncio.sleep(Subscribers.READ_EVERY)
+            self.arrivals = self.subscribers.count()
 
     def _reply(self, frame: WSFrame) -> None:
         payload = frame.get_payload_as_bytes()
         if payload != b"ok" and not payload.startswith(b'{"error":null'):
             self.errors += 1
+        self.done += 1
+        self.fill()
 
     def send_one(self, probe: bool) -> int:
         assert self.api is not None
         self.api.send(WSMsgType.TEXT, self.request)
-        return self.subscribers
+        self.published += 1
+        return 1
+
+    async def run(self) -> dict:
+        count = self.subscribers.count
+        self.errors = 0
+        first = count()
+        published = self.published
+        self.running = True
+        self.fill()
+        await asyncio.sleep(self.args.warmup)
+        before, start = count(), time.perf_counter()
+        await asyncio.sleep(self.args.duration)
+        after = count()
+        rate = (after - before) / (time.perf_counter() - start)
+        self.running = False
+        deadline = time.perf_counter() + DRAIN_SECONDS
+        while self.sent > self.done and time.perf_counter() < deadline:
+            await asyncio.sleep(0.01)
+        # Every subscriber gets every publish of the command (the sanity publish came before).
+        expected = first + (self.published - published) * len(self.subscribers.sockets)
+        while count() < expected and time.perf_counter() < deadline:
+            await asyncio.sleep(0.01)
+        lost = expected - count()
+        self.sent = self.done
+        return {"rate": rate, "errors": self.errors, "undrained": lost, "total": count() - first}
 
 
 class Handshake(Scenario):

@@ -212,4 +212,18 @@ def makeService(options: Options) -> Any:
         LoggingService(log_control).setServiceParent(root)
     reloader = Reloader(root, workers=options.processes)
     SignalHandlers(reactor, reloader.reload, ignore_interrupt=worker is not None).setServiceParent(root)
+    reactor.callWhenRunning(freeze_startup_objects)
     return root
+
+
+def freeze_startup_objects() -> None:
+    """Take what start-up built out of the cyclic collector's way (``gc.freeze``).
+
+    It lives as long as the process (modules, the service tree, the Lua runtime); under load the
+    collector's full passes then walk only what was made since: the objects of waiting Lua
+    callbacks and in-flight mesh operations (docs/performance.md, "The mesh fast path").
+    """
+    import gc
+
+    gc.collect()
+    gc.freeze()

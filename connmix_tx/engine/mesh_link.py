@@ -36,6 +36,7 @@ from twisted.python.failure import Failure
 
 from connmix_tx.engine.mesh import SIBLING_OPS, STATUS_ENCODE, STATUS_NOT_FOUND, STATUS_OK, STATUS_SLOW
 from connmix_tx.engine.connections import CLIENT_NOT_FOUND, ENCODE_FAILED, SLOW_CONSUMER
+from connmix_tx.engine.outbox import send_now
 from connmix_tx.engine.router import NODE_UNAVAILABLE
 from connmix_tx.meter import NULL_METER, MeshMeter
 from connmix_tx.pb import BrokerFactory, login, reason_text, retry_delay
@@ -206,8 +207,14 @@ class MeshLink:
         return self._submit("send", ["send", 0, client_id, data, "binary" if binary else "text"])
 
     def publish(self, channel: str, data: bytes, binary: bool) -> Deferred:
-        """Publish on the peer; fires with (success, fail) — (0, 0) when it did not answer."""
-        return self._submit("publish", ["publish", 0, channel, data, "binary" if binary else "text"])
+        """Publish on the peer; fires with (success, fail) — (0, 0) when it did not answer.
+
+        Sent at once, not at the end of the turn: the peer's fan-out then runs while this engine
+        does its own (``Router.publish`` asks the peers first).
+        """
+        published = self._submit("publish", ["publish", 0, channel, data, "binary" if binary else "text"])
+        self._send_now()
+        return published
 
     def call(self, client_id: int, func: str, args: list) -> Deferred:
         """Run a connection method on the peer; fires with None or an error text."""
@@ -263,6 +270,15 @@ class MeshLink:
     def _schedule_flush(self) -> None:
         if self._flush_call is None and self.state == UP:
             self._flush_call = self.reactor.callLater(0, self._flush)
+
+    def _send_now(self) -> None:
+        """Flush the queue now and hand the batch to the kernel (the order of the queue holds)."""
+        if self._flush_call is not None:
+            self._flush_call.cancel()
+            self._flush_call = None
+        self._flush()
+        if self._avatar is not None:
+            send_now(self._avatar.broker.transport)
 
     def _flush(self) -> None:
         self._flush_call = None

@@ -35,6 +35,24 @@ def _queued(transport: Any) -> int:
     return len(transport.dataBuffer) - transport.offset + transport._tempDataLen
 
 
+def send_now(transport: Any) -> None:
+    """Hand what Twisted queued for a socket transport to the kernel now, not at the next turn.
+
+    What the kernel does not take, or an error, is left to the reactor as for any write.
+    """
+    if type(transport) not in _SOCKET_TRANSPORTS:
+        return
+    if not transport.connected or transport.disconnecting or not _queued(transport):
+        return  # closed (queue dropped), closing (Twisted flushes), or sent already
+    try:
+        failed = transport.doWrite()
+    except Exception:
+        log.failure("direct write failed")
+        failed = True
+    if failed is not None or _queued(transport):
+        transport.startWriting()
+
+
 class Outbox:
     """The client sockets written in this turn of the reactor; sent at its end."""
 
@@ -62,16 +80,7 @@ class Outbox:
         self._call = None
         written, self._written = self._written, {}
         for transport in written:
-            if not transport.connected or transport.disconnecting or not _queued(transport):
-                continue  # closed (queue dropped), closing (Twisted flushes), or sent already
-            try:
-                failed = transport.doWrite()
-            except Exception:
-                log.failure("direct write failed")
-                failed = True
-            if failed is not None or _queued(transport):
-                # The rest, or the error, is the reactor's to handle, as for any write.
-                transport.startWriting()
+            send_now(transport)
 
     @property
     def pending(self) -> int:

@@ -174,17 +174,19 @@ class Router:
         return link.call(client_id, func, args)
 
     def publish(self, channel: str, data: bytes, binary: bool) -> PublishResult:
-        local = self.local.publish(channel, data, binary)
         links = self.peers.links() if self.peers else []
         if not links:
-            return local
+            return self.local.publish(channel, data, binary)
+        # The peers first: their fan-outs run while this engine does its own.
+        results = [link.publish(channel, data, binary).addErrback(_no_counts) for link in links]
+        local = self.local.publish(channel, data, binary)
+
         def total(results: list[tuple[int, int]]) -> tuple[int, int]:
             return (
                 local[0] + sum(r[0] for r in results),
                 local[1] + sum(r[1] for r in results),
             )
 
-        results = [link.publish(channel, data, binary).addErrback(_no_counts) for link in links]
         return gatherResults(results).addCallback(total)
 
 
