@@ -14,10 +14,9 @@ import asyncio
 import json
 import socket
 import struct
-from typing import Any, AsyncIterator
+from typing import Any
 
 import pytest
-import pytest_twisted
 import websockets
 from twisted.internet import reactor, tcp
 from twisted.internet.defer import Deferred
@@ -30,7 +29,7 @@ from conftest import in_asyncio, loopback_config, start_engine
 from connmix_tx.engine.outbound import buffered_bytes
 from connmix_tx.engine.outbox import Outbox
 from connmix_tx.testing import LogCapture
-from netclients import masked_frame, raw_handshake, until
+from netclients import raw_handshake, until
 
 
 # A Twisted side and an independent peer ----------------------------------------------------------
