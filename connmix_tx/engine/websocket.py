@@ -91,6 +91,10 @@ def refusal(values: tuple) -> tuple[int, str]:
     return status, reason or "Forbidden"
 
 
+#: The states in which ``Backlog`` may resume reading (see ``may_read``).
+_READABLE = (WebSocketServerProtocol.STATE_OPEN, WebSocketServerProtocol.STATE_CLOSING)
+
+
 def _is_utf8(data: bytes) -> bool:
     try:
         data.decode("utf-8")
@@ -115,6 +119,8 @@ class ClientWebSocketProtocol(WebSocketServerProtocol):
     #: ``on_handshake`` was started: later bytes wait for the upgrade, never a second handshake.
     _handshaking = False
     _paused = False
+    #: A slow consumer: reading stays off until the connection is dropped.
+    _deaf = False
 
     # Twisted / Autobahn events ---------------------------------------------------------------
 
@@ -143,12 +149,13 @@ class ClientWebSocketProtocol(WebSocketServerProtocol):
             return
         self._dataReceived(data)
         session = self.session
-        if session is not None and session.pending:
+        if session is not None and session.pending and self.state == self.STATE_OPEN:
             self.factory.backlog.pause(self)
 
     def may_read(self) -> bool:
-        """Whether ``Backlog`` may read again (open, not closing, not paused by the handshake)."""
-        return self.state == self.STATE_OPEN and self._close_err is None and not self._paused
+        """Whether ``Backlog`` may read again: open, or closing and waiting for the client's close
+        frame; not while the handshake paused reading, nor for a slow consumer."""
+        return self.state in _READABLE and not self._paused and not self._deaf
 
     def _before_open(self, data: bytes) -> bool:
         """Whether Autobahn may take ``data`` now (the connection is not open yet).
@@ -311,6 +318,7 @@ class ClientWebSocketProtocol(WebSocketServerProtocol):
             self.meter.slow.inc()
             # Read nothing more from a peer that takes nothing: its frames (pings, messages)
             # would only make more work until the close-handshake timeout drops it.
+            self._deaf = True
             pause_reading(self.transport)
         self._close(CLOSE_SLOW, SLOW_CONSUMER, SLOW_CONSUMER)
 
@@ -321,6 +329,10 @@ class ClientWebSocketProtocol(WebSocketServerProtocol):
         if self.state == self.STATE_OPEN:
             # sendClose() only admits 1000 and 3000-4999; the engine also needs 1001 and 1008.
             self.sendCloseFrame(code, reason.encode()[:123], isReply=False)
+            # Read the client's answer at once, also behind a waiting callback: Autobahn's
+            # close-handshake timer (txaio's batched timer: whole seconds) may fire within
+            # milliseconds, and an unread answer turns a clean close into a lost connection.
+            self.factory.backlog.drained(self)
         elif self.state == self.STATE_CONNECTING:
             self.dropConnection(abort=True)
 
