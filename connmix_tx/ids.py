@@ -80,11 +80,14 @@ def parse_client_id(value: object) -> int:
         raise InvalidClientId("invalid client id")
     if isinstance(value, int):
         number = value
-    elif isinstance(value, (str, bytes)):
-        text = value.decode("ascii", "replace") if isinstance(value, bytes) else value
-        if not text.isascii() or not text.isdigit() or len(text) > 19:
+    elif isinstance(value, bytes):  # bytes.isdigit is ASCII digits only
+        if not value.isdigit() or len(value) > 19:
             raise InvalidClientId("invalid client id")
-        number = int(text)
+        number = int(value)
+    elif isinstance(value, str):
+        if not value.isascii() or not value.isdigit() or len(value) > 19:
+            raise InvalidClientId("invalid client id")
+        number = int(value)
     else:
         raise InvalidClientId("invalid client id")
     if not 0 < number <= MAX_CLIENT_ID:

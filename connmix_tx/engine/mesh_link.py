@@ -23,6 +23,7 @@ import itertools
 import json
 from collections import deque
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Callable
 
 import msgpack
@@ -60,37 +61,38 @@ CONNECTING, UP, DOWN = "connecting", "up", "down"
 class _Group:
     """Operations submitted together: one completion when the last of them has a result."""
 
-    __slots__ = ("results", "left", "done", "created")
+    __slots__ = ("results", "left", "done")
 
-    def __init__(self, size: int, done: Callable[[list], Any], created: float) -> None:
+    def __init__(self, size: int, done: Callable[[list], Any]) -> None:
         self.results: list = [None] * size
         self.left = size
         self.done = done
-        self.created = created
 
     def settle(self, index: int, result: Any) -> None:
         self.results[index] = result
         self.left -= 1
         if self.left == 0:
-            try:
-                self.done(self.results)
-            except Exception:  # the other operations of the reply must still end
-                log.failure("mesh completion failed")
+            self.done(self.results)
 
 
 class _Op:
-    """One operation waiting for its answer: result ``index`` of ``group``."""
+    """One operation waiting for its answer; ``end(result)`` reports it."""
 
-    __slots__ = ("kind", "group", "index", "packed")
+    __slots__ = ("kind", "end", "created", "packed")
 
-    def __init__(self, kind: str, group: _Group, index: int, packed: bytes) -> None:
+    def __init__(self, kind: str, end: Callable[[Any], Any], created: float, packed: bytes) -> None:
         self.kind = kind
-        self.group = group
-        self.index = index
+        self.end = end
+        self.created = created
         self.packed = packed
 
-    def end(self, result: Any) -> None:
-        self.group.settle(self.index, result)
+
+def _end(op: _Op, result: Any) -> None:
+    """Report ``op``'s result; a failing completion must not keep the other operations from ending."""
+    try:
+        op.end(result)
+    except Exception:
+        log.failure("mesh completion failed")
 
 
 @dataclass
@@ -229,39 +231,37 @@ class MeshLink:
         ``publish`` would fire with for ``ops[i]``.  ``done`` runs exactly once, at once when no
         operation could be queued (link down, every one too large).
         """
-        group = _Group(len(ops), done, self.reactor.seconds())
-        for index, op in enumerate(ops):
-            kind = op[0]
-            if kind == "call":
-                wire = ["call", 0, op[1], op[2], json.dumps(op[3]).encode()]
-            elif kind in SIBLING_OPS:  # (kind, *fields): connmix_tx/engine/siblings.py
-                wire = [kind, 0, *op[1:]]
-            else:
-                wire = [kind, 0, op[1], op[2], "binary" if op[3] else "text"]
-            self._enqueue(kind, wire, group, index)
-        if ops:
-            self._schedule_flush()
-        else:
+        if not ops:
             done([])
+            return
+        group = _Group(len(ops), done)
+        now = self.reactor.seconds()
+        for index, op in enumerate(ops):
+            self._enqueue(op[0], _wire(op), partial(group.settle, index), now)
+        self._schedule_flush()
+
+    def submit_one(self, op: tuple, done: Callable[[Any], Any]) -> None:
+        """``submit`` for one operation: ``done(result)`` (Lua ``mix.mesh.send``)."""
+        self._enqueue(op[0], _wire(op), done, self.reactor.seconds())
+        self._schedule_flush()
 
     def _submit(self, kind: str, op: list) -> Deferred:
         d: Deferred = Deferred()
-        group = _Group(1, lambda results: d.callback(results[0]), self.reactor.seconds())
-        self._enqueue(kind, op, group, 0)
+        self._enqueue(kind, op, d.callback, self.reactor.seconds())
         self._schedule_flush()
         return d
 
-    def _enqueue(self, kind: str, op: list, group: _Group, index: int) -> None:
+    def _enqueue(self, kind: str, op: list, end: Callable[[Any], Any], now: float) -> None:
         """Queue ``op`` (its seq is set here), or end it at once when it cannot go out."""
         if self.state == DOWN:
-            group.settle(index, _unavailable(kind, NODE_UNAVAILABLE))
+            end(_unavailable(kind, NODE_UNAVAILABLE))
             return
         seq = op[1] = next(self._seq)
         packed = msgpack.packb(op, use_bin_type=True)
         if len(packed) > MAX_OP:
-            group.settle(index, _unavailable(kind, MESSAGE_TOO_LARGE))
+            end(_unavailable(kind, MESSAGE_TOO_LARGE))
             return
-        self._ops[seq] = _Op(kind, group, index, packed)
+        self._ops[seq] = _Op(kind, end, now, packed)
         self._queue.append(seq)
         self.meter.op("out", kind).inc()
 
@@ -315,7 +315,7 @@ class MeshLink:
         for seq, status, a, b in msgpack.unpackb(blob, raw=False):
             op = ops.pop(seq, None)
             if op is not None:
-                op.end(None if status == STATUS_OK and op.kind != "publish" else _result(op.kind, status, a, b))
+                _end(op, None if status == STATUS_OK and op.kind != "publish" else _result(op.kind, status, a, b))
         self._schedule_flush()
 
     def _batch_failed(self, failure: Failure, batch: _Batch) -> None:
@@ -324,7 +324,7 @@ class MeshLink:
         for seq in batch.seqs:
             op = self._ops.pop(seq, None)
             if op is not None:
-                op.end(_unavailable(op.kind, NODE_UNAVAILABLE))
+                _end(op, _unavailable(op.kind, NODE_UNAVAILABLE))
         self._schedule_flush()
 
     # Time: timeouts and pings ----------------------------------------------------------------
@@ -332,12 +332,12 @@ class MeshLink:
     def _sweep(self) -> None:
         """Expire operations after meshTimeout; ping an idle peer; drop a silent one."""
         now = self.reactor.seconds()
-        for seq in [seq for seq, op in self._ops.items() if now - op.group.created >= self.mesh_timeout]:
+        for seq in [seq for seq, op in self._ops.items() if now - op.created >= self.mesh_timeout]:
             op = self._ops.pop(seq)
             if op.kind == "publish":
                 log.warn("mesh publish to {node_id} got no answer in {timeout}s; counted as 0/0",
                          node_id=self.node_id, timeout=self.mesh_timeout)
-            op.end(_unavailable(op.kind, MESH_TIMEOUT))
+            _end(op, _unavailable(op.kind, MESH_TIMEOUT))
         if self.state != UP:
             return
         if self._last_sent > self._last_reply and now - self._last_reply >= self.heartbeat_timeout:
@@ -358,12 +358,22 @@ class MeshLink:
         ops, self._ops = self._ops, {}
         self._queue.clear()
         for op in ops.values():
-            op.end(_unavailable(op.kind, reason))
+            _end(op, _unavailable(op.kind, reason))
 
     @property
     def pending(self) -> int:
         """Operations waiting for an answer (queued or in flight)."""
         return len(self._ops)
+
+
+def _wire(op: tuple) -> list:
+    """An operation of ``submit`` in the mesh wire format (its seq, 0 here, is set when queued)."""
+    kind = op[0]
+    if kind == "call":
+        return ["call", 0, op[1], op[2], json.dumps(op[3]).encode()]
+    if kind in SIBLING_OPS:  # (kind, *fields): connmix_tx/engine/siblings.py
+        return [kind, 0, *op[1:]]
+    return [kind, 0, op[1], op[2], "binary" if op[3] else "text"]
 
 
 def _result(kind: str, status: int, a: Any, b: Any) -> Any:

@@ -42,8 +42,8 @@ def send_now(transport: Any) -> None:
     """
     if type(transport) not in _SOCKET_TRANSPORTS:
         return
-    if not transport.connected or transport.disconnecting or not _queued(transport):
-        return  # closed (queue dropped), closing (Twisted flushes), or sent already
+    if not transport.connected or transport.disconnecting or transport._aborting or not _queued(transport):
+        return  # closed or aborted (queue dropped), closing (Twisted flushes), or sent already
     try:
         failed = transport.doWrite()
     except Exception:

@@ -151,6 +151,20 @@ class Router:
 
         link.submit(ops, answered)
 
+    def forward_one(self, link: Any, op: tuple, done: Callable[[Any], Any]) -> None:
+        """``forward`` for one operation (Lua ``mix.mesh.send``): ``done(result)``."""
+        if op[0] != "send":
+            link.submit_one(op, done)
+            return
+        start = perf_counter()
+        observe = self.forward_send.observe
+
+        def answered(result: Any) -> Any:
+            observe(perf_counter() - start)
+            return done(result)
+
+        link.submit_one(op, answered)
+
     def send(self, client_id: int, data: bytes, binary: bool) -> SendResult:
         number = node_number_of(client_id)
         if number == self.node_number:
