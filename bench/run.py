@@ -765,7 +765,8 @@ class Bench:
             self.check_time()
             for row, name in (("w_echo", "echo"), ("w_inbound", "in"), ("w_publish", "pub")):
                 self.pair(self.rows[row], (drivers[f"{name}2"], two), (drivers[f"{name}1"], one), r)
-        self.profile_runs([("w_echo", drivers["echo2"], two), ("w_inbound", drivers["in2"], two)])
+        self.profile_runs([("w_echo", drivers["echo2"], two), ("w_inbound", drivers["in2"], two),
+                           ("w_publish", drivers["pub2"], two), ("w_publish1", drivers["pub1"], one)])
         self.stop(list(drivers.values()))
         # Connections: 2 workers hold twice what one process holds (the same per-process bound).
         row = self.rows["w_conns"]

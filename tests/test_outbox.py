@@ -234,6 +234,37 @@ async def test_a_peer_that_does_not_read_gets_everything_in_order_once_it_reads(
         await close_pair(pair, port)
 
 
+class Watch:
+    """Records what the outbox hands to the write watch."""
+
+    def __init__(self) -> None:
+        self.watched: list[Any] = []
+
+    def written(self, conn: Any) -> None:
+        self.watched.append(conn)
+
+
+@in_asyncio
+async def test_the_write_watch_learns_of_bytes_the_kernel_did_not_take_at_the_flush() -> None:
+    pair, port = await server_pair(rcvbuf=4096)
+    try:
+        t = pair.transport
+        t.getHandle().setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        watch = Watch()
+        outbox = Outbox(reactor, watch)  # type: ignore[arg-type]
+        outbox.write(t, b"small", "taken")
+        await flushed(outbox)
+        assert watch.watched == []  # the kernel took it all: nothing to watch
+        outbox.write(t, b"x" * (2 << 20), "stuck")
+        assert outbox.holds(t)  # until the flush, the turn will send it (the protocol does not watch)
+        await flushed(outbox)
+        assert not outbox.holds(t)
+        assert watch.watched == ["stuck"]  # the rest waits for writability: watched from now on
+        assert await pair.read(5 + (2 << 20), timeout=20) == b"small" + b"x" * (2 << 20)
+    finally:
+        await close_pair(pair, port)
+
+
 # Counted before the flush -------------------------------------------------------------------------
 
 

@@ -49,6 +49,6 @@ def write_frame(proto: Any, framed: bytes, payload: bytes, binary: bool, outbox:
     if not direct(proto):
         proto.sendMessage(payload, binary)
     elif outbox is not None:
-        outbox.write(proto.transport, framed)
+        outbox.write(proto.transport, framed, proto)
     else:
         proto.transport.write(framed)

@@ -21,8 +21,13 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
+from twisted.internet import tcp
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
+
+#: Socket transports whose queue layout (``dataBuffer`` from ``offset``, ``_tempDataBuffer`` /
+#: ``_tempDataLen``) is read here and written by ``engine/outbox.py``; ``test_outbox`` pins it.
+SOCKET_TRANSPORTS = (tcp.Server, tcp.Client)
 
 #: How often ``WriteWatch`` looks at its connections: a stuck connection is aborted between
 #: ``writeTimeout`` and ``writeTimeout + TICK`` seconds after its queue last moved.
@@ -64,6 +69,8 @@ def resume_reading(transport: Any) -> None:
 
 def buffered_bytes(transport: Any) -> int:
     """Bytes written to ``transport`` and not yet accepted by the kernel (0 when unknown)."""
+    if type(transport) in SOCKET_TRANSPORTS:  # the common case, once per delivery
+        return len(transport.dataBuffer) - transport.offset + transport._tempDataLen
     fd, held = _socket_transport(transport)
     try:
         return held + len(fd.dataBuffer) - fd.offset + fd._tempDataLen

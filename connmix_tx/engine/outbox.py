@@ -20,50 +20,58 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet import tcp
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
+from connmix_tx.engine.outbound import SOCKET_TRANSPORTS, WriteWatch
+
 log = Logger(namespace="connmix.engine")
 
-#: Socket transports whose buffer layout (``dataBuffer`` / ``offset`` / ``_tempDataBuffer`` /
-#: ``_tempDataLen``) ``Outbox`` relies on; ``test_outbox`` pins it for the installed Twisted.
-_SOCKET_TRANSPORTS = (tcp.Server, tcp.Client)
-
-
-def _queued(transport: Any) -> int:
-    return len(transport.dataBuffer) - transport.offset + transport._tempDataLen
-
-
-def send_now(transport: Any) -> None:
+def send_now(transport: Any) -> bool:
     """Hand what Twisted queued for a socket transport to the kernel now, not at the next turn.
 
-    What the kernel does not take, or an error, is left to the reactor as for any write.
+    One ``send`` through the transport's ``writeSomeData`` (so the write watch's byte count sees
+    it); what the kernel does not take, or an error, is left to the reactor as for any write.
+    Returns whether bytes stay queued.
     """
-    if type(transport) not in _SOCKET_TRANSPORTS:
-        return
-    if not transport.connected or transport.disconnecting or transport._aborting or not _queued(transport):
-        return  # closed or aborted (queue dropped), closing (Twisted flushes), or sent already
-    try:
-        failed = transport.doWrite()
-    except Exception:
-        log.failure("direct write failed")
-        failed = True
-    if failed is not None or _queued(transport):
-        transport.startWriting()
+    if type(transport) not in SOCKET_TRANSPORTS:
+        return False
+    if not transport.connected or transport.disconnecting or transport._aborting:
+        return False  # closed or aborted (queue dropped), or closing (Twisted flushes it)
+    if len(transport.dataBuffer) > transport.offset:
+        transport.startWriting()  # older bytes wait for writability: the rest queues behind them
+        return True
+    chunks = transport._tempDataBuffer
+    if not chunks:
+        return False
+    data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+    sent = transport.writeSomeData(data)
+    transport._tempDataBuffer, transport._tempDataLen = [], 0
+    if type(sent) is int and sent == len(data):
+        transport.dataBuffer, transport.offset = b"", 0
+        return False
+    transport.dataBuffer, transport.offset = data, sent if type(sent) is int and sent > 0 else 0
+    transport.startWriting()
+    return True
 
 
 class Outbox:
-    """The client sockets written in this turn of the reactor; sent at its end."""
+    """The client sockets written in this turn of the reactor; sent at its end.
 
-    def __init__(self, clock: IReactorTime) -> None:
+    ``watch`` (the server's ``WriteWatch``) is told about a connection whose bytes the kernel did
+    not all take at the flush; until then ``holds(transport)`` says the turn will send them.
+    """
+
+    def __init__(self, clock: IReactorTime, watch: WriteWatch | None = None) -> None:
         self._clock = clock
-        self._written: dict[Any, None] = {}  # insertion-ordered set
+        self._watch = watch
+        self._written: dict[Any, Any] = {}  # transport -> the connection to watch (insertion order)
         self._call: IDelayedCall | None = None
 
-    def write(self, transport: Any, data: bytes) -> None:
-        """``transport.write(data)``, sent with the turn's other writes to the same socket."""
-        if type(transport) not in _SOCKET_TRANSPORTS or transport.producer is not None:
+    def write(self, transport: Any, data: bytes, conn: Any = None) -> None:
+        """``transport.write(data)``, sent with the turn's other writes to the same socket;
+        ``conn`` is what the write watch looks after if the kernel does not take it all."""
+        if type(transport) not in SOCKET_TRANSPORTS or transport.producer is not None:
             transport.write(data)
             return
         if not transport.connected or transport._writeDisconnected or not data:
@@ -71,16 +79,27 @@ class Outbox:
         transport._tempDataBuffer.append(data)
         transport._tempDataLen += len(data)
         if transport not in self._written:
-            self._written[transport] = None
+            self._written[transport] = conn
             if self._call is None:
                 self._call = self._clock.callLater(0, self.flush)
+
+    def holds(self, transport: Any) -> bool:
+        """Whether this turn's flush will send ``transport``'s queued bytes."""
+        return transport in self._written
 
     def flush(self) -> None:
         """Send what this turn queued; what the kernel does not take waits for writability."""
         self._call = None
         written, self._written = self._written, {}
-        for transport in written:
-            send_now(transport)
+        watch = self._watch
+        for transport, conn in written.items():
+            try:
+                left = send_now(transport)
+            except Exception:
+                log.failure("direct write failed")
+                continue
+            if left and conn is not None and watch is not None:
+                watch.written(conn)
 
     @property
     def pending(self) -> int:

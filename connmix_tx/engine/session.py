@@ -238,7 +238,7 @@ class ProtocolServerFactory:
         self.meter = meter
         self.write_watch = WriteWatch(clock)
         #: Writes to the clients, sent once per reactor turn (connmix_tx/engine/outbox.py).
-        self.outbox = Outbox(clock)
+        self.outbox = Outbox(clock, self.write_watch)
         #: Clients not read while their callbacks are behind (connmix_tx/engine/backlog.py).
         self.backlog = Backlog(clock)
         self.wheel = IdleWheel(clock, read_timeout)

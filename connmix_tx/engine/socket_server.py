@@ -291,8 +291,8 @@ class SocketServerProtocol(Protocol):
                 self._abort(SLOW_CONSUMER)
             return SLOW_CONSUMER
         self.meter.sent.inc()
-        if buffered and self.write_timeout:
-            self.factory.write_watch.written(self)
+        if buffered and self.write_timeout and not self.factory.outbox.holds(self.transport):
+            self.factory.write_watch.written(self)  # (the outbox tells it after its flush)
         return None
 
     def shutdown(self) -> None:
@@ -308,7 +308,7 @@ class SocketServerProtocol(Protocol):
             return CLOSED
         if not data:
             return None
-        self.factory.outbox.write(self.transport, data)
+        self.factory.outbox.write(self.transport, data, self)
         return self._written()
 
     def deliver(self, data: bytes, binary: bool, shared: dict[str, Any]) -> str | None:
@@ -341,7 +341,7 @@ class SocketServerProtocol(Protocol):
         if self._closing:
             self.meter.errors.inc()
             return CLOSED  # protocol_encode closed the connection
-        self.factory.outbox.write(self.transport, frame)
+        self.factory.outbox.write(self.transport, frame, self)
         return self._written()
 
     def close_connection(self) -> None:

@@ -305,8 +305,8 @@ class ClientWebSocketProtocol(WebSocketServerProtocol):
             self._slow(buffered)
             return SLOW_CONSUMER
         self.meter.sent.inc()
-        if buffered and self.write_timeout:
-            self.factory.write_watch.written(self)
+        if buffered and self.write_timeout and not self.factory.outbox.holds(self.transport):
+            self.factory.write_watch.written(self)  # (the outbox tells it after its flush)
         return None
 
     def _slow(self, buffered: int) -> None:
