@@ -165,6 +165,51 @@ def test_a_publish_in_the_read_does_not_overtake_earlier_sends(cluster) -> None:
     assert decoded(replies)[1]["result"] == {"fail": 0, "success": True, "total": 1}
 
 
+def publish(data: str, request_id: Any = 1, channel: str = "room") -> dict:
+    return {"method": "mesh.publish", "params": [{"channel": channel, "data": data}], "id": request_id}
+
+
+def test_the_publishes_of_one_read_leave_in_one_batch_before_the_local_fan_out(cluster) -> None:
+    remote = cluster.peer.client(channels=("room",))
+    mine = cluster.local_client()
+    cluster.connections.subscribe(mine, ["room"])
+    outgoing = cluster.peer.endpoint.pump.clientIO  # what engine 0 wrote towards engine 1
+    written_at_first_delivery: list[int] = []
+    deliver = mine.transport.deliver
+
+    def watching(data: bytes, binary: bool, shared: dict) -> str | None:
+        if not written_at_first_delivery:
+            written_at_first_delivery.append(len(outgoing.stream))
+        return deliver(data, binary, shared)
+
+    mine.transport.deliver = watching  # type: ignore[method-assign]
+    replies, waiting = cluster.read(*[publish(f"p{i}", i) for i in range(3)])
+    # The three remote parts were written (one batch) before this engine delivered anything.
+    assert written_at_first_delivery and written_at_first_delivery[0] > 0
+    assert mine.transport.payloads == [b"p0", b"p1", b"p2"]
+    cluster.flush()
+    assert fired(waiting)
+    assert len(cluster.batches.received) == 1 and [op[0] for op in cluster.batches.ops()] == ["publish"] * 3
+    assert remote.transport.payloads == [b"p0", b"p1", b"p2"]
+    assert [r["result"] for r in decoded(replies)] == [{"fail": 0, "success": True, "total": 2}] * 3
+
+
+def test_requests_after_publishes_in_one_read_come_after_them_for_every_client(cluster) -> None:
+    mine, remote = cluster.local_client(), cluster.peer.client(channels=("room",))
+    replies, waiting = cluster.read(
+        call(mine.client_id, "subscribe", ["room"], 1), publish("p1", 2), send(mine.client_id, "s", 3),
+        send(remote.client_id, "r", 4), publish("p2", 5),
+        {"method": "conn.call", "params": [{"client_id": str(mine.client_id), "func": "unsubscribe",
+                                             "args": ["room"]}], "id": 6},
+        publish("p3", 7),
+    )
+    cluster.flush()
+    assert fired(waiting)
+    assert mine.transport.payloads == [b"p1", b"s", b"p2"]
+    assert remote.transport.payloads == [b"p1", b"r", b"p2", b"p3"]
+    assert [r["error"] for r in decoded(replies)] == [None] * 7
+
+
 def test_a_failing_operation_does_not_fail_the_others(cluster) -> None:
     good = cluster.peer.client(1)
     slow = cluster.peer.client(2, error=SLOW_CONSUMER)

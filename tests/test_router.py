@@ -199,3 +199,42 @@ def test_publish_sums_local_and_every_peer(node) -> None:
 
 def test_publish_without_peers_is_synchronous(node) -> None:
     assert Router(0, node.local, FakePeers({})).publish("ch", b"x", False) == (0, 0)
+
+
+def test_held_publishes_go_to_the_peers_first_and_fan_out_here_when_released(node) -> None:
+    conn = node.connect()
+    node.registry.subscribe(conn, ["ch"])
+    link = FakeLink(publish=(1, 0))
+    router = Router(0, node.local, FakePeers({1: link}))
+    router.hold_publishes()
+    results = [router.publish("ch", b"p%d" % i, False) for i in range(3)]
+    assert [c[0] for c in link.calls] == ["publish"] * 3 and link.sent_now == 0
+    assert conn.transport.delivered == []  # held back until the row of publishes ends
+    router.release_publishes()
+    assert link.sent_now == 1  # the three leave together, before the fan-out here
+    assert [d for d, _ in conn.transport.delivered] == [b"p0", b"p1", b"p2"]
+    got: list = []
+    for result in results:
+        result.addCallback(got.append)
+    assert got == [(2, 0)] * 3
+    router.publish("ch", b"later", False)  # not holding any more: at once
+    assert link.sent_now == 2 and conn.transport.delivered[-1][0] == b"later"
+
+
+@pytest.mark.parametrize("then", ["send", "call", "route"])
+def test_any_other_routing_runs_the_held_publishes_first(node, then) -> None:
+    conn = node.connect()
+    node.registry.subscribe(conn, ["ch"])
+    router = Router(0, node.local, FakePeers({1: FakeLink()}))
+    router.hold_publishes()
+    router.publish("ch", b"p", False)
+    if then == "send":
+        router.send(conn.client_id, b"s", False)
+    elif then == "call":
+        router.call(conn.client_id, "unsubscribe", ["ch"])
+    else:
+        router.route(conn.client_id)
+    router.publish("ch", b"q", False)
+    router.release_publishes()
+    expected = {"send": [b"p", b"s", b"q"], "call": [b"p"], "route": [b"p", b"q"]}[then]
+    assert [d for d, _ in conn.transport.delivered] == expected

@@ -162,21 +162,25 @@ class ApiDispatcher:
         replies: list = []
         forwards: dict[Any, _Forwards] = {}
         completion = _Completion(replies)
-        for raw in raws:
-            reply = self._fast(session, raw, len(replies), forwards)
-            if reply is _FORWARDED:
-                replies.append(None)
-                continue
-            if reply is None:
-                if forwards:
-                    self._forward(forwards, replies, completion)
-                replies.append(None)
-                completion.expect()  # _fill, now or later, marks it finished
-                when_ready(self.handle(session, raw), _fill, replies, len(replies) - 1, completion)
-                continue
-            replies.append(reply)
-        if forwards:
-            self._forward(forwards, replies, completion)
+        self.router.hold_publishes()
+        try:
+            for raw in raws:
+                reply = self._fast(session, raw, len(replies), forwards)
+                if reply is _FORWARDED:
+                    replies.append(None)
+                    continue
+                if reply is None:
+                    if forwards:
+                        self._forward(forwards, replies, completion)
+                    replies.append(None)
+                    completion.expect()  # _fill, now or later, marks it finished
+                    when_ready(self.handle(session, raw), _fill, replies, len(replies) - 1, completion)
+                    continue
+                replies.append(reply)
+            if forwards:
+                self._forward(forwards, replies, completion)
+        finally:
+            self.router.release_publishes()
         return replies, completion.seal()
 
     def _forward(self, forwards: dict[Any, _Forwards], replies: list, completion: _Completion) -> None:

@@ -208,14 +208,16 @@ class MeshLink:
         """Deliver to one client of the peer; fires with None or an error text."""
         return self._submit("send", ["send", 0, client_id, data, "binary" if binary else "text"])
 
-    def publish(self, channel: str, data: bytes, binary: bool) -> Deferred:
+    def publish(self, channel: str, data: bytes, binary: bool, now: bool = True) -> Deferred:
         """Publish on the peer; fires with (success, fail) — (0, 0) when it did not answer.
 
-        Sent at once, not at the end of the turn: the peer's fan-out then runs while this engine
-        does its own (``Router.publish`` asks the peers first).
+        Sent at once (``now``), not at the end of the turn: the peer's fan-out then runs while
+        this engine does its own (``Router.publish`` asks the peers first; with ``now`` False it
+        calls ``send_now`` itself after the last publish of a row).
         """
         published = self._submit("publish", ["publish", 0, channel, data, "binary" if binary else "text"])
-        self._send_now()
+        if now:
+            self.send_now()
         return published
 
     def call(self, client_id: int, func: str, args: list) -> Deferred:
@@ -271,7 +273,7 @@ class MeshLink:
         if self._flush_call is None and self.state == UP:
             self._flush_call = self.reactor.callLater(0, self._flush)
 
-    def _send_now(self) -> None:
+    def send_now(self) -> None:
         """Flush the queue now and hand the batch to the kernel (the order of the queue holds)."""
         if self._flush_call is not None:
             self._flush_call.cancel()

@@ -12,7 +12,8 @@ from __future__ import annotations
 from time import perf_counter
 from typing import Any, Callable, Optional, Protocol
 
-from twisted.internet.defer import gatherResults
+from twisted.internet.defer import Deferred, gatherResults, succeed
+from twisted.logger import Logger
 
 from connmix_tx.engine.connections import (
     CLIENT_NOT_FOUND,
@@ -23,6 +24,8 @@ from connmix_tx.names import valid_name
 from connmix_tx.ids import node_number_of
 from connmix_tx.later import Later
 from connmix_tx.meter import NULL_METER, MeshMeter
+
+log = Logger(namespace="connmix.mesh")
 
 NODE_UNAVAILABLE = "node unavailable"
 
@@ -125,9 +128,48 @@ class Router:
         self.peers = peers
         #: Forwarded sends are timed to the mesh reply (local ones in ``LocalOps.send``).
         self.forward_send = meter.forward_send
+        #: Publishes whose local fan-out waits for ``release_publishes`` (None: not holding).
+        self._held: list[tuple[str, bytes, bool, Deferred]] | None = None
+        self._held_links: dict[Any, None] = {}
+
+    # Publishes of one API read ---------------------------------------------------------------
+
+    def hold_publishes(self) -> None:
+        """Until ``release_publishes``: a publish queues its operations for the other engines and
+        holds back its own fan-out, so that the remote parts of several publishes in a row leave
+        in one batch before the first local fan-out starts (each engine then fans out all of them
+        in one turn, one ``send`` per client: docs/performance.md, "Publishes of one read").
+
+        Any other routing call first runs what is held, so the order of one connection's
+        requests holds for every client.
+        """
+        self._held = []
+
+    def release_publishes(self) -> None:
+        """Run what ``hold_publishes`` held back, and stop holding."""
+        self._run_held()
+        self._held = None
+
+    def _run_held(self) -> None:
+        held = self._held
+        if not held and not self._held_links:
+            return
+        self._held = []
+        links, self._held_links = self._held_links, {}
+        for link in links:
+            link.send_now()
+        for channel, data, binary, local in held or ():
+            try:
+                counts = self.local.publish(channel, data, binary)
+            except Exception:  # the publishes after it, and the API read, go on
+                log.failure("publish to {channel} failed here", channel=channel)
+                counts = (0, 0)
+            local.callback(counts)
 
     def route(self, client_id: int) -> Any:
         """Where ``client_id`` lives: None (here), its engine's live link, or ``NODE_UNAVAILABLE``."""
+        if self._held:
+            self._run_held()
         number = node_number_of(client_id)
         if number == self.node_number:
             return None
@@ -137,6 +179,8 @@ class Router:
     def forward(self, link: Any, ops: list[tuple], done: Callable[[list], Any]) -> None:
         """Send the operations of one API read to ``link`` (see ``MeshLink.submit``); each send is
         timed to the link's one answer for all of them."""
+        if self._held:
+            self._run_held()
         sends = sum(1 for op in ops if op[0] == "send")
         if not sends:
             link.submit(ops, done)
@@ -166,6 +210,8 @@ class Router:
         link.submit_one(op, answered)
 
     def send(self, client_id: int, data: bytes, binary: bool) -> SendResult:
+        if self._held:
+            self._run_held()
         number = node_number_of(client_id)
         if number == self.node_number:
             return self.local.send(client_id, data, binary)
@@ -179,6 +225,8 @@ class Router:
         return result
 
     def call(self, client_id: int, func: str, args: list[Any]) -> SendResult:
+        if self._held:
+            self._run_held()
         number = node_number_of(client_id)
         if number == self.node_number:
             return self.local.call(client_id, func, args)
@@ -192,16 +240,21 @@ class Router:
         if not links:
             return self.local.publish(channel, data, binary)
         # The peers first: their fan-outs run while this engine does its own.
-        results = [link.publish(channel, data, binary).addErrback(_no_counts) for link in links]
-        local = self.local.publish(channel, data, binary)
+        held = self._held
+        results = [link.publish(channel, data, binary, now=held is None).addErrback(_no_counts)
+                   for link in links]
+        if held is None:
+            results.append(succeed(self.local.publish(channel, data, binary)))
+        else:
+            self._held_links.update(dict.fromkeys(links))
+            local: Deferred = Deferred()
+            held.append((channel, data, binary, local))
+            results.append(local)
+        return gatherResults(results).addCallback(_total)
 
-        def total(results: list[tuple[int, int]]) -> tuple[int, int]:
-            return (
-                local[0] + sum(r[0] for r in results),
-                local[1] + sum(r[1] for r in results),
-            )
 
-        return gatherResults(results).addCallback(total)
+def _total(results: list[tuple[int, int]]) -> tuple[int, int]:
+    return sum(r[0] for r in results), sum(r[1] for r in results)
 
 
 def _no_counts(failure: Any) -> tuple[int, int]:

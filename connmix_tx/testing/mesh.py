@@ -33,6 +33,8 @@ class FakeLink:
         #: ``("send", client_id, data, binary)``, ``("call", client_id, func, args)`` and
         #: ``("publish", channel, data, binary)``, in order.
         self.calls: list[tuple] = []
+        #: How often the queued operations were told to leave at once (``send_now``).
+        self.sent_now = 0
 
     @classmethod
     def answering(cls, answer: Callable[[], Any]) -> FakeLink:
@@ -47,10 +49,16 @@ class FakeLink:
         self.calls.append(("call", client_id, func, args))
         return _answer(self.answers["call"])
 
-    def publish(self, channel: str, data: bytes, binary: bool) -> Deferred:
+    def publish(self, channel: str, data: bytes, binary: bool, now: bool = True) -> Deferred:
         self.calls.append(("publish", channel, data, binary))
+        if now:
+            self.send_now()
         result = _answer(self.answers["publish"])
         return result if isinstance(result, Deferred) else succeed(result)
+
+    def send_now(self) -> None:
+        """What was queued leaves now: counted in ``sent_now``."""
+        self.sent_now += 1
 
 
 class FakePeers:
