@@ -353,6 +353,8 @@ class Bench:
         self.latency: dict[str, dict[str, list[float]]] = {}
         self.max_connections: dict[str, Any] = {}
         self.profiles: dict[str, str] = {}
+        #: The answer of the last "ours" measurement of ``pair``.
+        self.last_ours: dict = {}
         #: Failed requests (error replies, failed connects) per load generator.
         self.errors: dict[str, int] = {}
         self.started = time.time()
@@ -449,8 +451,10 @@ class Bench:
         driver.send(command)
         answer = driver.answer(timeout=self.s.warmup + self.s.duration + 60)
         elapsed = time.monotonic() - start
-        cpu_seconds = sum(cpu_ticks(p) - b for p, b in zip(pids, before)) / CLK_TCK
+        each = [(cpu_ticks(p) - b) / CLK_TCK for p, b in zip(pids, before)]
+        cpu_seconds = sum(each)
         answer["cpu"] = cpu_seconds / elapsed
+        answer["cpu_each"] = [seconds / elapsed for seconds in each]  # cores, in the order of pids
         if answer.get("total"):
             # Every server process of the measurement, over every message of the command.
             answer["cpu_per_msg"] = cpu_seconds / answer["total"]
@@ -488,6 +492,7 @@ class Bench:
         """Baseline then ours (A B), one round of a row."""
         b = self.measure(base[0], command, base[1])
         o = self.measure(ours[0], command, ours[1])
+        self.last_ours = o
         row.add(o, b)
         self.say(f"  {row.key:9} round {round_no + 1}: ours {o['rate']:,.0f} (cpu {o['cpu']:.2f}, "
                  f"{_us(o)}, loadgen {o['loadgen_cpu']:.2f}, errors {o.get('errors', 0)}), "
@@ -624,6 +629,7 @@ class Bench:
             drivers[name].ready()
         both = [a.pid, b.pid]
         sent = {"cross": [0.0, 0.0], "lua": [0.0, 0.0]}  # ops, batches engine A sent over the mesh
+        cores: dict[str, list[list[float]]] = {"cross": [], "lua": []}  # [A, B] cores of each forwarded run
         for r in range(s.rounds):
             self.check_time()
             for key, ours, base in (("cross", "cross", "local"), ("lua", "lua-cross", "lua-local")):
@@ -631,10 +637,14 @@ class Bench:
                 self.pair(self.rows[key], (drivers[ours], both), (drivers[base], both), r)
                 after = mesh_sent(pa["api"])
                 sent[key] = [total + a - b for total, a, b in zip(sent[key], after, before)]
+                cores[key].append(self.last_ours.get("cpu_each", [0.0, 0.0]))
         for key, (ops, batches) in sent.items():
             if batches:
+                a_cores = statistics.median(c[0] for c in cores[key])
+                b_cores = statistics.median(c[1] for c in cores[key])
                 self.rows[key].note = (f"engine A sent {ops:,.0f} mesh ops in {batches:,.0f} batches "
-                                       f"({ops / batches:.1f} per batch)")
+                                       f"({ops / batches:.1f} per batch); forwarded, engine A used "
+                                       f"{a_cores:.2f} core and engine B {b_cores:.2f} (medians)")
         self.profile_runs([("mesh-cross", drivers["cross"], both), ("mesh-local", drivers["local"], both),
                            ("lua-cross", drivers["lua-cross"], both), ("lua-local", drivers["lua-local"], both)])
         self.stop(list(self.procs))
