@@ -354,7 +354,7 @@ class Bench:
         self.max_connections: dict[str, Any] = {}
         self.profiles: dict[str, str] = {}
         #: The answer of the last "ours" measurement of ``pair``.
-        self.last_ours: dict = {}
+        self.ours_answer: dict = {}
         #: Failed requests (error replies, failed connects) per load generator.
         self.errors: dict[str, int] = {}
         self.started = time.time()
@@ -492,7 +492,7 @@ class Bench:
         """Baseline then ours (A B), one round of a row."""
         b = self.measure(base[0], command, base[1])
         o = self.measure(ours[0], command, ours[1])
-        self.last_ours = o
+        self.ours_answer = o
         row.add(o, b)
         self.say(f"  {row.key:9} round {round_no + 1}: ours {o['rate']:,.0f} (cpu {o['cpu']:.2f}, "
                  f"{_us(o)}, loadgen {o['loadgen_cpu']:.2f}, errors {o.get('errors', 0)}), "
@@ -637,7 +637,7 @@ class Bench:
                 self.pair(self.rows[key], (drivers[ours], both), (drivers[base], both), r)
                 after = mesh_sent(pa["api"])
                 sent[key] = [total + a - b for total, a, b in zip(sent[key], after, before)]
-                cores[key].append(self.last_ours.get("cpu_each", [0.0, 0.0]))
+                cores[key].append(self.ours_answer.get("cpu_each", [0.0, 0.0]))
         for key, (ops, batches) in sent.items():
             if batches:
                 a_cores = statistics.median(c[0] for c in cores[key])
