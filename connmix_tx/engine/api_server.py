@@ -42,7 +42,7 @@ from connmix_tx.engine.outbound import WriteWatch, buffered_bytes, pause_reading
 from connmix_tx.engine.queue import QueueManager
 from connmix_tx.meter import NULL_METER, ApiServerMeter
 from connmix_tx.engine.connections import peer_address
-from connmix_tx.engine.ws_settings import CLOSE_SLOW, WRITE_TIMEOUT, websocket_options
+from connmix_tx.engine.ws_settings import CLOSE_SLOW, WRITE_TIMEOUT, ExactTimer, websocket_options
 from connmix_tx.later import now_or_later
 from connmix_tx.reactors import IStreamTransport, global_reactor
 from connmix_tx.web import JsonTree, QuietSite, json_response, method_not_allowed
@@ -248,7 +248,9 @@ class ApiWebSocketFactory(WebSocketServerFactory):
         self.queues = queues
         self.node_id = node_id
         self.meter = meter
-        self.write_watch = WriteWatch(clock if clock is not None else global_reactor())
+        clock = clock if clock is not None else global_reactor()
+        self._batched_timer = ExactTimer(clock)
+        self.write_watch = WriteWatch(clock)
         self.open_protocols: set[ApiWebSocketProtocol] = set()
         #: The Site serving this factory (set by ``api_site``): its HTTP timeout follows readTimeout.
         self.site: Site | None = None

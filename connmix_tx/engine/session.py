@@ -35,6 +35,10 @@ Job = Callable[[Callable[[bool, Any], None]], None]
 class CallbackSession:
     """The Lua side of one connection."""
 
+    # One per client connection: no per-instance dict (docs/performance.md, idle memory).
+    __slots__ = ("script", "conn", "_on_overflow", "_on_finished", "_on_error", "_on_drained", "_busy",
+                 "_draining", "_pending", "_closing", "_close_err")
+
     def __init__(
         self,
         script: Script,
@@ -196,14 +200,13 @@ def open_client(factory: Any, proto: Any) -> tuple[ClientConnection, CallbackSes
     its Lua session and its debug line.
 
     ``factory`` offers ``ids``, ``connections``, ``script`` and ``meter``; ``proto`` is the
-    ``ClientTransport`` with ``_overflow`` and ``_finished`` callbacks.
+    ``ClientTransport`` with ``_overflow``, ``_finished`` and ``_drained`` callbacks.
     """
     conn = ClientConnection(factory.ids.next_id(), peer_address(proto.transport), proto)
     factory.connections.add(conn)
-    backlog = factory.backlog
     session = CallbackSession(
         factory.script, conn, on_overflow=proto._overflow, on_finished=proto._finished,
-        on_error=factory.meter.lua_error, on_drained=lambda: backlog.drained(proto),
+        on_error=factory.meter.lua_error, on_drained=proto._drained,
     )
     log.debug(
         "client {client_id} connected from {remote_addr} on {port}",

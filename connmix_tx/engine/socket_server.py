@@ -259,6 +259,10 @@ class SocketServerProtocol(Protocol):
         if self.conn is not None:
             self.factory.connections.remove(self.conn)
 
+    def _drained(self) -> None:
+        """The session's queue is empty: read again (``Backlog``)."""
+        self.factory.backlog.drained(self)
+
     def _overflow(self) -> None:
         self._close("too many pending messages")
 

@@ -37,7 +37,8 @@ from connmix_tx.engine.frames import frame, write_frame, write_message
 from connmix_tx.engine.outbound import buffered_bytes, pause_reading, resume_reading
 from connmix_tx.engine.session import CallbackSession, ProtocolServerFactory, open_client
 from connmix_tx.engine.ws_settings import (
-    CLOSE_GOING_AWAY, CLOSE_NORMAL, CLOSE_POLICY, CLOSE_SLOW, CLOSE_TOO_BIG, WRITE_TIMEOUT, websocket_options,
+    CLOSE_GOING_AWAY, CLOSE_NORMAL, CLOSE_POLICY, CLOSE_SLOW, CLOSE_TOO_BIG, WRITE_TIMEOUT, ExactTimer,
+    websocket_options,
 )
 from connmix_tx.ids import Snowflake
 from connmix_tx.lua.convert import MemoryShortage, py_to_lua
@@ -285,6 +286,10 @@ class ClientWebSocketProtocol(WebSocketServerProtocol):
         if self.conn is not None:
             self.factory.connections.remove(self.conn)
 
+    def _drained(self) -> None:
+        """The session's queue is empty: read again (``Backlog``)."""
+        self.factory.backlog.drained(self)
+
     def _overflow(self) -> None:
         self._close(CLOSE_POLICY, "too many pending messages", "too many pending messages")
 
@@ -390,6 +395,7 @@ class ClientWebSocketFactory(ProtocolServerFactory, WebSocketServerFactory):
         meter: ServerMeter | None = None,
     ) -> None:
         WebSocketServerFactory.__init__(self, server="connmix")
+        self._batched_timer = ExactTimer(clock)
         self.share(script, connections, ids, clock, meter if meter is not None else NULL_METER,
                    config.read_timeout)
         self.reconfigure(config)

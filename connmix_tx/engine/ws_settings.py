@@ -10,10 +10,11 @@ from __future__ import annotations
 from typing import Any
 
 from autobahn.websocket.compress import PerMessageDeflateOffer, PerMessageDeflateOfferAccept
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
 __all__ = [
     "CLOSE_GOING_AWAY", "CLOSE_NORMAL", "CLOSE_POLICY", "CLOSE_SLOW", "CLOSE_TOO_BIG", "HANDSHAKE_TIMEOUT",
-    "WRITE_TIMEOUT", "accept_deflate", "websocket_options",
+    "WRITE_TIMEOUT", "ExactTimer", "accept_deflate", "websocket_options",
 ]
 
 CLOSE_NORMAL, CLOSE_GOING_AWAY, CLOSE_POLICY = 1000, 1001, 1008
@@ -47,3 +48,34 @@ def websocket_options(max_message_size: int, compression: bool) -> dict[str, Any
         trustXForwardedFor=0,
         perMessageCompressionAccept=accept_deflate if compression else (lambda offers: None),
     )
+
+
+class _Call:
+    """What ``ExactTimer.call_later`` returns: cancellable once, and after it ran."""
+
+    __slots__ = ("_call",)
+
+    def __init__(self, call: IDelayedCall) -> None:
+        self._call = call
+
+    def cancel(self) -> None:
+        if self._call.active():
+            self._call.cancel()
+
+
+class ExactTimer:
+    """Autobahn's protocol timers (opening handshake, close handshake, connection drop) at the
+    time they were asked for.
+
+    Autobahn's factories schedule them on a txaio batched timer, which truncates ``now + delay``
+    to a whole second before rounding it into its buckets: the 1 s close-handshake timeout fired
+    anywhere from 0 to 1 s after the close frame, so a client that answered the close in 200 ms
+    could be dropped (1006, ``on_close`` told "connection lost"), and the 10 s opening handshake
+    ran out after 9 to 10 s.  The factories replace ``_batched_timer`` with this one.
+    """
+
+    def __init__(self, clock: IReactorTime) -> None:
+        self.clock = clock
+
+    def call_later(self, delay: float, func: Any, *args: Any, **kwargs: Any) -> _Call:
+        return _Call(self.clock.callLater(delay, func, *args, **kwargs))
