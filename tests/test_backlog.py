@@ -27,7 +27,7 @@ from connmix_tx.engine.backlog import LONGEST, Backlog
 from connmix_tx.engine.session import MAX_PENDING, CallbackSession
 from connmix_tx.testing import LogCapture
 from luahelpers import Engine, make_engine
-from netclients import api_call, connect, masked_frame, until, upgrade_request, read_head
+from netclients import api_call, connect, masked_frame, raw_handshake, until
 
 
 # Fakes ------------------------------------------------------------------------------------------
@@ -362,10 +362,8 @@ async def test_a_client_aborting_while_paused_gets_on_close(tmp_path: Path) -> N
         engine = running.service.engine
         factory = engine.client_factories[0]
         port = engine.protocol_listeners[0].actual_port
-        sock = await connect(port)
+        sock = await raw_handshake(port)
         loop = asyncio.get_running_loop()
-        await loop.sock_sendall(sock, upgrade_request(port))
-        assert (await read_head(sock)).startswith(b"HTTP/1.1 101")
         await loop.sock_sendall(sock, b"".join(masked_frame(t) for t in (b"hold", b"a", b"b")))
         await until(lambda: len(factory.backlog) == 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
