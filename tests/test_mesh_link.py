@@ -294,3 +294,22 @@ def test_silent_peer_is_dropped_after_heartbeat_timeout_and_redialled(peer, link
     peer.endpoint.flush()  # the old connection closes
     tick(peer.clock, 1, [peer.endpoint])
     assert len(peer.endpoint.pumps) == 2 and link.state == "up"
+
+
+def test_a_completion_that_raises_does_not_keep_the_others_of_the_reply_from_ending(peer, link) -> None:
+    first, second = peer.client(1), peer.client(2)
+    ended: list = []
+
+    def broken(result: object) -> None:
+        raise RuntimeError("a caller's bug")
+
+    with LogCapture() as logs:
+        link.submit_one(("send", first.client_id, b"a", False), broken)
+        link.submit_one(("send", second.client_id, b"b", False), ended.append)
+        link.submit([("send", 999, b"c", False)], lambda results: 1 / 0)
+        link.submit_one(("send", first.client_id, b"d", False), ended.append)
+        peer.endpoint.flush()
+    assert ended == [None, None]
+    assert first.transport.payloads == [b"a", b"d"] and second.transport.payloads == [b"b"]
+    assert len(logs.find("mesh completion failed")) == 2
+    assert link.pending == 0

@@ -87,10 +87,10 @@ class _Op:
         self.packed = packed
 
 
-def _end(op: _Op, result: Any) -> None:
-    """Report ``op``'s result; a failing completion must not keep the other operations from ending."""
+def _end(end: Callable[[Any], Any], result: Any) -> None:
+    """Report an operation's result; a failing completion must not keep the others from ending."""
     try:
-        op.end(result)
+        end(result)
     except Exception:
         log.failure("mesh completion failed")
 
@@ -256,12 +256,12 @@ class MeshLink:
     def _enqueue(self, kind: str, op: list, end: Callable[[Any], Any], now: float) -> None:
         """Queue ``op`` (its seq is set here), or end it at once when it cannot go out."""
         if self.state == DOWN:
-            end(_unavailable(kind, NODE_UNAVAILABLE))
+            _end(end, _unavailable(kind, NODE_UNAVAILABLE))
             return
         seq = op[1] = next(self._seq)
         packed = msgpack.packb(op, use_bin_type=True)
         if len(packed) > MAX_OP:
-            end(_unavailable(kind, MESSAGE_TOO_LARGE))
+            _end(end, _unavailable(kind, MESSAGE_TOO_LARGE))
             return
         self._ops[seq] = _Op(kind, end, now, packed)
         self._queue.append(seq)
@@ -317,7 +317,7 @@ class MeshLink:
         for seq, status, a, b in msgpack.unpackb(blob, raw=False):
             op = ops.pop(seq, None)
             if op is not None:
-                _end(op, None if status == STATUS_OK and op.kind != "publish" else _result(op.kind, status, a, b))
+                _end(op.end, None if status == STATUS_OK and op.kind != "publish" else _result(op.kind, status, a, b))
         self._schedule_flush()
 
     def _batch_failed(self, failure: Failure, batch: _Batch) -> None:
@@ -326,7 +326,7 @@ class MeshLink:
         for seq in batch.seqs:
             op = self._ops.pop(seq, None)
             if op is not None:
-                _end(op, _unavailable(op.kind, NODE_UNAVAILABLE))
+                _end(op.end, _unavailable(op.kind, NODE_UNAVAILABLE))
         self._schedule_flush()
 
     # Time: timeouts and pings ----------------------------------------------------------------
@@ -339,7 +339,7 @@ class MeshLink:
             if op.kind == "publish":
                 log.warn("mesh publish to {node_id} got no answer in {timeout}s; counted as 0/0",
                          node_id=self.node_id, timeout=self.mesh_timeout)
-            _end(op, _unavailable(op.kind, MESH_TIMEOUT))
+            _end(op.end, _unavailable(op.kind, MESH_TIMEOUT))
         if self.state != UP:
             return
         if self._last_sent > self._last_reply and now - self._last_reply >= self.heartbeat_timeout:
@@ -360,7 +360,7 @@ class MeshLink:
         ops, self._ops = self._ops, {}
         self._queue.clear()
         for op in ops.values():
-            _end(op, _unavailable(op.kind, reason))
+            _end(op.end, _unavailable(op.kind, reason))
 
     @property
     def pending(self) -> int:
