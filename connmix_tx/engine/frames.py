@@ -41,14 +41,22 @@ def direct(proto: Any) -> bool:
 def write_message(proto: Any, payload: bytes, binary: bool = False, outbox: Outbox | None = None) -> None:
     """``proto.sendMessage(payload, binary)``, written directly when possible (through
     ``outbox``, when given: sent at the end of the reactor turn)."""
-    write_frame(proto, frame(payload, binary) if direct(proto) else b"", payload, binary, outbox)
+    if direct(proto):
+        _write(proto, frame(payload, binary), outbox)
+    else:
+        proto.sendMessage(payload, binary)
 
 
 def write_frame(proto: Any, framed: bytes, payload: bytes, binary: bool, outbox: Outbox | None = None) -> None:
     """Write an already framed message (fan-out: framed once, written to many)."""
-    if not direct(proto):
+    if direct(proto):
+        _write(proto, framed, outbox)
+    else:
         proto.sendMessage(payload, binary)
-    elif outbox is not None:
+
+
+def _write(proto: Any, framed: bytes, outbox: Outbox | None) -> None:
+    if outbox is not None:
         outbox.write(proto.transport, framed, proto)
     else:
         proto.transport.write(framed)

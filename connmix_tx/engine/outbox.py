@@ -27,6 +27,7 @@ from connmix_tx.engine.outbound import SOCKET_TRANSPORTS, WriteWatch
 
 log = Logger(namespace="connmix.engine")
 
+
 def send_now(transport: Any) -> bool:
     """Hand what Twisted queued for a socket transport to the kernel now, not at the next turn.
 
