@@ -16,8 +16,9 @@ from connmix_tx.engine.connections import CLIENT_NOT_FOUND, SLOW_CONSUMER
 from connmix_tx.engine.mesh_link import MAX_BLOB, MAX_IN_FLIGHT, MeshLink
 from connmix_tx.engine.router import NODE_UNAVAILABLE
 
-from connmix_tx.testing import LogCapture, tick
-from meshpeer import MESH_TIMEOUT, WAITING, Batches, Peer, client_id, results
+from connmix_tx.metrics import EngineMeter
+from connmix_tx.testing import LogCapture, sample_value, tick
+from meshpeer import MESH_TIMEOUT, OWN_ID, SECRET, WAITING, Batches, Peer, client_id, results
 
 
 @pytest.fixture
@@ -313,3 +314,25 @@ def test_a_completion_that_raises_does_not_keep_the_others_of_the_reply_from_end
     assert first.transport.payloads == [b"a", b"d"] and second.transport.payloads == [b"b"]
     assert len(logs.find("mesh completion failed")) == 2
     assert link.pending == 0
+
+
+def test_forwarded_sends_are_timed_to_their_answer_and_counted_by_kind(peer, batches) -> None:
+    meter = EngineMeter()
+    link = MeshLink(peer.clock, peer.node, OWN_ID, SECRET, mesh_timeout=MESH_TIMEOUT, endpoint=peer.endpoint,
+                    meter=meter)
+    link.start()
+    peer.endpoint.flush()
+    target = peer.client(1, channels=("room",))
+    ended: list = []
+    link.submit_one(("send", target.client_id, b"a", False), ended.append)
+    link.submit([("send", target.client_id, b"b", False), ("publish", "room", b"c", False)], ended.append)
+    peer.clock.advance(0.25)  # the answer comes a quarter second later
+    peer.endpoint.flush()
+    assert ended == [None, [None, (1, 0)]]
+    forwarded = {"protocol": "mesh", "scenario": "forward"}
+    assert sample_value(meter, "connmix_engine_servers_send_duration_seconds_count", forwarded) == 2
+    assert sample_value(meter, "connmix_engine_servers_send_duration_seconds_sum", forwarded) == 0.5
+    out = {"direction": "out"}
+    assert sample_value(meter, "connmix_engine_mesh_messages_total", {**out, "op": "send"}) == 2
+    assert sample_value(meter, "connmix_engine_mesh_messages_total", {**out, "op": "publish"}) == 1
+    link.stop()

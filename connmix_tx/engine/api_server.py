@@ -42,7 +42,7 @@ from connmix_tx.engine.outbound import WriteWatch, buffered_bytes, pause_reading
 from connmix_tx.engine.queue import QueueManager
 from connmix_tx.meter import NULL_METER, ApiServerMeter
 from connmix_tx.engine.connections import peer_address
-from connmix_tx.engine.ws_settings import CLOSE_SLOW, WRITE_TIMEOUT, ExactTimer, websocket_options
+from connmix_tx.engine.ws_settings import CLOSE_SLOW, WRITE_TIMEOUT, ExactTimer, end_message, websocket_options
 from connmix_tx.later import now_or_later
 from connmix_tx.reactors import IStreamTransport, global_reactor
 from connmix_tx.web import JsonTree, QuietSite, json_response, method_not_allowed
@@ -95,6 +95,9 @@ class ApiWebSocketProtocol(WebSocketServerProtocol):
         read, self._read = self._read, None
         if read:
             self._dispatch(read)
+
+    def onMessageEnd(self) -> None:
+        end_message(self)
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         if self._read is not None:

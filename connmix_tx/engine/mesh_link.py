@@ -124,6 +124,9 @@ class MeshLink:
         self.reactor = reactor
         self.meter = meter
         self._batches_out = meter.batch("out")
+        #: Forwarded sends, timed from queueing to the peer's answer (local ones in ``LocalOps.send``).
+        self._forward_send = meter.forward_send
+        self._out = {kind: meter.op("out", kind) for kind in ("send", "publish", "call")}
         self.node_id = str(node["id"])
         self.number = int(node["number"])
         self.mesh_point = str(node["mesh_point"])
@@ -265,7 +268,8 @@ class MeshLink:
             return
         self._ops[seq] = _Op(kind, end, now, packed)
         self._queue.append(seq)
-        self.meter.op("out", kind).inc()
+        counter = self._out.get(kind)
+        (counter if counter is not None else self.meter.op("out", kind)).inc()
 
     # Batching --------------------------------------------------------------------------------
 
@@ -314,10 +318,16 @@ class MeshLink:
         self._in_flight = max(0, self._in_flight - 1)
         self._last_reply = self.reactor.seconds()
         ops = self._ops
+        now = self.reactor.seconds()
+        observe = self._forward_send.observe
         for seq, status, a, b in msgpack.unpackb(blob, raw=False):
             op = ops.pop(seq, None)
-            if op is not None:
-                _end(op.end, None if status == STATUS_OK and op.kind != "publish" else _result(op.kind, status, a, b))
+            if op is None:
+                continue
+            kind = op.kind
+            if kind == "send":
+                observe(now - op.created)
+            _end(op.end, None if status == STATUS_OK and kind != "publish" else _result(kind, status, a, b))
         self._schedule_flush()
 
     def _batch_failed(self, failure: Failure, batch: _Batch) -> None:

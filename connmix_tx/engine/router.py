@@ -126,8 +126,6 @@ class Router:
         self.node_number = node_number
         self.local = local
         self.peers = peers
-        #: Forwarded sends are timed to the mesh reply (local ones in ``LocalOps.send``).
-        self.forward_send = meter.forward_send
         #: Publishes whose local fan-out waits for ``release_publishes`` (None: not holding).
         self._held: list[tuple[str, bytes, bool, Deferred]] | None = None
         self._held_links: dict[Any, None] = {}
@@ -177,37 +175,10 @@ class Router:
         return NODE_UNAVAILABLE if link is None else link
 
     def forward(self, link: Any, ops: list[tuple], done: Callable[[list], Any]) -> None:
-        """Send the operations of one API read to ``link`` (see ``MeshLink.submit``); each send is
-        timed to the link's one answer for all of them."""
+        """Send the operations of one API read to ``link`` (see ``MeshLink.submit``)."""
         if self._held:
             self._run_held()
-        sends = sum(1 for op in ops if op[0] == "send")
-        if not sends:
-            link.submit(ops, done)
-            return
-        start = perf_counter()
-
-        def answered(results: list) -> Any:
-            elapsed = perf_counter() - start
-            for _ in range(sends):
-                self.forward_send.observe(elapsed)
-            return done(results)
-
-        link.submit(ops, answered)
-
-    def forward_one(self, link: Any, op: tuple, done: Callable[[Any], Any]) -> None:
-        """``forward`` for one operation (Lua ``mix.mesh.send``): ``done(result)``."""
-        if op[0] != "send":
-            link.submit_one(op, done)
-            return
-        start = perf_counter()
-        observe = self.forward_send.observe
-
-        def answered(result: Any) -> Any:
-            observe(perf_counter() - start)
-            return done(result)
-
-        link.submit_one(op, answered)
+        link.submit(ops, done)
 
     def send(self, client_id: int, data: bytes, binary: bool) -> SendResult:
         if self._held:
@@ -218,11 +189,7 @@ class Router:
         link = self.peers.link_for(number) if self.peers else None
         if link is None:
             return NODE_UNAVAILABLE
-        return link.send(client_id, data, binary).addBoth(self._forwarded, perf_counter())
-
-    def _forwarded(self, result: Any, start: float) -> Any:
-        self.forward_send.observe(perf_counter() - start)
-        return result
+        return link.send(client_id, data, binary)
 
     def call(self, client_id: int, func: str, args: list[Any]) -> SendResult:
         if self._held:

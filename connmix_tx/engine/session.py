@@ -37,7 +37,7 @@ class CallbackSession:
 
     # One per client connection: no per-instance dict (docs/performance.md, idle memory).
     __slots__ = ("script", "conn", "_on_overflow", "_on_finished", "_on_error", "_on_drained", "_busy",
-                 "_draining", "_pending", "_closing", "_close_err")
+                 "_running", "_draining", "_pending", "_closing", "_close_err")
 
     def __init__(
         self,
@@ -56,8 +56,11 @@ class CallbackSession:
         #: Called when the last queued callback has started (``Backlog.drained``).
         self._on_drained = on_drained
         self._busy = False
+        #: The name of the callback running now (what ``_job_done`` reports).
+        self._running = ""
         self._draining = False
-        self._pending: deque[tuple[str, Job]] = deque()
+        #: (callback, job, message): a queued message has no job, only its (kind, data).
+        self._pending: deque[tuple[str, Job | None, tuple[bytes, bytes] | None]] = deque()
         self._closing = False
         self._close_err: str | None = None
 
@@ -89,10 +92,15 @@ class CallbackSession:
             self._busy = True
             self.script.run_message(self.conn.cid, kind, data, self._message_done)
         elif self._room():
-            self._submit("on_message", lambda done: self.script.run_message(self.conn.cid, kind, data, done))
+            self._pending.append(("on_message", None, (kind, data)))  # (no closure per message)
+            if not self._busy:
+                self._next()
 
     def _message_done(self, ok: bool, values: Any) -> None:
         self._done("on_message", ok, values)
+
+    def _job_done(self, ok: bool, values: Any) -> None:
+        self._done(self._running, ok, values)
 
     def call(self, callback: str, *args: Any) -> None:
         """Queue a callback like ``message`` does (e.g. socket ``on_message`` with a decoded value)."""
@@ -129,7 +137,7 @@ class CallbackSession:
         if not self._busy:
             self._finish()
         else:
-            self._pending.append(("", lambda done: self._finish()))
+            self._pending.append(("", lambda done: self._finish(), None))
 
     def _finish(self) -> None:
         self.script.forget_connection(self.conn.cid)
@@ -149,7 +157,7 @@ class CallbackSession:
             finished(False, f"internal error: {e}")
 
     def _submit(self, name: str, job: Job) -> None:
-        self._pending.append((name, job))
+        self._pending.append((name, job, None))
         if not self._busy:
             self._next()
 
@@ -159,24 +167,22 @@ class CallbackSession:
         self._draining = True
         try:
             while self._pending and not self._busy:
-                name, job = self._pending.popleft()
+                name, job, message = self._pending.popleft()
                 if not self._pending and self._on_drained is not None:
                     self._on_drained()
-                self._busy = True
-                reported: list[bool] = []
-
-                def done(ok: bool, values: Any, name: str = name, reported: list = reported) -> None:
-                    reported.append(True)
-                    self._done(name, ok, values)
-
+                self._busy, self._running = True, name
                 try:
-                    job(done)
+                    if job is None:
+                        assert message is not None
+                        self.script.run_message(self.conn.cid, message[0], message[1], self._job_done)
+                    else:
+                        job(self._job_done)
                 except Exception as e:
                     # Not the script's doing (the runtime reports Lua errors through done); the
                     # connection's later callbacks, on_close above all, must still run.
                     log.failure("callback {callback} failed in the engine", callback=name)
-                    if not reported:
-                        done(False, f"internal error: {e}")
+                    if self._busy:  # done was not called (calling it ends "busy": see _done)
+                        self._done(name, False, f"internal error: {e}")
         finally:
             self._draining = False
 

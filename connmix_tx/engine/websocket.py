@@ -38,7 +38,7 @@ from connmix_tx.engine.outbound import buffered_bytes, pause_reading, resume_rea
 from connmix_tx.engine.session import CallbackSession, ProtocolServerFactory, open_client
 from connmix_tx.engine.ws_settings import (
     CLOSE_GOING_AWAY, CLOSE_NORMAL, CLOSE_POLICY, CLOSE_SLOW, CLOSE_TOO_BIG, WRITE_TIMEOUT, ExactTimer,
-    websocket_options,
+    end_message, websocket_options,
 )
 from connmix_tx.ids import Snowflake
 from connmix_tx.lua.convert import MemoryShortage, py_to_lua
@@ -243,6 +243,9 @@ class ClientWebSocketProtocol(WebSocketServerProtocol):
                 self._slow(buffered)
             elif buffered and self.write_timeout:
                 self.factory.write_watch.written(self)
+
+    def onMessageEnd(self) -> None:
+        end_message(self)
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         if self.session is not None:

@@ -274,8 +274,8 @@ class MixLibrary:
         # (the mesh fast path, docs/performance.md).
         assert self.script is not None
         token, settle = self.script.waiter()
-        self.router.forward_one(link, ("send", target, payload, binary),
-                                lambda error: settle((None if error is None else error.encode(),)))
+        link.submit_one(("send", target, payload, binary),
+                        lambda error: settle((None if error is None else error.encode(),)))
         return 1, token
 
     def mesh_publish(self, cid: bytes | None, channel: object, data: object, kind: object = None) -> tuple:
