@@ -51,6 +51,9 @@ def _socket_transport(transport: Any) -> tuple[Any, int]:
 
 def pause_reading(transport: Any) -> None:
     """Stop reading from the socket below ``transport`` (TLS wrappers have no pauseProducing)."""
+    if type(transport) in SOCKET_TRANSPORTS:
+        transport.pauseProducing()
+        return
     fd, _ = _socket_transport(transport)
     target = fd if fd is not None else transport
     pause = getattr(target, "pauseProducing", None)
@@ -60,6 +63,9 @@ def pause_reading(transport: Any) -> None:
 
 def resume_reading(transport: Any) -> None:
     """Undo ``pause_reading``."""
+    if type(transport) in SOCKET_TRANSPORTS:
+        transport.resumeProducing()
+        return
     fd, _ = _socket_transport(transport)
     target = fd if fd is not None else transport
     resume = getattr(target, "resumeProducing", None)

@@ -273,9 +273,8 @@ class MixLibrary:
         # Another engine: the coroutine waits for the mesh reply, without a Deferred per message
         # (the mesh fast path, docs/performance.md).
         assert self.script is not None
-        token, settle = self.script.waiter()
-        link.submit_one(("send", target, payload, binary),
-                        lambda error: settle((None if error is None else error.encode(),)))
+        token, settle = self.script.error_waiter()
+        link.submit_one(("send", target, payload, binary), settle)
         return 1, token
 
     def mesh_publish(self, cid: bytes | None, channel: object, data: object, kind: object = None) -> tuple:

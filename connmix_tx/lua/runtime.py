@@ -407,12 +407,14 @@ class Script:
         deferred.addCallbacks(self._settled, self._failed, callbackArgs=(token,), errbackArgs=(token,))
         return 1, token
 
-    def waiter(self) -> tuple[int, Callable[[tuple], None]]:
-        """A wait without a Deferred: ``(token, settle)``.  The host function returns
-        ``1, token`` to Lua; ``settle(values)`` later resumes the coroutine with ``values``."""
+    def error_waiter(self) -> tuple[int, Callable[[str | None], None]]:
+        """A wait without a Deferred, for a host function whose one result is an error text or
+        None (``mix.mesh.send``): ``(token, settle)``.  The host function returns ``1, token`` to
+        Lua; ``settle(error)`` later resumes the coroutine with nil or the text."""
         token = next(self._tokens)
         self._waits[token] = _Wait()
-        return token, lambda values: self._settled(values, token)
+        settled = self._settled
+        return token, lambda error: settled((None,) if error is None else (error.encode(),), token)
 
     def _failed(self, failure: Any, token: int) -> None:
         self._settled((None, str(failure.getErrorMessage()).encode()), token)
@@ -430,7 +432,7 @@ class Script:
             # Never resume one coroutine from inside another's run-slice.
             self._clock.callLater(0, self._resume_with, wait.co, wait.cid, wait.result, wait.done)
         else:
-            self._resume_with(wait.co, wait.cid, wait.result, wait.done)
+            self._outcome(wait.co, wait.cid, self._resume_now(wait.co, wait.result), wait.done)
 
     def _forget(self, token: int) -> None:
         self._waits.pop(token, None)
