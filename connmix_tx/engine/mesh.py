@@ -13,11 +13,13 @@ from typing import Any
 
 import msgpack
 from twisted.cred import portal
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.spread import pb
 from zope.interface import implementer
 
 from connmix_tx.engine.connections import CLIENT_NOT_FOUND, ENCODE_FAILED, SLOW_CONSUMER
+from connmix_tx.engine.outbox import send_now
 from connmix_tx.engine.router import CALL_FUNCS, LocalOps, valid_call_args
 from connmix_tx.meter import NULL_METER, MeshMeter
 from connmix_tx.pb import GuardedPBServerFactory, LoggingPortal, SecretChecker
@@ -99,13 +101,25 @@ def apply_batch(local: LocalOps, blob: bytes, meter: MeshMeter = NULL_METER) -> 
 
 
 class MeshPeerAvatar(pb.Avatar):
-    """One engine logged in to this mesh point."""
+    """One engine logged in to this mesh point.
 
-    def __init__(self, local: LocalOps, peer_node_id: str, meter: MeshMeter = NULL_METER) -> None:
+    With a ``clock``, the answer to a batch is handed to the kernel at the start of the next
+    turn, ahead of the client writes the batch made (``connmix_tx/engine/outbox.py`` sends those
+    then too): the peer's waiting callbacks resume while this engine writes to its clients.
+    """
+
+    def __init__(self, local: LocalOps, peer_node_id: str, meter: MeshMeter = NULL_METER,
+                 clock: IReactorTime | None = None) -> None:
         self.local = local
         self.peer_node_id = peer_node_id
         self.meter = meter
+        self.clock = clock
         self._batches_in = meter.batch("in")
+
+    def perspectiveMessageReceived(self, broker: Any, message: Any, args: Any, kw: Any) -> Any:
+        if self.clock is not None:
+            self.clock.callLater(0, send_now, broker.transport)  # before the batch's client writes
+        return super().perspectiveMessageReceived(broker, message, args, kw)
 
     def perspective_batch(self, blob: bytes) -> bytes:
         self._batches_in.inc()
@@ -114,15 +128,16 @@ class MeshPeerAvatar(pb.Avatar):
 
 @implementer(portal.IRealm)
 class MeshRealm:
-    def __init__(self, local: LocalOps, meter: MeshMeter = NULL_METER) -> None:
+    def __init__(self, local: LocalOps, meter: MeshMeter = NULL_METER, clock: IReactorTime | None = None) -> None:
         self.local = local
         self.meter = meter
+        self.clock = clock
 
     def requestAvatar(self, avatar_id: Any, mind: Any, *interfaces: Any) -> tuple:
         if pb.IPerspective not in interfaces:
             raise NotImplementedError("PB only")
         peer = avatar_id.decode() if isinstance(avatar_id, bytes) else str(avatar_id)
-        return pb.IPerspective, MeshPeerAvatar(self.local, peer, self.meter), lambda: None
+        return pb.IPerspective, MeshPeerAvatar(self.local, peer, self.meter, self.clock), lambda: None
 
 
 def mesh_factory(local: LocalOps, secret: str, meter: MeshMeter = NULL_METER) -> pb.PBServerFactory:

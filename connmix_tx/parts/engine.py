@@ -215,7 +215,7 @@ class EnginePart(service.MultiService):
         self.on_ready: Callable[[], None] | None = None
 
         secret = config.cluster.secret
-        mesh_realm = MeshRealm(self.local, self.metrics)
+        mesh_realm = MeshRealm(self.local, self.metrics, reactor)
         self.mesh_listener = Listener(
             reactor, "engine.meshPoint", mesh_point,
             GuardedPBServerFactory(LoggingPortal(mesh_realm, [SecretChecker(secret)], "mesh"), secret, "mesh"),
