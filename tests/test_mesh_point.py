@@ -14,6 +14,7 @@ import msgpack
 import pytest
 from twisted.cred.credentials import UsernamePassword
 from twisted.internet.address import IPv4Address
+from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from twisted.spread import pb
 from twisted.test import iosim
@@ -25,7 +26,8 @@ from connmix_tx.engine.connections import (
     ClientConnection,
     ConnectionRegistry,
 )
-from connmix_tx.engine.mesh import apply_batch, mesh_factory
+from connmix_tx.engine import mesh as mesh_module
+from connmix_tx.engine.mesh import MeshPeerAvatar, apply_batch, mesh_factory
 from connmix_tx.engine.router import LocalOps
 from connmix_tx.testing import FakeClientTransport
 
@@ -207,3 +209,35 @@ def test_batch_over_pb(local) -> None:
     reply = run(avatar.callRemote("batch", blob))
     assert msgpack.unpackb(reply, raw=False) == [[1, 0, None, None], [2, 0, None, None]]
     assert conn.transport.delivered == [(b"via mesh", False)]
+
+
+def test_the_answer_to_a_batch_leaves_ahead_of_the_client_writes_it_made(local, monkeypatch) -> None:
+    clock = Clock()
+    order: list[str] = []
+    monkeypatch.setattr(mesh_module, "send_now", lambda transport: order.append(f"answer to {transport}"))
+    conn = ClientConnection(1 << 22, "203.0.113.9:5000", FakeClientTransport())
+    conn.ready = True
+    local.connections.add(conn)
+    deliver = conn.transport.deliver
+
+    def writing(data: bytes, binary: bool, shared: dict) -> str | None:
+        clock.callLater(0, order.append, "client writes")  # what the outbox does
+        return deliver(data, binary, shared)
+
+    conn.transport.deliver = writing  # type: ignore[method-assign]
+    avatar = MeshPeerAvatar(local, "peer", clock=clock)
+    class Broker:  # what pb.Avatar asks of its broker, nothing more
+        transport = "the peer"
+
+        def unserialize(self, value: Any, *_: Any) -> Any:
+            return value
+
+        def serialize(self, value: Any, *_: Any) -> Any:
+            return value
+
+    broker = Broker()
+    blob = msgpack.packb([["send", 1, conn.client_id, b"x", "text"]], use_bin_type=True)
+    answer = avatar.perspectiveMessageReceived(broker, "batch", (blob,), {})
+    assert msgpack.unpackb(answer, raw=False) == [[1, 0, None, None]]
+    clock.advance(0)
+    assert order == ["answer to the peer", "client writes"]
